@@ -1,0 +1,32 @@
+# Two commands set everything up on a machine that has only Python and make:
+#   make demo   create .venv, install, run the main example end to end
+#   make test   create .venv, install with test extras, run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/quickstart.py
+
+test: install
+	$(BIN)/python -m ruff check keras_surgery tests examples benchmarks
+	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/python -m ruff check keras_surgery tests examples benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,37 @@
+"""keras-surgery: keep training a Keras 3 model after you change its features or architecture.
+
+Example:
+    >>> import keras_surgery as ks
+    >>> report = ks.migrate_weights("old.keras", new_model)          # doctest: +SKIP
+    >>> print(report.summary())
+"""
+
+from keras_surgery.errors import (
+    FeatureSpecError,
+    SurgeryError,
+    SurgeryFileError,
+    UnsupportedLayerError,
+)
+from keras_surgery.migrate import migrate_weights
+from keras_surgery.phi import ParamSlice, PhiTable, phi_table
+from keras_surgery.plan import ModelMigrator, SurgeryPlan
+from keras_surgery.registry import register_rule, unregister_rule
+from keras_surgery.report import SurgeryReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FeatureSpecError",
+    "ModelMigrator",
+    "ParamSlice",
+    "PhiTable",
+    "SurgeryError",
+    "SurgeryFileError",
+    "SurgeryPlan",
+    "SurgeryReport",
+    "UnsupportedLayerError",
+    "migrate_weights",
+    "phi_table",
+    "register_rule",
+    "unregister_rule",
+]

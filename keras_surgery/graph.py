@@ -1,0 +1,543 @@
+"""The model graph IR, built from a live keras.Model or from a saved config, and nothing else.
+
+Both sources go through one parser: a Keras 3 model config (what `config.json` holds, or what
+`model.get_config()` returns) plus a *weight tree*, the store paths Keras's saving code would
+write (`layers/dense_1/vars/0`, ...) mapped to readable handles. Every access to Keras private
+attributes lives in this module, so a Keras upgrade touches one file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from keras_surgery.errors import SurgeryError, SurgeryFileError
+
+TensorRef = tuple[str, int, int]
+"""(layer name, call index, output index): one tensor of the graph."""
+
+NESTED_MODEL_CLASSES = frozenset({"Functional", "Sequential", "Model"})
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One variable of a layer, as Keras's saving code addresses it."""
+
+    path: str  # full store path, e.g. "layers/lstm/cell/vars/0"
+    local: str  # path inside the layer's group, e.g. "cell/vars/0"
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Call:
+    """One call of a layer in the graph (a Keras node)."""
+
+    inputs: list[TensorRef]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerNode:
+    """One layer or operation of the graph."""
+
+    name: str  # unique in the graph; nested models prefix their layers' names with "outer/"
+    class_name: str
+    module: str | None
+    registered_name: str | None
+    config: dict[str, Any]
+    cls: type | None  # the resolved class; never imported from outside Keras for files
+    group: str | None  # store group, e.g. "layers/dense_1"; None for operations
+    weights: list[WeightSpec] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+
+    @property
+    def short_name(self) -> str:
+        return self.name.rsplit("/", 1)[-1]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | None, ...]  # without the batch axis
+    dtype: str
+
+
+@dataclass
+class ModelGraph:
+    """A model as data: inputs, layers with their calls in topological order, outputs."""
+
+    name: str
+    inputs: list[InputSpec]
+    outputs: list[TensorRef]
+    layers: dict[str, LayerNode]
+    order: list[tuple[str, int]]  # (layer name, call index), topologically sorted
+    tensor_shapes: dict[TensorRef, tuple[int | None, ...]]
+    source: WeightSource
+    description: str  # "old.keras" or "model 'name'", for messages
+
+    @property
+    def output_names(self) -> list[str]:
+        return [ref[0] for ref in self.outputs]
+
+    def read(self, spec: WeightSpec) -> np.ndarray:
+        return self.source.read(spec.path)
+
+
+class WeightSource:
+    """Reads variables by store path; subclasses read from a file or from live variables."""
+
+    def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
+        """Every store path -> (shape, dtype)."""
+        raise NotImplementedError
+
+    def read(self, path: str) -> np.ndarray:
+        raise NotImplementedError
+
+
+class LiveWeights(WeightSource):
+    """The variables of a live model, addressed by the paths Keras's saving code would use."""
+
+    def __init__(self, variables: Mapping[str, Any]):
+        self.variables = dict(variables)
+
+    def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
+        return {
+            p: (tuple(int(d) for d in v.shape), _dtype_name(v.dtype))
+            for p, v in self.variables.items()
+        }
+
+    def read(self, path: str) -> np.ndarray:
+        value = self.variables[path]
+        return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(getattr(dtype, "name", dtype))
+
+
+# -- live models ---------------------------------------------------------------------------
+
+
+def live_variables(model: Any) -> dict[str, Any]:
+    """Store path -> variable for every variable Keras would save for `model`.
+
+    Runs Keras's own saving walk (`saving_lib._save_state`) into a recording store, so the
+    paths are exactly those of a `.keras` file written from this model.
+    """
+    from keras.src.saving import saving_lib
+
+    class _RecordingStore(saving_lib.H5IOStore):
+        # Deliberately skips H5IOStore.__init__: nothing is written, paths are recorded.
+        def __init__(self) -> None:
+            self.groups: dict[str, dict[str, Any]] = {}
+
+        def __bool__(self) -> bool:
+            return True
+
+        def make(self, path: str, metadata: dict | None = None) -> dict[str, Any]:
+            store: dict[str, Any] = {}
+            self.groups[path] = store
+            return store
+
+    recorder = _RecordingStore()
+    saving_lib._save_state(model, recorder, None, "", visited_saveables=set())
+    found: dict[str, Any] = {}
+    for group, store in recorder.groups.items():
+        for key, value in store.items():
+            path = f"{group}/{key}" if group else key
+            found[path.lstrip("/")] = value
+    return found
+
+
+def _live_operations(model: Any, prefix: str = "") -> dict[str, Any]:
+    import keras
+
+    found: dict[str, Any] = {}
+    functional = getattr(model, "_functional", None) or model
+    for op in getattr(functional, "operations", None) or getattr(model, "layers", []):
+        name = prefix + op.name
+        found[name] = op
+        if isinstance(op, keras.Model):
+            found.update(_live_operations(op, name + "/"))
+    return found
+
+
+def graph_from_model(model: Any) -> ModelGraph:
+    """Builds the IR of a live, built keras.Model (Functional, Sequential or nested models)."""
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise SurgeryError(f"Expected a keras.Model. Received: {type(model).__name__}")
+    if not model.built:
+        raise SurgeryError(
+            f"Model '{model.name}' is not built: call it on data or build it before surgery."
+        )
+    try:
+        config = {
+            "class_name": type(model).__name__ if isinstance(model, keras.Sequential)
+            else "Functional",
+            "config": model.get_config(),
+        }
+    except Exception as exc:  # a layer without get_config
+        raise SurgeryError(
+            f"Model '{model.name}' cannot be described as a graph: get_config() failed "
+            f"({exc}). Subclassed models without a functional graph are not supported."
+        ) from exc
+    objects = _live_operations(model)
+
+    def resolve(name: str, module: str | None, class_name: str, registered: str | None):
+        op = objects.get(name)
+        return type(op) if op is not None else resolve_keras_class(module, class_name)
+
+    return build_graph(
+        config,
+        LiveWeights(live_variables(model)),
+        resolve=resolve,
+        description=f"model '{model.name}'",
+    )
+
+
+# -- the shared parser ---------------------------------------------------------------------
+
+
+def resolve_keras_class(module: str | None, class_name: str) -> type | None:
+    """Keras's own class for a config entry; None for anything outside Keras.
+
+    Only modules of the `keras` package are imported: a file's custom classes are never
+    imported, so no code from a file runs.
+    """
+    if not module or not (module == "keras" or module.startswith("keras.")):
+        return None
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", class_name or ""):
+        return None
+    try:
+        return getattr(importlib.import_module(module), class_name, None)
+    except ImportError:
+        return None
+
+
+def is_auto_name(name: str, class_name: str) -> bool:
+    """Whether `name` looks like a name Keras generated (`dense`, `dense_7`)."""
+    from keras.src.utils import naming
+
+    short = name.rsplit("/", 1)[-1]
+    snake = naming.to_snake_case(class_name)
+    return short == snake or re.fullmatch(re.escape(snake) + r"_\d+", short) is not None
+
+
+def _is_layer_class(cls: type | None, module: str | None) -> bool:
+    if cls is not None:
+        import keras
+
+        return isinstance(cls, type) and issubclass(cls, keras.layers.Layer)
+    # Unknown classes: Keras ops live in keras.src.ops; a custom class is almost surely a Layer.
+    return not (module or "").startswith("keras.src.ops")
+
+
+def _tensor_refs(obj: Any) -> Iterator[tuple[TensorRef, tuple | None]]:
+    """The keras tensors inside serialized call arguments, in order, with their shapes."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            cfg = obj.get("config", {})
+            hist = cfg.get("keras_history")
+            if not isinstance(hist, (list, tuple)) or len(hist) != 3:
+                raise SurgeryFileError(f"Malformed tensor reference in model config: {obj!r}")
+            shape = cfg.get("shape")
+            if shape is not None:
+                shape = tuple(None if d is None else int(d) for d in shape[1:])
+            yield (str(hist[0]), int(hist[1]), int(hist[2])), shape
+            return
+        for v in obj.values():
+            yield from _tensor_refs(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensor_refs(v)
+
+
+def _ref_list(obj: Any) -> list[TensorRef]:
+    """`input_layers` / `output_layers` entries: one [name, node, index] or nested lists."""
+    if isinstance(obj, dict):
+        return [r for v in obj.values() for r in _ref_list(v)]
+    if (
+        isinstance(obj, (list, tuple))
+        and len(obj) == 3
+        and isinstance(obj[0], str)
+        and isinstance(obj[1], int)
+    ):
+        return [(obj[0], int(obj[1]), int(obj[2]))]
+    if isinstance(obj, (list, tuple)):
+        return [r for v in obj for r in _ref_list(v)]
+    raise SurgeryFileError(f"Unexpected tensor reference in model config: {obj!r}")
+
+
+class _Builder:
+    """Parses a (possibly nested) model config into a flat `ModelGraph`."""
+
+    def __init__(self, weight_paths, resolve, description):
+        self.weight_paths = weight_paths
+        self.resolve = resolve
+        self.description = description
+        self.layers: dict[str, LayerNode] = {}
+        self.shapes: dict[TensorRef, tuple] = {}
+        self.alias: dict[TensorRef, TensorRef] = {}
+        self.inputs: list[InputSpec] = []
+
+    def canonical(self, ref: TensorRef) -> TensorRef:
+        while ref in self.alias:
+            ref = self.alias[ref]
+        return ref
+
+    def entry_fields(
+        self, entry: dict, where: str
+    ) -> tuple[str, str, str | None, str | None, dict]:
+        if not isinstance(entry, dict) or "class_name" not in entry:
+            raise SurgeryFileError(f"{self.description}: malformed layer entry in {where}.")
+        cfg = entry.get("config") or {}
+        if not isinstance(cfg, dict):
+            raise SurgeryFileError(f"{self.description}: layer config must be a mapping.")
+        name = entry.get("name") or cfg.get("name")
+        if not isinstance(name, str):
+            raise SurgeryFileError(f"{self.description}: a layer in {where} has no name.")
+        return name, str(entry["class_name"]), entry.get("module"), entry.get(
+            "registered_name"
+        ), cfg
+
+    def new_layer(self, name, class_name, module, registered, cfg, group) -> LayerNode:
+        cls = self.resolve(name, module, class_name, registered)
+        node = LayerNode(name, class_name, module, registered, cfg, cls, group)
+        self.layers[name] = node
+        return node
+
+    def add_model(
+        self,
+        class_name: str,
+        cfg: dict,
+        prefix: str,
+        group_prefix: str,
+        bound_inputs: list[TensorRef] | None,
+    ) -> list[TensorRef]:
+        """Adds the layers of a model config; returns its output tensor refs."""
+        if class_name == "Sequential":
+            return self.add_sequential(cfg, prefix, group_prefix, bound_inputs)
+        return self.add_functional(cfg, prefix, group_prefix, bound_inputs)
+
+    def group_namer(self) -> Callable[[str], str]:
+        from keras.src.utils import naming
+
+        used: dict[str, int] = {}
+
+        def name_for(class_name: str) -> str:
+            base = naming.to_snake_case(class_name)
+            n = used.get(base, 0)
+            used[base] = n + 1
+            return base if n == 0 else f"{base}_{n}"
+
+        return name_for
+
+    def add_sequential(self, cfg, prefix, group_prefix, bound_inputs) -> list[TensorRef]:
+        entries = cfg.get("layers")
+        if not isinstance(entries, list):
+            raise SurgeryFileError(f"{self.description}: Sequential config without layers.")
+        group_name = self.group_namer()
+        current: TensorRef | None = None
+        rest = entries
+        if entries and entries[0].get("class_name") == "InputLayer":
+            name, _, _, _, icfg = self.entry_fields(entries[0], "Sequential")
+            shape = icfg.get("batch_shape") or icfg.get("batch_input_shape")
+            rest = entries[1:]
+        else:
+            name, shape = "input_layer", cfg.get("build_input_shape")
+        if shape is None:
+            raise SurgeryError(f"{self.description}: Sequential model has no input shape.")
+        current = self.add_input(prefix + name, shape, bound_inputs, 0)
+        for entry in rest:
+            name, class_name, module, registered, lcfg = self.entry_fields(entry, "Sequential")
+            group = f"{group_prefix}layers/{group_name(class_name)}"
+            outs = self.add_layer_call(
+                prefix + name, class_name, module, registered, lcfg, entry, group, [current], {}
+            )
+            current = outs[0]
+        return [current]
+
+    def add_input(self, name, batch_shape, bound_inputs, index) -> TensorRef:
+        ref = (name, 0, 0)
+        if bound_inputs is not None:
+            if index >= len(bound_inputs):
+                raise SurgeryFileError(f"{self.description}: nested model '{name}' input count.")
+            self.alias[ref] = bound_inputs[index]
+            return self.canonical(ref)
+        shape = tuple(None if d is None else int(d) for d in list(batch_shape)[1:])
+        self.shapes[ref] = shape
+        self.inputs.append(InputSpec(name, shape, "float32"))
+        return ref
+
+    def add_functional(self, cfg, prefix, group_prefix, bound_inputs) -> list[TensorRef]:
+        entries = cfg.get("layers")
+        if not isinstance(entries, list):
+            raise SurgeryFileError(f"{self.description}: model config without layers.")
+        group_name = self.group_namer()
+        input_refs = _ref_list(cfg.get("input_layers", []))
+        input_order = {ref[0]: i for i, ref in enumerate(input_refs)}
+        pending: list[tuple] = []
+        for entry in entries:
+            name, class_name, module, registered, lcfg = self.entry_fields(entry, "model")
+            cls = self.resolve(prefix + name, module, class_name, registered)
+            is_layer = _is_layer_class(cls, module)
+            group = f"{group_prefix}layers/{group_name(class_name)}" if is_layer else None
+            if class_name == "InputLayer":
+                shape = lcfg.get("batch_shape") or lcfg.get("batch_input_shape")
+                if name not in input_order or shape is None:
+                    raise SurgeryFileError(
+                        f"{self.description}: input layer '{name}' is not a model input."
+                    )
+                self.add_input(prefix + name, shape, bound_inputs, input_order[name])
+                if bound_inputs is None:
+                    self.inputs[-1] = InputSpec(
+                        prefix + name, self.inputs[-1].shape, str(lcfg.get("dtype", "float32"))
+                    )
+                continue
+            pending.append((name, class_name, module, registered, lcfg, entry, group))
+        # Config node indices are per config; a nested model called twice appends a second set of
+        # calls to its inner layers, so translate (layer, node index) to the actual call index.
+        call_of: dict[tuple[str, int], int] = {}
+
+        def translate(r: TensorRef) -> TensorRef:
+            name = prefix + r[0]
+            return self.canonical((name, call_of.get((name, r[1]), r[1]), r[2]))
+
+        for name, class_name, module, registered, lcfg, entry, group in pending:
+            nodes = entry.get("inbound_nodes") or []
+            for call_index, node in enumerate(nodes):
+                kwargs = node.get("kwargs") or {}
+                refs = []
+                for r, shape in _tensor_refs([node.get("args", []), kwargs]):
+                    ref = translate(r)
+                    if shape is not None:
+                        self.shapes.setdefault(ref, shape)
+                    refs.append(ref)
+                existing = self.layers.get(prefix + name)
+                actual = len(existing.calls) if existing is not None else 0
+                if class_name in NESTED_MODEL_CLASSES:
+                    actual = call_index
+                call_of[(prefix + name, call_index)] = actual
+                self.add_layer_call(
+                    prefix + name, class_name, module, registered, lcfg, entry, group, refs,
+                    {k: v for k, v in kwargs.items() if not _has_tensor(v)},
+                    call_index=actual,
+                )
+        return [translate(r) for r in _ref_list(cfg.get("output_layers", []))]
+
+    def add_layer_call(
+        self, name, class_name, module, registered, cfg, entry, group, inputs, kwargs,
+        call_index: int = 0,
+    ) -> list[TensorRef]:
+        if class_name in NESTED_MODEL_CLASSES and isinstance(cfg.get("layers"), list):
+            outs = self.add_model(class_name, cfg, name + "/", group + "/", inputs)
+            for t, inner in enumerate(outs):
+                self.alias[(name, call_index, t)] = inner
+            return [self.canonical((name, call_index, t)) for t in range(len(outs))]
+        node = self.layers.get(name) or self.new_layer(
+            name, class_name, module, registered, cfg, group
+        )
+        node.calls.append(Call(list(inputs), kwargs))
+        # Sequential chains have no keras_history; refer to the call we just added.
+        return [(name, len(node.calls) - 1, 0)]
+
+    def attach_weights(self) -> None:
+        groups = {n.group: n for n in self.layers.values() if n.group}
+        for path, (shape, dtype) in self.weight_paths.items():
+            parts = path.split("/")
+            for cut in range(len(parts) - 1, 0, -1):
+                owner = groups.get("/".join(parts[:cut]))
+                if owner is not None:
+                    owner.weights.append(
+                        WeightSpec(path, "/".join(parts[cut:]), tuple(shape), dtype)
+                    )
+                    break
+        for node in self.layers.values():
+            node.weights.sort(key=lambda w: _store_sort_key(w.local))
+
+
+def _has_tensor(obj: Any) -> bool:
+    return any(True for _ in _tensor_refs(obj))
+
+
+def _store_sort_key(local: str) -> tuple:
+    # "vars/10" after "vars/2"; a layer's own vars before its sublayers' (Keras saves them so).
+    parts = local.split("/")
+    return (len(parts) > 2, [(0, int(p)) if p.isdigit() else (1, p) for p in parts])
+
+
+def build_graph(
+    config: dict,
+    source: WeightSource,
+    *,
+    resolve: Callable[[str, str | None, str, str | None], type | None] | None = None,
+    description: str = "model",
+) -> ModelGraph:
+    """Parses a Keras 3 model config (with class_name and config keys) into a ModelGraph.
+
+    Raises:
+        SurgeryFileError: the config is not a Keras 3 Functional or Sequential model.
+    """
+    if not isinstance(config, dict) or "config" not in config:
+        raise SurgeryFileError(f"{description}: config is not a serialized Keras model.")
+    class_name = config.get("class_name")
+    inner = config["config"]
+    if class_name not in NESTED_MODEL_CLASSES or not isinstance(inner, dict):
+        raise SurgeryFileError(
+            f"{description}: expected a Functional or Sequential model config. "
+            f"Received: class_name={class_name!r}"
+        )
+    resolve = resolve or (lambda name, module, cls, reg: resolve_keras_class(module, cls))
+    builder = _Builder(source.paths(), resolve, description)
+    outputs = builder.add_model(class_name, inner, "", "", None)
+    builder.attach_weights()
+    order = _topological_calls(builder.layers, {i.name for i in builder.inputs}, description)
+    return ModelGraph(
+        name=str(inner.get("name", "model")),
+        inputs=builder.inputs,
+        outputs=outputs,
+        layers=builder.layers,
+        order=order,
+        tensor_shapes=builder.shapes,
+        source=source,
+        description=description,
+    )
+
+
+def _topological_calls(
+    layers: dict[str, LayerNode], input_names: set[str], description: str
+) -> list[tuple[str, int]]:
+    producers = {(name, ci) for name, node in layers.items() for ci in range(len(node.calls))}
+    deps: dict[tuple[str, int], set[tuple[str, int]]] = {}
+    for name, node in layers.items():
+        for ci, call in enumerate(node.calls):
+            needed = set()
+            for ref in call.inputs:
+                if ref[0] in input_names:
+                    continue
+                if (ref[0], ref[1]) not in producers:
+                    raise SurgeryFileError(
+                        f"{description}: layer '{name}' reads tensor {list(ref)} that no layer "
+                        "produces."
+                    )
+                needed.add((ref[0], ref[1]))
+            deps[(name, ci)] = needed
+    order: list[tuple[str, int]] = []
+    done: set[tuple[str, int]] = set()
+    remaining = list(deps)
+    while remaining:
+        ready = [c for c in remaining if deps[c] <= done]
+        if not ready:
+            raise SurgeryFileError(f"{description}: the layer graph has a cycle.")
+        order.extend(ready)
+        done.update(ready)
+        remaining = [c for c in remaining if c not in done]
+    return order

@@ -1,0 +1,238 @@
+"""Labels: what every index of every axis means, interned into integer ids.
+
+A label key is a small hashable tuple. The kinds used by the rules are built by the
+functions below (`feature_key`, `unit_key`, ...). Keys are interned by a `LabelSpace` shared by
+the old and the new graph of one surgery, so "same meaning" is "same integer id", and matching
+two axes is a numpy sort, not a Python loop over pairs.
+
+Separately, every index carries a *dependency set*: the input feature columns it depends on (a
+Python int used as a bitset). Dependency sets belong to one model (the same unit depends on
+different features before and after a surgery), so they are interned per graph by `DepSets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# -- label keys --------------------------------------------------------------------------------
+
+
+def feature_key(input_name: str, name: str | None, k: int) -> tuple:
+    """Column `k` of feature `name` of model input `input_name` (name None: unnamed column k)."""
+    return ("feature", input_name, name, k)
+
+
+def unit_key(identity: str, role: str, j: int) -> tuple:
+    """Output unit `j` of the layer known as `identity`; `role` tells apart e.g. gates."""
+    return ("unit", identity, role, j)
+
+
+def pos_key(axis: int, i: int) -> tuple:
+    """Position `i` along a spatial or time axis (`axis` counts non-batch axes)."""
+    return ("pos", axis, i)
+
+
+def derived_key(identity: str, label_id: int) -> tuple:
+    """The value of label `label_id` after a per-index affine map of layer `identity`.
+
+    Used where a layer keeps the meaning of each index but not its zero (BatchNormalization,
+    Normalization, Rescaling with an offset): the index still matches across models, but an
+    input that is 0 in the old model no longer yields 0 after the layer.
+    """
+    return ("via", identity, label_id)
+
+
+def opaque_key(identity: str, output: int, axis: int, j: int) -> tuple:
+    """Index `j` of axis `axis` of output `output` of a layer without a rule."""
+    return ("opaque", identity, output, axis, j)
+
+
+ZERO_SAFE_KINDS = frozenset({"feature"})
+
+
+class LabelSpace:
+    """Interns label keys into integer ids; one space is shared by both sides of a surgery."""
+
+    def __init__(self) -> None:
+        self._ids: dict[Hashable, int] = {}
+        self._keys: list[Hashable] = []
+        self._zero_safe: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def intern(self, key: Hashable) -> int:
+        """Returns the id of `key`, creating it on first sight."""
+        found = self._ids.get(key)
+        if found is not None:
+            return found
+        new_id = len(self._keys)
+        self._ids[key] = new_id
+        self._keys.append(key)
+        self._zero_safe.append(self._compute_zero_safe(key))
+        return new_id
+
+    def intern_many(self, keys: Iterable[Hashable]) -> np.ndarray:
+        """Interns every key; returns their ids as an int64 array."""
+        return np.fromiter((self.intern(k) for k in keys), dtype=np.int64)
+
+    def key(self, label_id: int) -> Hashable:
+        """The key behind an id."""
+        return self._keys[int(label_id)]
+
+    def describe(self, label_id: int) -> str:
+        """A short human-readable form of a label, for warnings."""
+        return _describe(self, self.key(label_id))
+
+    def zero_safe(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each label is exactly 0 in the old model when removed features are set to 0.
+
+        Only raw input feature columns (and sets/composites made only of them) are: anything a
+        layer computed may be non-zero even when its inputs are.
+        """
+        table = np.asarray(self._zero_safe, dtype=bool)
+        return table[np.asarray(ids, dtype=np.int64)]
+
+    def set_of(self, ids: Sequence[int]) -> int:
+        """The label of an element-wise merge of indices labelled `ids`."""
+        members: set[int] = set()
+        for i in ids:
+            key = self._keys[int(i)]
+            if key[0] == "set":
+                members.update(key[1])
+            else:
+                members.add(int(i))
+        if len(members) == 1:
+            return next(iter(members))
+        return self.intern(("set", frozenset(members)))
+
+    def _compute_zero_safe(self, key: Hashable) -> bool:
+        if not isinstance(key, tuple) or not key:
+            return False
+        if key[0] in ZERO_SAFE_KINDS:
+            return True
+        if key[0] == "set":
+            return all(self._zero_safe[i] for i in key[1])
+        if key[0] == "tuple":
+            # composite of positions and channels: zero exactly when its channel label is
+            return any(self._zero_safe[i] for i in key[1:]) and all(
+                self._zero_safe[i] or self._keys[i][0] == "pos" for i in key[1:]
+            )
+        return False
+
+
+def _describe(space: LabelSpace, key: Hashable) -> str:
+    if not isinstance(key, tuple):
+        return repr(key)
+    kind = key[0]
+    if kind == "feature":
+        _, inp, name, k = key
+        return f"{inp}:{name}[{k}]" if name is not None else f"{inp}[{k}]"
+    if kind == "unit":
+        _, ident, role, j = key
+        return f"{ident}{'.' + role if role else ''}[{j}]"
+    if kind == "set":
+        return "{" + ", ".join(sorted(space.describe(i) for i in key[1])) + "}"
+    if kind == "via":
+        return f"{key[1]}({space.describe(key[2])})"
+    return repr(key)
+
+
+class DepSets:
+    """Interns dependency sets (bitsets of input feature columns) of one graph."""
+
+    EMPTY = 0
+
+    def __init__(self) -> None:
+        self._ids: dict[int, int] = {0: 0}
+        self.bitsets: list[int] = [0]
+
+    def intern(self, bits: int) -> int:
+        found = self._ids.get(bits)
+        if found is None:
+            found = len(self.bitsets)
+            self._ids[bits] = found
+            self.bitsets.append(bits)
+        return found
+
+    def single(self, bit: int) -> int:
+        """The dependency set holding one feature column."""
+        return self.intern(1 << bit)
+
+    def union(self, dep_ids: Iterable[int] | np.ndarray) -> int:
+        """The union of several dependency sets, as one id."""
+        bits = 0
+        for d in np.unique(np.fromiter(dep_ids, dtype=np.int64)):
+            bits |= self.bitsets[int(d)]
+        return self.intern(bits)
+
+    def union_elementwise(self, columns: Sequence[np.ndarray]) -> np.ndarray:
+        """Per index, the union of the dependency sets in the same index of each array."""
+        stacked = np.stack([np.asarray(c, dtype=np.int64) for c in columns], axis=1)
+        rows, inverse = np.unique(stacked, axis=0, return_inverse=True)
+        merged = np.array([self.union(r) for r in rows], dtype=np.int64)
+        return merged[inverse.reshape(-1)]
+
+
+@dataclass(frozen=True)
+class AxisLabels:
+    """The labels of one axis: a label id and a dependency-set id per index.
+
+    `ids is None` marks an axis of unknown length (a `None` time or spatial dimension); its
+    single dependency set applies to every position.
+    """
+
+    ids: np.ndarray | None
+    deps: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.ids is not None and len(self.ids) != len(self.deps):
+            raise ValueError("AxisLabels: ids and deps must have the same length")
+
+    @property
+    def length(self) -> int | None:
+        return None if self.ids is None else len(self.ids)
+
+    @classmethod
+    def unknown(cls, dep: int = DepSets.EMPTY) -> AxisLabels:
+        return cls(None, np.array([dep], dtype=np.int64))
+
+    def take(self, index: np.ndarray | slice) -> AxisLabels:
+        if self.ids is None:
+            return self
+        return AxisLabels(self.ids[index], self.deps[index])
+
+    def same_as(self, other: AxisLabels) -> bool:
+        if self.ids is None or other.ids is None:
+            return self.ids is None and other.ids is None
+        return np.array_equal(self.ids, other.ids)
+
+
+TensorLabels = tuple[AxisLabels, ...]
+"""Labels of a tensor: one `AxisLabels` per non-batch axis."""
+
+
+def concat_axes(parts: Sequence[AxisLabels]) -> AxisLabels:
+    if any(p.ids is None for p in parts):
+        return AxisLabels.unknown()
+    return AxisLabels(
+        np.concatenate([p.ids for p in parts]), np.concatenate([p.deps for p in parts])
+    )
+
+
+def positions(space: LabelSpace, axis: int, length: int | None, dep: int = 0) -> AxisLabels:
+    """Labels of a positional axis (time steps, pixels): `pos_key(axis, i)`."""
+    if length is None:
+        return AxisLabels.unknown(dep)
+    return AxisLabels(
+        space.intern_many(pos_key(axis, i) for i in range(length)),
+        np.full(length, dep, dtype=np.int64),
+    )
+
+
+def tensor_deps(deps: DepSets, labels: TensorLabels) -> int:
+    """Every feature a tensor depends on (the union over all its axes)."""
+    return deps.union(np.concatenate([a.deps for a in labels]) if labels else [])

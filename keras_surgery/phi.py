@@ -1,0 +1,123 @@
+"""The phi table: input feature -> the weight entries whose input side depends on it.
+
+This is the paper's boolean-logic mapping, read off the dependency sets that label propagation
+attached to every index: an entry of weight W depends on feature f when one of its `in`,
+`diag` or `lookup` indices is labelled with something computed from f.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from keras_surgery.features import FeatureSpec
+from keras_surgery.propagate import GraphLabels
+
+INPUT_SIDE_KINDS = ("in", "diag", "lookup")
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """Entries of one weight along one axis: `weight[..., indices, ...]` at `axis`."""
+
+    path: str  # "layer_name/role"
+    axis: int
+    indices: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "axis": self.axis, "indices": self.indices.tolist()}
+
+
+class PhiTable(Mapping):
+    """`{(input, feature): [ParamSlice, ...]}`; features are named, or column numbers.
+
+    Example:
+        >>> table = ks.phi_table(model, features={"obs": ["hp", ("pos", 2)]})  # doctest: +SKIP
+        >>> table[("obs", "hp")]
+        [ParamSlice(path='dense/kernel', axis=0, indices=array([0])), ...]
+    """
+
+    def __init__(self, entries: dict[tuple[str, Any], list[ParamSlice]]):
+        self._entries = entries
+
+    def __getitem__(self, key: tuple[str, Any]) -> list[ParamSlice]:
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {
+            f"{inp}:{feat}": [s.to_dict() for s in slices]
+            for (inp, feat), slices in self._entries.items()
+        }
+
+    @classmethod
+    def from_labels(cls, labels: GraphLabels) -> PhiTable:
+        bits = labels.bits
+        keys = [c.feature for c in bits]
+        # One pass over every input-side axis: group its indices by dependency set, then hand
+        # each group to the features in that set (usually few distinct sets per axis).
+        parts: dict[tuple[str, Any], dict[tuple[str, int], list[np.ndarray]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for name, record in labels.records.items():
+            for w in record.result.weights:
+                path = f"{name}/{w.role}"
+                for axis, waxis in enumerate(w.axes):
+                    if waxis.kind not in INPUT_SIDE_KINDS or waxis.labels.ids is None:
+                        continue
+                    dep_ids = waxis.labels.deps
+                    uniq, inverse = np.unique(dep_ids, return_inverse=True)
+                    for u, dep_id in enumerate(uniq):
+                        bitset = labels.deps.bitsets[int(dep_id)]
+                        if not bitset:
+                            continue
+                        idx = np.nonzero(inverse.reshape(-1) == u)[0]
+                        for bit in _bits(bitset):
+                            parts[keys[bit]][(path, axis)].append(idx)
+        entries = {
+            key: [ParamSlice(p, a, np.unique(np.concatenate(chunks)))
+                  for (p, a), chunks in groups.items()]
+            for key, groups in parts.items()
+        }
+        for key in dict.fromkeys(keys):
+            entries.setdefault(key, [])
+        return cls(entries)
+
+
+def _bits(bitset: int) -> Iterator[int]:
+    while bitset:
+        low = bitset & -bitset
+        i = low.bit_length() - 1
+        yield i
+        bitset ^= low
+
+
+def phi_table(
+    model_or_path: Any, *, features: FeatureSpec | None = None, strict: bool = False
+) -> PhiTable:
+    """The phi table of a model or `.keras` file.
+
+    Args:
+        model_or_path: a built keras.Model, or the path of a `.keras` file (read as data).
+        features: names for the input columns, e.g. `{"obs": ["hp", ("pos", 2)]}`.
+        strict: raise for layers without a rule instead of treating them as opaque.
+
+    Returns:
+        PhiTable mapping `(input, feature)` to the weight slices that depend on it.
+    """
+    from keras_surgery.propagate import propagate
+    from keras_surgery.sources import open_graph
+
+    with open_graph(model_or_path) as graph:
+        return PhiTable.from_labels(propagate(graph, features=features, strict=strict))
+
+

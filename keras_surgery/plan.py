@@ -1,0 +1,538 @@
+"""Matching layers and labels of two models, and the SurgeryPlan that results (pure data)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from keras_surgery.errors import SurgeryError
+from keras_surgery.features import FeatureSpec
+from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, is_auto_name
+from keras_surgery.labels import LabelSpace, TensorLabels
+from keras_surgery.propagate import GraphLabels, LayerRecord, propagate
+from keras_surgery.rules.api import WeightLabels
+
+if TYPE_CHECKING:
+    from keras_surgery.report import SurgeryReport
+
+logger = logging.getLogger("keras_surgery")
+
+POLICIES = ("preserve", "random")
+OUT_KINDS = ("out", "diag")
+
+
+@dataclass
+class AxisMap:
+    """For each index of a new weight axis, the old index it continues, or -1."""
+
+    kind: str
+    index: np.ndarray
+
+    @property
+    def matched(self) -> np.ndarray:
+        return self.index >= 0
+
+
+@dataclass
+class WeightPlan:
+    """How one variable of the new model gets its value."""
+
+    layer: str
+    role: str
+    path: str
+    shape: tuple[int, ...]
+    old_layer: str | None = None
+    old_path: str | None = None
+    old_shape: tuple[int, ...] | None = None
+    axes: list[AxisMap] | None = None  # None: nothing to copy, keep the fresh value
+    copied: int = 0
+    zeroed: int = 0
+    fresh: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def status(self) -> str:
+        if self.axes is None:
+            return "new"
+        if self.copied == self.size and self.shape == self.old_shape:
+            return "copied"
+        return "partial"
+
+    def regions(self, policy: str) -> tuple[np.ndarray, np.ndarray]:
+        """Boolean masks (copy, zero) over the weight, by the fill rule of `policy`."""
+        if self.axes is None:
+            empty = np.zeros(self.shape, dtype=bool)
+            return empty, empty
+        ndim = len(self.shape)
+        copy = np.ones(self.shape, dtype=bool)
+        out_ok = np.ones(self.shape, dtype=bool)
+        for a, amap in enumerate(self.axes):
+            view = amap.matched.reshape([-1 if i == a else 1 for i in range(ndim)])
+            copy = copy & view
+            if amap.kind in OUT_KINDS:
+                out_ok = out_ok & view
+        zero = out_ok & ~copy if policy == "preserve" else np.zeros(self.shape, dtype=bool)
+        return copy, zero
+
+    def count(self, policy: str) -> None:
+        total = self.size
+        if self.axes is None:
+            self.copied, self.zeroed, self.fresh = 0, 0, total
+            return
+        matched = [int(a.matched.sum()) for a in self.axes]
+        lengths = [len(a.index) for a in self.axes]
+        self.copied = int(np.prod(matched, dtype=np.int64))
+        out_ok = int(np.prod([m if a.kind in OUT_KINDS else n
+                              for a, m, n in zip(self.axes, matched, lengths)], dtype=np.int64))
+        self.zeroed = out_ok - self.copied if policy == "preserve" else 0
+        self.fresh = total - self.copied - self.zeroed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "role": self.role,
+            "path": self.path,
+            "shape": list(self.shape),
+            "old_layer": self.old_layer,
+            "old_path": self.old_path,
+            "old_shape": None if self.old_shape is None else list(self.old_shape),
+            "status": self.status,
+            "copied": self.copied,
+            "zeroed": self.zeroed,
+            "fresh": self.fresh,
+            "axes": None if self.axes is None
+            else [{"kind": a.kind, "index": a.index.tolist()} for a in self.axes],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WeightPlan:
+        axes = data.get("axes")
+        return cls(
+            layer=data["layer"],
+            role=data["role"],
+            path=data["path"],
+            shape=tuple(data["shape"]),
+            old_layer=data.get("old_layer"),
+            old_path=data.get("old_path"),
+            old_shape=None if data.get("old_shape") is None else tuple(data["old_shape"]),
+            axes=None if axes is None else [
+                AxisMap(a["kind"], np.asarray(a["index"], dtype=np.int64)) for a in axes
+            ],
+            copied=data.get("copied", 0),
+            zeroed=data.get("zeroed", 0),
+            fresh=data.get("fresh", 0),
+        )
+
+
+@dataclass
+class SurgeryPlan:
+    """Everything a surgery will do, as data: per new weight, index maps and fill regions.
+
+    A plan can be summarised, serialised (`to_json`), and applied to the model it was made for
+    (`apply`), reading the old weights from the source it was made from.
+    """
+
+    old: str
+    new: str
+    policy: str
+    weights: list[WeightPlan]
+    matches: dict[str, str]  # new layer name -> old layer name
+    new_layers: list[str]
+    dropped: list[str]  # old weight paths nothing continues
+    warnings: list[str]
+    preserves_function: bool
+    old_source: Any = field(default=None, repr=False, compare=False)
+
+    def apply(self, model: Any) -> SurgeryReport:
+        """Writes the planned values into `model`'s variables, all or nothing.
+
+        Raises:
+            SurgeryError: the plan does not fit `model`, or the old weights cannot be read;
+                the model is then unchanged.
+        """
+        from keras_surgery.apply import apply_plan
+
+        if self.old_source is None:
+            raise SurgeryError(
+                "This plan has no old weights attached (it was loaded from JSON); "
+                "make it with ModelMigrator to apply it."
+            )
+        return apply_plan(self, model, self.old_source)
+
+    def totals(self) -> dict[str, int]:
+        return {
+            "copied": sum(w.copied for w in self.weights),
+            "zeroed": sum(w.zeroed for w in self.weights),
+            "fresh": sum(w.fresh for w in self.weights),
+        }
+
+    def summary(self) -> str:
+        from keras_surgery.report import format_summary
+
+        return format_summary(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "old": self.old,
+            "new": self.new,
+            "policy": self.policy,
+            "preserves_function": self.preserves_function,
+            "warnings": list(self.warnings),
+            "matches": dict(self.matches),
+            "new_layers": list(self.new_layers),
+            "dropped": list(self.dropped),
+            "totals": self.totals(),
+            "weights": [w.to_dict() for w in self.weights],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SurgeryPlan:
+        return cls(
+            old=data["old"],
+            new=data["new"],
+            policy=data["policy"],
+            weights=[WeightPlan.from_dict(w) for w in data["weights"]],
+            matches=dict(data["matches"]),
+            new_layers=list(data["new_layers"]),
+            dropped=list(data["dropped"]),
+            warnings=list(data["warnings"]),
+            preserves_function=bool(data["preserves_function"]),
+        )
+
+
+# -- matching ------------------------------------------------------------------------------
+
+
+def index_map(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
+    """For each new label, the position of the same label among the old ones, or -1."""
+    if len(old_ids) == 0:
+        return np.full(len(new_ids), -1, dtype=np.int64)
+    order = np.argsort(old_ids, kind="stable")
+    sorted_ids = old_ids[order]
+    pos = np.searchsorted(sorted_ids, new_ids)
+    pos = np.clip(pos, 0, len(sorted_ids) - 1)
+    found = sorted_ids[pos] == new_ids
+    return np.where(found, order[pos], -1).astype(np.int64)
+
+
+class _Matcher:
+    """Decides which old layer each new layer continues, while the new graph is labelled."""
+
+    def __init__(self, old: GraphLabels, new_graph: ModelGraph):
+        self.old = old
+        self.taken: set[str] = set()
+        self.taken_inputs: set[str] = set()
+        # Names the new model uses deliberately are reserved for matching by name.
+        self.reserved = {
+            n for n, node in new_graph.layers.items() if not is_auto_name(n, node.class_name)
+        }
+        self.old_rank = self._ranks(
+            [r.node for r in sorted(old.records.values(), key=lambda r: r.position)]
+        )
+        first_calls = dict.fromkeys(name for name, _ in new_graph.order)
+        self.new_rank = self._ranks([new_graph.layers[name] for name in first_calls])
+
+    @staticmethod
+    def _ranks(nodes: list[LayerNode]) -> dict[str, int]:
+        """Each layer's rank among the layers of its class, in topological order."""
+        by_class: dict[str, int] = {}
+        ranks = {}
+        for node in nodes:
+            ranks[node.name] = by_class.get(node.class_name, 0)
+            by_class[node.class_name] = ranks[node.name] + 1
+        return ranks
+
+    def match_input(self, spec: InputSpec, index: int) -> str | None:
+        old_inputs = [i.name for i in self.old.graph.inputs]
+        if spec.name in old_inputs and spec.name not in self.taken_inputs:
+            self.taken_inputs.add(spec.name)
+            return spec.name
+        if is_auto_name(spec.name, "InputLayer"):
+            for name in old_inputs:
+                if is_auto_name(name, "InputLayer") and name not in self.taken_inputs:
+                    self.taken_inputs.add(name)
+                    return name
+        return None
+
+    def match_layer(self, node: LayerNode, inputs: list[TensorLabels], position: int) -> str | None:
+        records = self.old.records
+        old = records.get(node.name)
+        if (
+            old is not None
+            and node.name not in self.taken
+            and old.node.class_name == node.class_name
+            and (not is_auto_name(node.name, node.class_name) or self._score(old, inputs) > 0)
+        ):
+            self.taken.add(node.name)
+            return node.name
+        if not is_auto_name(node.name, node.class_name):
+            return None
+        new_rank = self.new_rank.get(node.name, 0)
+        best: tuple[float, int] | None = None
+        best_name = None
+        for name, rec in records.items():
+            if (
+                name in self.taken
+                or name in self.reserved
+                or rec.node.class_name != node.class_name
+                or not is_auto_name(name, rec.node.class_name)
+            ):
+                continue
+            score = self._score(rec, inputs)
+            if score <= 0:
+                continue
+            key = (-score, abs(self.old_rank[name] - new_rank))
+            if best is None or key < best:
+                best, best_name = key, name
+        if best_name is not None:
+            self.taken.add(best_name)
+        return best_name
+
+    @staticmethod
+    def _score(old: LayerRecord, inputs: list[TensorLabels]) -> float:
+        """The share of the new layer's input labels that the old layer also read."""
+        if len(old.inputs) != len(inputs):
+            return 0.0
+        if not inputs:
+            return 1.0
+        shares = []
+        for old_x, new_x in zip(old.inputs, inputs):
+            old_ids = [a.ids for a in old_x if a.ids is not None]
+            new_ids = [a.ids for a in new_x if a.ids is not None]
+            if not new_ids or not old_ids:
+                shares.append(1.0 if len(old_x) == len(new_x) else 0.0)
+                continue
+            new_all = np.concatenate(new_ids)
+            shares.append(float(np.isin(new_all, np.concatenate(old_ids)).mean()))
+        return float(np.mean(shares))
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def _weight_by_role(record: LayerRecord) -> dict[str, tuple[WeightLabels, Any]]:
+    return {w.role: (w, spec) for w, spec in zip(record.result.weights, record.node.weights)}
+
+
+def _describe_missing(space: LabelSpace, ids: np.ndarray, limit: int = 3) -> str:
+    shown = ", ".join(space.describe(i) for i in ids[:limit])
+    return shown + (", ..." if len(ids) > limit else "")
+
+
+def build_plan(
+    old: GraphLabels, new: GraphLabels, *, policy: str, old_source: Any = None
+) -> SurgeryPlan:
+    """Matches the two labelled graphs weight by weight and axis by axis."""
+    if policy not in POLICIES:
+        raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
+    space = new.space
+    warnings: list[str] = list(new.warnings)
+    breaks = False
+    weights: list[WeightPlan] = []
+    matches: dict[str, str] = {}
+    new_layers: list[str] = []
+    continued_old: set[str] = set()
+
+    for name, rec in new.records.items():
+        old_rec = old.records.get(rec.identity)
+        if old_rec is None or old_rec.node.class_name != rec.node.class_name:
+            if rec.node.weights or rec.node.group:
+                new_layers.append(name)
+            for spec in rec.node.weights:
+                wp = WeightPlan(name, spec.local, spec.path, spec.shape)
+                wp.count(policy)
+                weights.append(wp)
+            continue
+        matches[name] = old_rec.node.name
+
+        # Mixing axes must keep their labels, or the old outputs change.
+        for new_mix, old_mix in zip(rec.result.mixing, old_rec.result.mixing):
+            for new_axis, old_axis in zip(new_mix.labels, old_mix.labels):
+                if new_axis.ids is None or old_axis.ids is None:
+                    same = new_axis.ids is None and old_axis.ids is None
+                elif new_mix.ordered:
+                    same = np.array_equal(new_axis.ids, old_axis.ids)
+                else:
+                    same = set(new_axis.ids.tolist()) == set(old_axis.ids.tolist())
+                if not same:
+                    gained = 0 if new_axis.ids is None or old_axis.ids is None else len(
+                        np.setdiff1d(new_axis.ids, old_axis.ids))
+                    lost = 0 if new_axis.ids is None or old_axis.ids is None else len(
+                        np.setdiff1d(old_axis.ids, new_axis.ids))
+                    warnings.append(
+                        f"layer '{name}' ({rec.node.class_name}): {new_mix.reason}; that axis "
+                        f"changed (gained {gained}, lost {lost} labels"
+                        f"{', reordered' if new_mix.ordered and not gained and not lost else ''}"
+                        "), so the old outputs cannot be preserved."
+                    )
+                    breaks = True
+
+        old_weights = _weight_by_role(old_rec)
+        for w, spec in zip(rec.result.weights, rec.node.weights):
+            found = old_weights.get(w.role)
+            wp = WeightPlan(name, w.role, spec.path, spec.shape)
+            if found is None:
+                warnings.append(
+                    f"layer '{name}': weight '{w.role}' has no counterpart in the old model; "
+                    "it keeps its initial values, so the old outputs may change."
+                )
+                breaks = True
+            else:
+                old_w, old_spec = found
+                continued_old.add(old_spec.path)
+                wp.old_layer, wp.old_path, wp.old_shape = old_rec.node.name, old_spec.path, tuple(
+                    old_spec.shape)
+                if rec.opaque and tuple(spec.shape) != tuple(old_spec.shape):
+                    warnings.append(
+                        f"layer '{name}' ({rec.node.class_name}) has no rule and its weight "
+                        f"'{w.role}' changed shape {tuple(old_spec.shape)} -> {tuple(spec.shape)};"
+                        " it keeps its initial values."
+                    )
+                    breaks = True
+                elif len(w.axes) != len(old_w.axes):
+                    warnings.append(
+                        f"layer '{name}': weight '{w.role}' changed rank; it keeps its initial "
+                        "values."
+                    )
+                    breaks = True
+                else:
+                    wp.axes = []
+                    for axis, (na, oa) in enumerate(zip(w.axes, old_w.axes)):
+                        n_ids, o_ids = na.labels.ids, oa.labels.ids
+                        if n_ids is None or o_ids is None:
+                            raise SurgeryError(
+                                f"layer '{name}': weight '{w.role}' axis {axis} has no labels."
+                            )
+                        wp.axes.append(AxisMap(na.kind, index_map(o_ids, n_ids)))
+                        if na.kind in ("in", "struct", "lookup"):
+                            lost = np.setdiff1d(o_ids, n_ids)
+                            unsafe = lost[~space.zero_safe(lost)]
+                            if len(unsafe):
+                                warnings.append(
+                                    f"layer '{name}': {len(unsafe)} input index(es) of weight "
+                                    f"'{w.role}' axis {axis} are gone from the new model "
+                                    f"({_describe_missing(space, unsafe)}); they were not input "
+                                    "features set to 0, so the old outputs change."
+                                )
+                                breaks = True
+            wp.count(policy)
+            weights.append(wp)
+
+    dropped = [
+        spec.path for rec in old.records.values() for spec in rec.node.weights
+        if spec.path not in continued_old
+    ]
+
+    breaks |= _check_outputs(old, new, warnings)
+    if policy != "preserve" and any(w.zeroed or (w.axes is not None and w.fresh) for w in weights):
+        breaks = True
+    return SurgeryPlan(
+        old=old.graph.description,
+        new=new.graph.description,
+        policy=policy,
+        weights=weights,
+        matches=matches,
+        new_layers=new_layers,
+        dropped=dropped,
+        warnings=_unique(warnings),
+        preserves_function=not breaks,
+        old_source=old_source,
+    )
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _check_outputs(old: GraphLabels, new: GraphLabels, warnings: list[str]) -> bool:
+    """Every old output must still be computed, on at least all of its old labels."""
+    breaks = False
+    identity_of = {rec.identity: name for name, rec in new.records.items()}
+    identity_of.update({ident: name for name, ident in new.input_identity.items()})
+    new_refs = set(new.graph.outputs)
+    for ref in old.graph.outputs:
+        new_name = identity_of.get(ref[0])
+        new_ref = (new_name, ref[1], ref[2]) if new_name is not None else None
+        if new_ref is None or new_ref not in new_refs:
+            warnings.append(f"old output '{ref[0]}' is not an output of the new model.")
+            continue
+        old_x, new_x = old.tensors.get(ref), new.tensors.get(new_ref)
+        if old_x is None or new_x is None:
+            continue
+        for axis, (oa, na) in enumerate(zip(old_x, new_x)):
+            if oa.ids is None or na.ids is None:
+                continue
+            lost = np.setdiff1d(oa.ids, na.ids)
+            if len(lost):
+                warnings.append(
+                    f"output '{new_name}' lost {len(lost)} of its old indices on axis {axis} "
+                    f"({_describe_missing(new.space, lost)}); those old outputs are gone."
+                )
+                breaks = True
+    return breaks
+
+
+class ModelMigrator:
+    """Plans surgeries from one old model (a `.keras` path or a live model).
+
+    Example:
+        >>> migrator = ks.ModelMigrator("old.keras", old_features={"obs": ["hp", "mana"]})
+        >>> plan = migrator.plan(new_model, new_features={"obs": ["hp", "armor", "mana"]})
+        >>> print(plan.summary())                                  # doctest: +SKIP
+        >>> report = plan.apply(new_model)
+    """
+
+    def __init__(
+        self, old: Any, *, old_features: FeatureSpec | None = None, strict: bool = False
+    ):
+        self.old = old
+        self.old_features = old_features
+        self.strict = strict
+
+    def plan(
+        self,
+        new_model: Any,
+        *,
+        new_features: FeatureSpec | None = None,
+        policy: str = "preserve",
+    ) -> SurgeryPlan:
+        """Matches `new_model` against the old model and returns the SurgeryPlan.
+
+        Raises:
+            SurgeryFileError, FeatureSpecError, UnsupportedLayerError: see their docs.
+        """
+        from keras_surgery.graph import graph_from_model
+        from keras_surgery.sources import is_path, open_graph
+
+        if policy not in POLICIES:
+            raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
+        new_graph = graph_from_model(new_model)
+        space = LabelSpace()
+        with open_graph(self.old) as old_graph:
+            old_labels = propagate(
+                old_graph, features=self.old_features, space=space, strict=self.strict
+            )
+        matcher = _Matcher(old_labels, new_graph)
+        new_labels = propagate(
+            new_graph,
+            features=new_features,
+            space=space,
+            match_layer=matcher.match_layer,
+            match_input=matcher.match_input,
+            strict=self.strict,
+            where="the new model",
+        )
+        source = self.old if is_path(self.old) else old_graph.source
+        plan = build_plan(old_labels, new_labels, policy=policy, old_source=source)
+        logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
+        return plan

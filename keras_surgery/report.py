@@ -1,0 +1,76 @@
+"""The SurgeryReport: what a surgery copied, zeroed, left fresh or dropped, and why."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from keras_surgery.plan import SurgeryPlan
+
+
+def format_summary(plan: SurgeryPlan, warnings: list[str] | None = None) -> str:
+    """A plain-text table of every weight of the new model."""
+    rows = [("layer", "weight", "shape", "status", "copied", "zeroed", "fresh")]
+    for w in plan.weights:
+        rows.append((w.layer, w.role, "x".join(map(str, w.shape)) or "()", w.status,
+                     str(w.copied), str(w.zeroed), str(w.fresh)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"Surgery {plan.old} -> {plan.new} (policy '{plan.policy}')"]
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(widths[j]) for j, c in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    totals = plan.totals()
+    lines.append(
+        f"total: {totals['copied']} copied, {totals['zeroed']} zeroed, {totals['fresh']} fresh; "
+        f"{len(plan.dropped)} old weight(s) dropped"
+    )
+    lines.append(f"preserves_function: {plan.preserves_function}")
+    for w in warnings if warnings is not None else plan.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+class SurgeryReport:
+    """The result of applying a surgery.
+
+    Attributes:
+        preserves_function: True when the new model computes exactly the old outputs (with
+            removed input features set to 0 in the old model's input).
+        warnings: each names a layer or weight and the reason.
+        plan: the SurgeryPlan that was applied.
+    """
+
+    def __init__(self, plan: SurgeryPlan, *, warnings: list[str] | None = None):
+        self.plan = plan
+        self.warnings = list(dict.fromkeys(warnings if warnings is not None else plan.warnings))
+        self.preserves_function = plan.preserves_function
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return self.plan.totals()
+
+    def one_line(self) -> str:
+        t = self.totals
+        return (
+            f"surgery {self.plan.old} -> {self.plan.new}: {t['copied']} copied, "
+            f"{t['zeroed']} zeroed, {t['fresh']} fresh, {len(self.warnings)} warning(s), "
+            f"preserves_function={self.preserves_function}"
+        )
+
+    def summary(self) -> str:
+        """A human-readable table of every weight, totals and warnings."""
+        return format_summary(self.plan, self.warnings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict (index maps included)."""
+        data = self.plan.to_dict()
+        data["warnings"] = list(self.warnings)
+        data["preserves_function"] = self.preserves_function
+        return data
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __repr__(self) -> str:
+        return f"SurgeryReport({self.one_line()})"

@@ -1,0 +1,150 @@
+"""What a rule receives and returns, and the small helpers rules are written with.
+
+A rule is a plain function `rule(call: RuleCall) -> RuleResult`. It reads the layer's config,
+its weight shapes and the labels of its inputs, and says (a) the labels of its outputs and
+(b) for each of the layer's weights, in store order, the labelling and kind of every axis:
+
+* ``in``: the index reads an input label (Dense kernel axis 0);
+* ``out``: the index produces an output label (Dense kernel axis 1, bias);
+* ``diag``: the same label in and out (BatchNormalization gamma/beta/mean/variance);
+* ``struct``: structural taps matched by their own labels (conv kernel offsets);
+* ``lookup``: rows selected by input values (Embedding rows).
+
+A rule may also declare *mixing* axes: axes whose indices all influence each output
+(LayerNormalization, a softmax). If such an axis gains or loses labels in a surgery, the old
+function cannot be preserved and the report says so, naming the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from keras_surgery.graph import LayerNode, WeightSpec
+from keras_surgery.labels import (
+    AxisLabels,
+    DepSets,
+    LabelSpace,
+    TensorLabels,
+    derived_key,
+    unit_key,
+)
+
+AXIS_KINDS = ("in", "out", "diag", "struct", "lookup")
+
+
+@dataclass(frozen=True)
+class WeightAxis:
+    kind: str
+    labels: AxisLabels
+
+    def __post_init__(self) -> None:
+        if self.kind not in AXIS_KINDS:
+            raise ValueError(f"Axis kind must be one of {AXIS_KINDS}. Received: {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class WeightLabels:
+    """The labelling of one weight: a role name ("kernel") and one `WeightAxis` per axis."""
+
+    role: str
+    axes: tuple[WeightAxis, ...]
+
+
+@dataclass(frozen=True)
+class Mixing:
+    """An axis whose indices are mixed together, so growing or shrinking it changes outputs.
+
+    `ordered=True` means even a permutation changes the output (an opaque layer).
+    """
+
+    labels: TensorLabels
+    reason: str
+    ordered: bool = False
+
+
+@dataclass
+class RuleResult:
+    outputs: list[TensorLabels]
+    weights: list[WeightLabels] = field(default_factory=list)
+    mixing: list[Mixing] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    opaque: bool = False
+
+
+@dataclass
+class RuleCall:
+    """Everything a rule may look at for one call of one layer."""
+
+    layer: LayerNode
+    identity: str  # the name unit labels are built from (the matched old layer's name)
+    inputs: list[TensorLabels]
+    input_shapes: list[tuple[int | None, ...] | None]
+    space: LabelSpace
+    deps: DepSets
+    output_shapes: list[tuple[int | None, ...] | None] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.layer.config
+
+    @property
+    def weights(self) -> list[WeightSpec]:
+        return self.layer.weights
+
+    def describe(self) -> str:
+        return f"layer '{self.layer.name}' ({self.layer.class_name})"
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def units(self, n: int, dep: int, role: str = "") -> AxisLabels:
+        """`n` fresh output units of this layer, each depending on `dep`."""
+        return AxisLabels(
+            self.space.intern_many(unit_key(self.identity, role, j) for j in range(n)),
+            np.full(n, dep, dtype=np.int64),
+        )
+
+    def union(self, *axes: AxisLabels) -> int:
+        """The dependency set of everything in `axes` (one id)."""
+        if not axes:
+            return DepSets.EMPTY
+        return self.deps.union(np.concatenate([a.deps for a in axes]))
+
+    def all_deps(self, labels: TensorLabels) -> int:
+        return self.union(*labels)
+
+    def derived(self, axis: AxisLabels) -> AxisLabels:
+        """`axis` after a per-index affine map of this layer (same meaning, new zero)."""
+        if axis.ids is None:
+            return axis
+        return AxisLabels(
+            self.space.intern_many(derived_key(self.identity, int(i)) for i in axis.ids),
+            axis.deps,
+        )
+
+    def weight_count_error(self, expected: Sequence[str]) -> ValueError:
+        return ValueError(
+            f"{self.describe()} has {len(self.weights)} variable(s) "
+            f"{[w.local for w in self.weights]}, but its rule expects {list(expected)}."
+        )
+
+    def normalize_axis(self, axis: int, rank: int) -> int:
+        """A Keras axis (counting the batch axis, may be negative) as a non-batch axis index."""
+        full = axis if axis >= 0 else axis + rank + 1
+        if not 1 <= full <= rank:
+            raise ValueError(f"{self.describe()}: axis {axis} out of range for rank {rank}.")
+        return full - 1
+
+
+def weight(role: str, *axes: tuple[str, AxisLabels]) -> WeightLabels:
+    """Shorthand: `weight("kernel", ("in", x), ("out", units))`."""
+    return WeightLabels(role, tuple(WeightAxis(kind, labels) for kind, labels in axes))
+
+
+def single_input(call: RuleCall) -> TensorLabels:
+    if len(call.inputs) != 1:
+        raise ValueError(f"{call.describe()} expects one input, got {len(call.inputs)}.")
+    return call.inputs[0]

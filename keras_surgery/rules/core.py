@@ -1,0 +1,135 @@
+"""Rules for the core learned layers: Dense and EinsumDense."""
+
+from __future__ import annotations
+
+import re
+
+import keras
+import numpy as np
+
+from keras_surgery.labels import AxisLabels, LabelSpace
+from keras_surgery.registry import register_rule
+from keras_surgery.rules.api import (
+    Mixing,
+    RuleCall,
+    RuleResult,
+    WeightLabels,
+    single_input,
+    weight,
+)
+
+MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
+
+
+def activation_name(config: dict) -> str | None:
+    act = config.get("activation")
+    if isinstance(act, str):
+        return act
+    if isinstance(act, dict):  # a serialized activation function or layer
+        return act.get("config") if isinstance(act.get("config"), str) else act.get("class_name")
+    return None
+
+
+def activation_mixing(call: RuleCall, labels: AxisLabels) -> list[Mixing]:
+    """A softmax-like activation mixes the units of the axis it normalises."""
+    act = activation_name(call.config)
+    if act in MIXING_ACTIVATIONS:
+        return [Mixing((labels,), f"'{act}' activation normalises over its units")]
+    return []
+
+
+def check_weights(call: RuleCall, weights: list[WeightLabels]) -> list[WeightLabels]:
+    shapes = [w.shape for w in call.weights]
+    if len(shapes) != len(weights) or any(
+        len(s) != len(w.axes)
+        or any(a.labels.ids is not None and len(a.labels.ids) != d for a, d in zip(w.axes, s))
+        for s, w in zip(shapes, weights)
+    ):
+        raise ValueError(
+            f"{call.describe()} has variables {[(w.local, w.shape) for w in call.weights]}, "
+            "but its rule expects "
+            f"{[(w.role, tuple(a.labels.length for a in w.axes)) for w in weights]}."
+        )
+    return weights
+
+
+def dense_rule(call: RuleCall) -> RuleResult:
+    """Dense: kernel (in: input's last axis, out: units), bias (out: units)."""
+    x = single_input(call)
+    features = x[-1]
+    units = call.units(int(call.config["units"]), call.union(features))
+    weights = [weight("kernel", ("in", features), ("out", units))]
+    if call.config.get("use_bias", True):
+        weights.append(weight("bias", ("out", units)))
+    return RuleResult(
+        outputs=[x[:-1] + (units,)],
+        weights=check_weights(call, weights),
+        mixing=activation_mixing(call, units),
+    )
+
+
+_EQUATION = re.compile(r"^\s*([a-zA-Z.]+)\s*,\s*([a-zA-Z]+)\s*->\s*([a-zA-Z.]+)\s*$")
+
+
+def _broadcast_axis(space: LabelSpace) -> AxisLabels:
+    return AxisLabels(np.array([space.intern(("broadcast",))]), np.zeros(1, dtype=np.int64))
+
+
+def einsum_dense_rule(call: RuleCall) -> RuleResult:
+    """EinsumDense with any `input,kernel->output` equation (with or without `...`).
+
+    Kernel axes whose letter is only in the input are contracted ("in"); letters only in the
+    output are new units ("out", one unit set per letter); letters in input, kernel and output
+    scale each index ("diag").
+    """
+    x = single_input(call)
+    match = _EQUATION.match(call.config["equation"])
+    if match is None:
+        raise ValueError(f"{call.describe()}: unsupported equation {call.config['equation']!r}")
+    in_spec, kernel_spec, out_spec = match.groups()
+    elided = "..." in in_spec
+    in_letters = in_spec.replace("...", "")
+    out_letters = out_spec.replace("...", "")
+    # Letters of the input, aligned from the right when the leading axes are elided.
+    offset = len(x) - len(in_letters) if elided else 0
+    if offset < 0 or (not elided and len(in_letters) != len(x)):
+        raise ValueError(f"{call.describe()}: equation does not fit input rank {len(x)}")
+    by_letter = {c: x[offset + i] for i, c in enumerate(in_letters)}
+    contracted = [by_letter[c] for c in in_letters if c not in out_letters]
+    dep = call.union(*contracted) if contracted else call.union(*by_letter.values())
+
+    kernel_shape = call.weights[0].shape if call.weights else ()
+    kernel_axes = []
+    unit_labels: dict[str, AxisLabels] = {}
+    for i, c in enumerate(kernel_spec):
+        if c in in_letters and c not in out_letters:
+            kernel_axes.append(("in", by_letter[c]))
+        elif c in in_letters:
+            kernel_axes.append(("diag", by_letter[c]))
+        else:
+            size = kernel_shape[i] if i < len(kernel_shape) else 0
+            unit_labels[c] = call.units(int(size), dep, role=c)
+            kernel_axes.append(("out", unit_labels[c]))
+    weights = [weight("kernel", *kernel_axes)]
+
+    def out_axis(c: str) -> AxisLabels:
+        return by_letter[c] if c in by_letter else unit_labels[c]
+
+    bias_axes = call.config.get("bias_axes")
+    if bias_axes:
+        first = min(out_letters.find(c) for c in bias_axes)
+        axes = []
+        for c in out_letters[first:]:
+            if c not in bias_axes:
+                axes.append(("struct", _broadcast_axis(call.space)))
+            else:
+                axes.append(("out" if c in unit_labels else "diag", out_axis(c)))
+        weights.append(weight("bias", *axes))
+    leading = x[:offset] if elided else ()
+    outputs = [tuple(leading) + tuple(out_axis(c) for c in out_letters)]
+    last = outputs[0][-1]
+    return RuleResult(outputs, check_weights(call, weights), activation_mixing(call, last))
+
+
+register_rule(keras.layers.Dense, dense_rule)
+register_rule(keras.layers.EinsumDense, einsum_dense_rule)

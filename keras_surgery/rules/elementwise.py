@@ -1,0 +1,158 @@
+"""Rules for layers and operations that act index by index: pass-through, activations, merges,
+concatenation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes
+from keras_surgery.registry import register_rule
+from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input, weight
+from keras_surgery.rules.core import MIXING_ACTIVATIONS, activation_name, check_weights
+
+
+def passthrough_rule(call: RuleCall) -> RuleResult:
+    """Output labels are the input labels (Dropout, ReLU, Identity, ...): 0 stays 0."""
+    return RuleResult(outputs=[single_input(call)], weights=check_weights(call, []))
+
+
+def def_passthrough(*classes: type) -> None:
+    """Registers `passthrough_rule` for each class: one line per pass-through layer."""
+    for cls in classes:
+        register_rule(cls, passthrough_rule)
+
+
+def _mixing_on(call: RuleCall, x: TensorLabels, axis: int | Sequence[int], what: str) -> Mixing:
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    picked = tuple(x[call.normalize_axis(a, len(x))] for a in axes)
+    return Mixing(picked, what)
+
+
+def activation_rule(call: RuleCall) -> RuleResult:
+    x = single_input(call)
+    act = activation_name(call.config)
+    mixing = []
+    if act in MIXING_ACTIVATIONS:
+        mixing.append(_mixing_on(call, x, -1, f"'{act}' normalises over the last axis"))
+    return RuleResult([x], check_weights(call, []), mixing)
+
+
+def softmax_rule(call: RuleCall) -> RuleResult:
+    x = single_input(call)
+    mixing = _mixing_on(call, x, call.config.get("axis", -1), "softmax normalises over its axis")
+    return RuleResult([x], check_weights(call, []), [mixing])
+
+
+def prelu_rule(call: RuleCall) -> RuleResult:
+    """PReLU: one alpha per index, except along `shared_axes` (size 1)."""
+    x = single_input(call)
+    shared = {call.normalize_axis(a, len(x)) for a in (call.config.get("shared_axes") or [])}
+    broadcast = AxisLabels(np.array([call.space.intern(("broadcast",))]), np.zeros(1, np.int64))
+    axes = [("struct", broadcast) if i in shared else ("diag", a) for i, a in enumerate(x)]
+    return RuleResult([x], check_weights(call, [weight("alpha", *axes)]))
+
+
+def rescaling_rule(call: RuleCall) -> RuleResult:
+    """x * scale + offset: labels keep their meaning; a non-zero offset moves their zero."""
+    x = single_input(call)
+    offset = call.config.get("offset", 0.0)
+    if np.any(np.asarray(offset, dtype=float) != 0):
+        x = x[:-1] + (call.derived(x[-1]),)
+    return RuleResult([x], check_weights(call, []))
+
+
+def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels]) -> AxisLabels:
+    """Element-wise merge of one axis of several inputs (broadcasting length-1 axes)."""
+    known = [a for a in axes if a.ids is not None]
+    if len(known) < len(axes):
+        return AxisLabels.unknown(call.deps.union(np.concatenate([a.deps for a in axes])))
+    n = max(len(a.ids) for a in known)
+    ids = [a.ids if len(a.ids) == n else np.repeat(a.ids, n) for a in known]
+    deps = [a.deps if len(a.deps) == n else np.repeat(a.deps, n) for a in known]
+    if all(np.array_equal(ids[0], other) for other in ids[1:]):
+        merged_ids = ids[0]
+    else:
+        rows, inverse = np.unique(np.stack(ids, axis=1), axis=0, return_inverse=True)
+        merged_ids = np.array([call.space.set_of(r) for r in rows], dtype=np.int64)[
+            inverse.reshape(-1)
+        ]
+    return AxisLabels(merged_ids, call.deps.union_elementwise(deps))
+
+
+def merge_rule(call: RuleCall) -> RuleResult:
+    """Add, Subtract, Multiply, Average, Maximum, Minimum (layers or keras.ops).
+
+    An index whose inputs carry different labels gets the *set* of them: a residual stream
+    index is {x_j, f(x)_j}. A merge with a constant (`ops.add(x, 1.0)`) moves the zero.
+    """
+    if len(call.inputs) == 1:
+        x = call.inputs[0]
+        return RuleResult([x[:-1] + (call.derived(x[-1]),)], check_weights(call, []))
+    ranks = {len(x) for x in call.inputs}
+    if len(ranks) != 1:
+        raise ValueError(f"{call.describe()}: inputs of different ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    out = tuple(_merge_axes(call, [x[a] for x in call.inputs]) for a in range(rank))
+    return RuleResult([out], check_weights(call, []))
+
+
+def concatenate_rule(call: RuleCall) -> RuleResult:
+    """Concatenation along `axis`: the labels of the parts, one after the other."""
+    if not call.inputs:
+        raise ValueError(f"{call.describe()} has no inputs")
+    rank = len(call.inputs[0])
+    axis = call.normalize_axis(int(call.config.get("axis", -1)), rank)
+    first = call.inputs[0]
+    joined = concat_axes([x[axis] for x in call.inputs])
+    out = tuple(joined if a == axis else first[a] for a in range(rank))
+    return RuleResult([out], check_weights(call, []))
+
+
+_PASSTHROUGH = (
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianDropout",
+    "GaussianNoise",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Identity",
+    "ReLU",
+    "LeakyReLU",
+    "ELU",
+    "Masking",
+)
+def_passthrough(*(getattr(keras.layers, n) for n in _PASSTHROUGH if hasattr(keras.layers, n)))
+register_rule(keras.layers.Activation, activation_rule)
+register_rule(keras.layers.Softmax, softmax_rule)
+register_rule(keras.layers.PReLU, prelu_rule)
+register_rule(keras.layers.Rescaling, rescaling_rule)
+register_rule(keras.layers.Concatenate, concatenate_rule)
+for _merge in (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+):
+    register_rule(_merge, merge_rule)
+
+
+def _register_ops() -> None:
+    # keras.ops calls on symbolic tensors appear in the graph as Operation nodes.
+    from keras.src.ops import numpy as knp
+
+    for name in ("Add", "Subtract", "Multiply", "Maximum", "Minimum"):
+        op = getattr(knp, name, None)
+        if op is not None:
+            register_rule(op, merge_rule)
+    if getattr(knp, "Concatenate", None) is not None:
+        register_rule(knp.Concatenate, concatenate_rule)
+
+
+_register_ops()
