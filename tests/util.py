@@ -1,0 +1,78 @@
+"""Shared helpers for surgery tests: non-trivial old weights and numeric checks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def randomize(model, data, *, seed: int = 0, bias_scale: float = 0.3) -> None:
+    """Gives `model` non-trivial weights without losing its sensitivity to the input.
+
+    Keeps Keras's initialisers for kernels, draws random biases and per-channel scales, and sets
+    BatchNormalization statistics from one real batch (`data`, a batch or a list of batches
+    matching the model inputs), so that deep nets neither explode nor forget their input.
+    """
+    import keras
+
+    rng = np.random.default_rng(seed)
+    for layer in _all_layers(model):
+        for v in layer.weights:
+            name = v.path.rsplit("/", 1)[-1]
+            if name in ("bias", "beta"):
+                v.assign(rng.normal(0, bias_scale, v.shape).astype(v.dtype))
+            elif name == "gamma":
+                v.assign(rng.uniform(0.5, 1.5, v.shape).astype(v.dtype))
+    # BatchNormalization statistics from real activations, layer by layer.
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            probe = keras.Model(model.inputs, layer.input)
+            acts = np.asarray(probe(data, training=False))
+            axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
+            axes = tuple(i for i in range(acts.ndim) if i != axis % acts.ndim)
+            mean = acts.mean(axis=axes)
+            var = acts.var(axis=axes) + rng.uniform(0.05, 0.2, mean.shape)
+            layer.moving_mean.assign(mean.astype("float32"))
+            layer.moving_variance.assign(var.astype("float32"))
+
+
+def _all_layers(model):
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
+def predict(model, x):
+    out = model(x, training=False)
+    if isinstance(out, (list, tuple)):
+        return [np.asarray(o) for o in out]
+    if isinstance(out, dict):
+        return {k: np.asarray(v) for k, v in out.items()}
+    return np.asarray(out)
+
+
+def max_diff(a, b) -> float:
+    """max |a - b| over arrays or matching lists/dicts of arrays."""
+    if isinstance(a, dict):
+        return max(max_diff(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return max(max_diff(x, y) for x, y in zip(a, b))
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def assert_input_sensitive(model, x1, x2, *, min_diff: float = 1e-3) -> None:
+    """The model's outputs must depend on its input, or any surgery would look right."""
+    d = max_diff(predict(model, x1), predict(model, x2))
+    assert d > min_diff, f"model output barely depends on its input (max diff {d:.2e})"
+
+
+def columns_from(old_x: np.ndarray, old_names, new_names, rng) -> np.ndarray:
+    """The new model's input for old input `old_x`: matched columns moved, new ones random."""
+    out = rng.normal(size=old_x.shape[:-1] + (len(new_names),)).astype(old_x.dtype)
+    for j, name in enumerate(new_names):
+        if name in old_names:
+            out[..., j] = old_x[..., list(old_names).index(name)]
+    return out
