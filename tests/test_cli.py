@@ -1,0 +1,54 @@
+"""The keras-surgery command line."""
+
+import json
+
+import keras
+
+from keras_surgery.cli import main
+
+
+def _save(tmp_path, name, n_in, classes, activation=None):
+    keras.utils.set_random_seed(len(name))
+    x = keras.Input((n_in,), name="x")
+    h = keras.layers.Dense(6, activation="relu", name="h")(x)
+    y = keras.layers.Dense(classes, activation=activation, name="out")(h)
+    path = tmp_path / name
+    keras.Model(x, y).save(path)
+    return str(path)
+
+
+def test_diff_prints_a_table_and_json(tmp_path, capsys):
+    old = _save(tmp_path, "old.keras", 3, 2)
+    new = _save(tmp_path, "new.keras", 4, 2)
+    assert main(["diff", old, new]) == 0
+    out = capsys.readouterr().out
+    assert "preserves_function: True" in out and "partial" in out
+    assert main(["diff", old, new, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    kernel = next(w for w in data["weights"] if w["layer"] == "h" and w["role"] == "kernel")
+    assert kernel["axes"][0]["index"] == [0, 1, 2, -1]
+    assert kernel["zeroed"] == 6
+
+
+def test_require_preserve_exit_code(tmp_path, capsys):
+    old = _save(tmp_path, "old.keras", 3, 2, activation="softmax")
+    new = _save(tmp_path, "new.keras", 3, 3, activation="softmax")
+    assert main(["diff", old, new]) == 0
+    assert main(["diff", old, new, "--require-preserve"]) == 1
+    assert "'out'" in capsys.readouterr().out
+
+
+def test_phi_and_errors(tmp_path, capsys):
+    old = _save(tmp_path, "old.keras", 3, 2)
+    spec = tmp_path / "features.json"
+    spec.write_text(json.dumps({"x": ["a", ("b", 2)]}))
+    assert main(["phi", old, "--features", str(spec)]) == 0
+    out = capsys.readouterr().out
+    assert "x:a -> h/kernel[axis 0: 1]" in out and "x:b -> h/kernel[axis 0: 2]" in out
+    assert main(["phi", str(tmp_path / "missing.keras")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"x": ["a"]}))
+    assert main(["phi", old, "--features", str(bad)]) == 2
+    assert "cover 1 column(s)" in capsys.readouterr().err
+    assert main([]) == 2

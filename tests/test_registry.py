@@ -1,0 +1,108 @@
+"""The rule registry: registration, MRO lookup, duplicates, opaque fallback and strict mode."""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_surgery as ks
+from keras_surgery.registry import find_rule
+from keras_surgery.rules.core import dense_rule
+from keras_surgery.rules.elementwise import passthrough_rule
+
+
+class Scale(keras.layers.Layer):
+    """A custom layer with one weight per feature (element-wise scale)."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def scale_rule(call):
+    from keras_surgery.rules.api import RuleResult, single_input, weight
+
+    x = single_input(call)
+    return RuleResult([x], [weight("scale", ("diag", x[-1]))])
+
+
+class SubDense(keras.layers.Dense):
+    pass
+
+
+def test_mro_lookup_finds_the_parent_rule():
+    assert find_rule(SubDense) is dense_rule
+
+
+def test_duplicate_registration_is_an_error_unless_override():
+    ks.register_rule(Scale, scale_rule)
+    try:
+        with pytest.raises(ValueError, match="already registered.*override=True"):
+            ks.register_rule(Scale, passthrough_rule)
+        ks.register_rule(Scale, passthrough_rule, override=True)
+        assert find_rule(Scale) is passthrough_rule
+    finally:
+        ks.unregister_rule(Scale)
+    assert find_rule(Scale) is None
+    with pytest.raises(KeyError, match="No rule is registered"):
+        ks.unregister_rule(Scale)
+
+
+def _scale_model(n_in, hidden, seed):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((n_in,), name="x")
+    h = Scale(name="scale")(x)
+    y = keras.layers.Dense(hidden, name="out")(h)
+    model = keras.Model(x, y)
+    model.get_layer("scale").scale.assign(np.linspace(0.5, 2.0, n_in).astype("float32"))
+    return model
+
+
+def test_custom_rule_moves_per_feature_weights():
+    ks.register_rule(Scale, scale_rule)
+    try:
+        old = _scale_model(4, 3, 0)
+        new = _scale_model(5, 3, 1)
+        report = ks.migrate_weights(
+            old, new, old_features={"x": list("abcd")}, new_features={"x": list("caebd")}
+        )
+        assert report.preserves_function
+        old_scale = old.get_layer("scale").scale.numpy()
+        new_scale = new.get_layer("scale").scale.numpy()
+        order = [list("abcd").index(c) for c in "cabd"]
+        np.testing.assert_array_equal(new_scale[[0, 1, 3, 4]], old_scale[order])
+        x_old = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+        x_new = np.random.default_rng(1).normal(size=(8, 5)).astype("float32")
+        for j, c in enumerate("caebd"):
+            if c in "abcd":
+                x_new[:, j] = x_old[:, "abcd".index(c)]
+        diff = np.abs(np.asarray(old(x_old)) - np.asarray(new(x_new))).max()
+        assert diff <= 1e-5
+    finally:
+        ks.unregister_rule(Scale)
+
+
+def test_layer_without_rule_is_opaque_with_a_warning_or_an_error_when_strict():
+    old = _scale_model(4, 3, 0)
+    new = _scale_model(4, 3, 1)
+    report = ks.migrate_weights(old, new)
+    assert any("'scale'" in w and "no rule" in w for w in report.warnings)
+    # Unchanged inputs and identical shapes: the opaque layer's weights are copied.
+    np.testing.assert_array_equal(
+        new.get_layer("scale").scale.numpy(), old.get_layer("scale").scale.numpy()
+    )
+    assert report.preserves_function
+    with pytest.raises(ks.UnsupportedLayerError, match="layer 'scale' of class Scale"):
+        ks.migrate_weights(old, _scale_model(4, 3, 2), strict=True)
+
+
+def test_opaque_layer_whose_input_changed_cannot_preserve():
+    old = _scale_model(4, 3, 0)
+    new = _scale_model(5, 3, 1)
+    before = [w.numpy().copy() for w in new.weights]
+    report = ks.migrate_weights(old, new)
+    assert not report.preserves_function
+    assert any("'scale'" in w for w in report.warnings)
+    # the opaque layer's weight changed shape: it keeps its initial value
+    np.testing.assert_array_equal(new.get_layer("scale").scale.numpy(), before[0])
