@@ -6,6 +6,7 @@ Example:
     >>> print(report.summary())
 """
 
+from keras_surgery.callback import SurgeryCallback
 from keras_surgery.errors import (
     FeatureSpecError,
     SurgeryError,
@@ -27,6 +28,7 @@ __all__ = [
     "PhiTable",
     "SurgeryError",
     "SurgeryFileError",
+    "SurgeryCallback",
     "SurgeryPlan",
     "SurgeryReport",
     "UnsupportedLayerError",

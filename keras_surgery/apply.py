@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.graph import WeightSource, live_variables
+from keras_surgery.graph import WeightSource, finalize_layers, live_variables
 from keras_surgery.plan import SurgeryPlan, WeightPlan
 
 logger = logging.getLogger("keras_surgery")
@@ -31,7 +31,25 @@ def fill(wp: WeightPlan, old: np.ndarray, fresh: np.ndarray, policy: str) -> np.
     new_idx = [np.nonzero(a.matched)[0] for a in wp.axes]
     old_idx = [a.index[a.matched] for a in wp.axes]
     if all(len(i) for i in new_idx) or not wp.axes:
-        value[np.ix_(*new_idx)] = old[np.ix_(*old_idx)].astype(value.dtype, copy=False)
+        copied = old[np.ix_(*old_idx)]
+        if wp.scale != 1.0:
+            copied = copied * wp.scale
+        value[np.ix_(*new_idx)] = copied.astype(value.dtype, copy=False)
+        value = _new_lookup_rows_from_mean(wp, value, zero_mask)
+    return value
+
+
+def _new_lookup_rows_from_mean(wp: WeightPlan, value: np.ndarray, zero_mask: np.ndarray):
+    """New rows of a "lookup" axis (new vocabulary tokens) in the zero region start as the mean
+    of the copied rows, as Hugging Face does for new tokens: old inputs never select them, and
+    a new token starts as an average one rather than as an all-zero vector."""
+    for a, amap in enumerate(wp.axes or []):
+        if amap.kind != "lookup" or amap.matched.all() or not amap.matched.any():
+            continue
+        new_rows = zero_mask & ~amap.matched.reshape([-1 if i == a else 1
+                                                      for i in range(value.ndim)])
+        mean = value.take(np.nonzero(amap.matched)[0], axis=a).mean(axis=a, keepdims=True)
+        value = np.where(new_rows, mean.astype(value.dtype), value)
     return value
 
 
@@ -47,8 +65,9 @@ def _opened(source: Any) -> Iterator[WeightSource]:
         yield source
 
 
-def apply_plan(plan: SurgeryPlan, model: Any, source: Any) -> Any:
+def apply_plan(plan: SurgeryPlan, model: Any, source: Any, *, optimizer: bool = True) -> Any:
     """Writes the plan into `model`; returns a SurgeryReport. All or nothing."""
+    from keras_surgery.optimizer import stage_optimizer
     from keras_surgery.report import SurgeryReport
 
     variables = live_variables(model)
@@ -82,14 +101,22 @@ def apply_plan(plan: SurgeryPlan, model: Any, source: Any) -> Any:
                     "they were copied as they are."
                 )
             staged.append((var, fill(wp, old, fresh, plan.policy), fresh))
+        if optimizer:
+            slots, notes = stage_optimizer(plan, model, old_weights, variables)
+            staged.extend(slots)
+            warnings.extend(notes)
+        elif plan.old_optimizer is not None:
+            warnings.append("optimizer state was not migrated (optimizer=False).")
     done: list[tuple[Any, np.ndarray]] = []
     try:
         for var, value, fresh in staged:
             var.assign(value)
             done.append((var, fresh))
+        finalize_layers(model, [var for var, _ in done])
     except Exception as exc:
         for var, fresh in reversed(done):
             var.assign(fresh)
+        finalize_layers(model, [var for var, _ in done])
         raise SurgeryError(f"Assigning the new weights failed and was undone: {exc}") from exc
     report = SurgeryReport(plan, warnings=warnings)
     logger.info("%s", report.one_line())

@@ -11,6 +11,7 @@ Inputs left out of the spec get unnamed columns, so column i of input "obs" is t
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,12 +34,15 @@ class FeatureColumn:
         return (self.input, self.name if self.name is not None else self.k)
 
 
-def parse_entries(input_name: str, entries: object) -> list[tuple[str, int]]:
+def parse_entries(
+    input_name: str, entries: object, *, where: str = "model"
+) -> list[tuple[str, int]]:
     """Validates one input's entries; returns `(name, width)` pairs."""
+    of = f"input '{input_name}' of {where}"
     if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
         raise FeatureSpecError(
-            f"Features of input '{input_name}' must be a list of names or (name, width) "
-            f"pairs. Received: {entries!r}"
+            f"Features of {of} must be a list of names or (name, width) pairs. "
+            f"Received: {entries!r}"
         )
     parsed: list[tuple[str, int]] = []
     seen: set[str] = set()
@@ -49,24 +53,25 @@ def parse_entries(input_name: str, entries: object) -> list[tuple[str, int]]:
             isinstance(entry, (tuple, list))
             and len(entry) == 2
             and isinstance(entry[0], str)
-            and isinstance(entry[1], int)
+            and isinstance(entry[1], numbers.Integral)
             and not isinstance(entry[1], bool)
         ):
             name, width = entry[0], int(entry[1])
         else:
             raise FeatureSpecError(
-                f"Feature entry of input '{input_name}' must be a name or a (name, width) "
-                f"pair. Received: {entry!r}"
+                f"Feature entry of {of} must be a name or a (name, width) pair. "
+                f"Received: {entry!r}"
+            )
+        if not name:
+            raise FeatureSpecError(
+                f"Feature names of {of} must be non-empty strings. Received: {entry!r}"
             )
         if width < 1:
             raise FeatureSpecError(
-                f"Feature '{name}' of input '{input_name}' must have width >= 1. "
-                f"Received: width={width}"
+                f"Feature '{name}' of {of} must have width >= 1. Received: width={width}"
             )
         if name in seen:
-            raise FeatureSpecError(
-                f"Feature name '{name}' appears twice in input '{input_name}'."
-            )
+            raise FeatureSpecError(f"Feature name '{name}' appears twice in {of}.")
         seen.add(name)
         parsed.append((name, width))
     return parsed
@@ -88,8 +93,15 @@ def feature_columns(
     Raises:
         FeatureSpecError: an unknown input name, widths that do not add up, duplicate names.
     """
-    spec = dict(spec or {})
-    unknown = sorted(set(spec) - set(inputs))
+    if spec is None:
+        spec = {}
+    if not isinstance(spec, Mapping):
+        raise FeatureSpecError(
+            f"Feature spec for {where} must be a mapping from input name to a list of "
+            f"features, e.g. {{'obs': ['hp', ('pos', 2)]}}. Received: {type(spec).__name__}"
+        )
+    spec = dict(spec)
+    unknown = sorted(set(spec) - set(inputs), key=str)
     if unknown:
         raise FeatureSpecError(
             f"Feature spec for {where} names input(s) {unknown} that the model does not have. "
@@ -102,7 +114,7 @@ def feature_columns(
                 [FeatureColumn(input_name, None, i) for i in range(width)] if width else []
             )
             continue
-        entries = parse_entries(input_name, spec[input_name])
+        entries = parse_entries(input_name, spec[input_name], where=where)
         total = sum(w for _, w in entries)
         if width is not None and total != width:
             raise FeatureSpecError(

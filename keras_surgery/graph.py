@@ -38,8 +38,9 @@ class WeightSpec:
 class Call:
     """One call of a layer in the graph (a Keras node)."""
 
-    inputs: list[TensorRef]
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: list[TensorRef]  # tensors of the positional arguments, then of the keywords
+    kwargs: dict[str, Any] = field(default_factory=dict)  # non-tensor keyword arguments
+    kwarg_inputs: dict[str, list[int]] = field(default_factory=dict)  # keyword -> inputs index
 
 
 @dataclass
@@ -141,8 +142,9 @@ def live_variables(model: Any) -> dict[str, Any]:
             return True
 
         def make(self, path: str, metadata: dict | None = None) -> dict[str, Any]:
+            # H5IOStore._create_h5_group puts a saveable's variables in `<path>/vars`.
             store: dict[str, Any] = {}
-            self.groups[path] = store
+            self.groups[f"{path}/vars" if path else "vars"] = store
             return store
 
     recorder = _RecordingStore()
@@ -153,6 +155,23 @@ def live_variables(model: Any) -> dict[str, Any]:
             path = f"{group}/{key}" if group else key
             found[path.lstrip("/")] = value
     return found
+
+
+def finalize_layers(model: Any, variables: list[Any]) -> None:
+    """Calls `finalize_state()` on each layer of `model` that owns one of `variables`.
+
+    Some layers cache tensors derived from their variables (an adapted Normalization keeps
+    `mean`/`variance` reshaped from its `adapt_mean`/`adapt_variance` variables); Keras's own
+    loader refreshes them in `load_own_variables`. Assigning the variables directly must do the
+    same, or the layer keeps computing with its old statistics.
+    """
+    written = {id(v) for v in variables}
+    for layer in model._flatten_layers(include_self=False):
+        own = list(getattr(layer, "_trainable_variables", [])) + list(
+            getattr(layer, "_non_trainable_variables", [])
+        )
+        if any(id(v) in written for v in own) and callable(getattr(layer, "finalize_state", None)):
+            layer.finalize_state()
 
 
 def _live_operations(model: Any, prefix: str = "") -> dict[str, Any]:
@@ -247,7 +266,8 @@ def _tensor_refs(obj: Any) -> Iterator[tuple[TensorRef, tuple | None]]:
             cfg = obj.get("config", {})
             hist = cfg.get("keras_history")
             if not isinstance(hist, (list, tuple)) or len(hist) != 3:
-                raise SurgeryFileError(f"Malformed tensor reference in model config: {obj!r}")
+                # build_graph turns this into a SurgeryFileError naming the file.
+                raise ValueError(f"malformed tensor reference {obj!r}")
             shape = cfg.get("shape")
             if shape is not None:
                 shape = tuple(None if d is None else int(d) for d in shape[1:])
@@ -273,7 +293,7 @@ def _ref_list(obj: Any) -> list[TensorRef]:
         return [(obj[0], int(obj[1]), int(obj[2]))]
     if isinstance(obj, (list, tuple)):
         return [r for v in obj for r in _ref_list(v)]
-    raise SurgeryFileError(f"Unexpected tensor reference in model config: {obj!r}")
+    raise ValueError(f"unexpected tensor reference {obj!r}")
 
 
 class _Builder:
@@ -354,7 +374,10 @@ class _Builder:
         else:
             name, shape = "input_layer", cfg.get("build_input_shape")
         if shape is None:
-            raise SurgeryError(f"{self.description}: Sequential model has no input shape.")
+            raise SurgeryFileError(
+                f"{self.description}: Sequential model has no input shape (no InputLayer and "
+                "no build_input_shape)."
+            )
         current = self.add_input(prefix + name, shape, bound_inputs, 0)
         for entry in rest:
             name, class_name, module, registered, lcfg = self.entry_fields(entry, "Sequential")
@@ -415,12 +438,16 @@ class _Builder:
             nodes = entry.get("inbound_nodes") or []
             for call_index, node in enumerate(nodes):
                 kwargs = node.get("kwargs") or {}
-                refs = []
-                for r, shape in _tensor_refs([node.get("args", []), kwargs]):
-                    ref = translate(r)
-                    if shape is not None:
-                        self.shapes.setdefault(ref, shape)
-                    refs.append(ref)
+                refs: list[TensorRef] = []
+                kwarg_inputs: dict[str, list[int]] = {}
+                for key, value in [(None, node.get("args", []))] + list(kwargs.items()):
+                    for r, shape in _tensor_refs(value):
+                        ref = translate(r)
+                        if shape is not None:
+                            self.shapes.setdefault(ref, shape)
+                        if key is not None:
+                            kwarg_inputs.setdefault(key, []).append(len(refs))
+                        refs.append(ref)
                 existing = self.layers.get(prefix + name)
                 actual = len(existing.calls) if existing is not None else 0
                 if class_name in NESTED_MODEL_CLASSES:
@@ -428,14 +455,15 @@ class _Builder:
                 call_of[(prefix + name, call_index)] = actual
                 self.add_layer_call(
                     prefix + name, class_name, module, registered, lcfg, entry, group, refs,
-                    {k: v for k, v in kwargs.items() if not _has_tensor(v)},
+                    {k: v for k, v in kwargs.items() if k not in kwarg_inputs},
                     call_index=actual,
+                    kwarg_inputs=kwarg_inputs,
                 )
         return [translate(r) for r in _ref_list(cfg.get("output_layers", []))]
 
     def add_layer_call(
         self, name, class_name, module, registered, cfg, entry, group, inputs, kwargs,
-        call_index: int = 0,
+        call_index: int = 0, kwarg_inputs: dict[str, list[int]] | None = None,
     ) -> list[TensorRef]:
         if class_name in NESTED_MODEL_CLASSES and isinstance(cfg.get("layers"), list):
             outs = self.add_model(class_name, cfg, name + "/", group + "/", inputs)
@@ -445,7 +473,7 @@ class _Builder:
         node = self.layers.get(name) or self.new_layer(
             name, class_name, module, registered, cfg, group
         )
-        node.calls.append(Call(list(inputs), kwargs))
+        node.calls.append(Call(list(inputs), kwargs, dict(kwarg_inputs or {})))
         # Sequential chains have no keras_history; refer to the call we just added.
         return [(name, len(node.calls) - 1, 0)]
 
@@ -462,10 +490,6 @@ class _Builder:
                     break
         for node in self.layers.values():
             node.weights.sort(key=lambda w: _store_sort_key(w.local))
-
-
-def _has_tensor(obj: Any) -> bool:
-    return any(True for _ in _tensor_refs(obj))
 
 
 def _store_sort_key(local: str) -> tuple:
@@ -497,9 +521,17 @@ def build_graph(
         )
     resolve = resolve or (lambda name, module, cls, reg: resolve_keras_class(module, cls))
     builder = _Builder(source.paths(), resolve, description)
-    outputs = builder.add_model(class_name, inner, "", "", None)
-    builder.attach_weights()
-    order = _topological_calls(builder.layers, {i.name for i in builder.inputs}, description)
+    try:
+        outputs = builder.add_model(class_name, inner, "", "", None)
+        builder.attach_weights()
+        order = _topological_calls(builder.layers, {i.name for i in builder.inputs}, description)
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, RecursionError) as exc:
+        # The config is data from a file: a field of the wrong type or shape is a malformed
+        # file, not a bug to surface as a bare Python error.
+        raise SurgeryFileError(
+            f"{description}: malformed model config, expected the layout Keras 3 writes "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
     return ModelGraph(
         name=str(inner.get("name", "model")),
         inputs=builder.inputs,
@@ -541,3 +573,9 @@ def _topological_calls(
         done.update(ready)
         remaining = [c for c in remaining if c not in done]
     return order
+
+
+def restored_from_backup(model: Any) -> bool:
+    """Whether a `keras.callbacks.BackupAndRestore` resumed an interrupted run of `model` in
+    this fit (it sets the model's private `_initial_epoch` when it restores one)."""
+    return bool(getattr(model, "_initial_epoch", None))

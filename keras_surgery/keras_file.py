@@ -5,28 +5,52 @@ no code from the file runs. Keras's own loader (`saving_lib.load_model`, `H5IOSt
 the weights member through zipfile's reader; we open the member in place instead (a file object
 over its byte range when it is stored uncompressed, which is how Keras writes it), so reading a
 tensor costs what h5py costs, and only the tensors asked for are read.
+
+The checks Keras's loader makes are made here too, before anything is read: h5 links and
+external or virtual datasets are refused (`saving_lib.safe_get_h5_dataset`), as are zip and
+h5 decompression bombs, and the variables stored for each Keras layer must be those Keras would
+create from its config (`Layer._check_load_own_variables`), so a damaged file fails with an
+error naming the layer instead of being read as a layer of another shape.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import json
+import logging
+import math
 import os
 import struct
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
 from keras_surgery.errors import SurgeryFileError
-from keras_surgery.graph import ModelGraph, WeightSource, build_graph
+from keras_surgery.graph import (
+    NESTED_MODEL_CLASSES,
+    LayerNode,
+    ModelGraph,
+    WeightSource,
+    build_graph,
+    live_variables,
+)
+
+logger = logging.getLogger("keras_surgery")
 
 CONFIG_MEMBER = "config.json"
 WEIGHTS_MEMBER = "model.weights.h5"
 METADATA_MEMBER = "metadata.json"
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+# Keras's limits against decompression and shape bombs (saving_lib._reject_zip_bomb,
+# saving_lib.safe_get_h5_dataset): a member or dataset above the floor must not expand more.
+BOMB_FLOOR_BYTES = 1 << 32
+MAX_EXPANSION = 1000
+BFLOAT16 = "bfloat16"
 
 
 class _MemberReader(io.RawIOBase):
@@ -88,12 +112,15 @@ class KerasFile(WeightSource):
 
     def _zip(self) -> zipfile.ZipFile:
         if not os.path.exists(self.path):
-            raise SurgeryFileError(f"No such file: '{self.path}'.")
+            raise SurgeryFileError(
+                f"No such file: '{self.path}'. Expected a .keras file written by "
+                "keras.Model.save()."
+            )
         if os.path.isdir(self.path):
             raise SurgeryFileError(f"Expected a .keras file, got a directory: '{self.path}'.")
         try:
             return zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             raise SurgeryFileError(
                 f"'{self.path}' is not a .keras file: expected a zip archive with "
                 f"{CONFIG_MEMBER} and {WEIGHTS_MEMBER} ({exc})."
@@ -120,7 +147,10 @@ class KerasFile(WeightSource):
                 with archive.open(info) as member:
                     raw = member.read(MAX_CONFIG_BYTES + 1)
                 config = json.loads(raw.decode("utf-8"))
-            except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError) as exc:
+            except (
+                zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError,
+                RecursionError,
+            ) as exc:
                 raise SurgeryFileError(
                     f"'{self.path}': {CONFIG_MEMBER} is not valid JSON ({exc})."
                 ) from exc
@@ -138,19 +168,27 @@ class KerasFile(WeightSource):
 
         with self._zip() as archive:
             info = self._member(archive, WEIGHTS_MEMBER)
+            if info.flag_bits & 0x1:
+                raise SurgeryFileError(f"'{self.path}': {WEIGHTS_MEMBER} is encrypted.")
             if info.compress_type == zipfile.ZIP_STORED:
-                with open(self.path, "rb") as raw:
-                    raw.seek(info.header_offset)
-                    header = raw.read(_LOCAL_HEADER.size)
-                if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
-                    raise SurgeryFileError(f"'{self.path}': corrupt zip entry {WEIGHTS_MEMBER}.")
-                fields = _LOCAL_HEADER.unpack(header)
-                start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
-                self._reader = _MemberReader(self.path, start, info.file_size)
+                self._reader = self._stored_member(info)
             else:
-                # Compressed (not how Keras writes it): decompress once into memory.
-                with archive.open(info) as member:
-                    self._reader = io.BytesIO(member.read())  # type: ignore[assignment]
+                # Compressed (not how Keras writes it): decompress once into memory, refusing
+                # a decompression bomb as Keras does.
+                if info.file_size > BOMB_FLOOR_BYTES and (
+                    info.file_size > MAX_EXPANSION * info.compress_size
+                ):
+                    raise SurgeryFileError(
+                        f"'{self.path}': {WEIGHTS_MEMBER} declares {info.file_size} bytes but "
+                        f"stores only {info.compress_size}; refusing a decompression bomb."
+                    )
+                try:
+                    with archive.open(info) as member:
+                        self._reader = io.BytesIO(member.read())  # type: ignore[assignment]
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                    raise SurgeryFileError(
+                        f"'{self.path}': cannot decompress {WEIGHTS_MEMBER} ({exc})."
+                    ) from exc
         try:
             self._h5 = h5py.File(self._reader, "r")
         except Exception as exc:
@@ -159,6 +197,23 @@ class KerasFile(WeightSource):
                 f"'{self.path}': {WEIGHTS_MEMBER} is not a readable HDF5 file ({exc})."
             ) from exc
         return self._h5
+
+    def _stored_member(self, info: zipfile.ZipInfo) -> _MemberReader:
+        """A file object over the bytes of an uncompressed member, read in place."""
+        with open(self.path, "rb") as raw:
+            raw.seek(info.header_offset)
+            header = raw.read(_LOCAL_HEADER.size)
+            file_size = os.fstat(raw.fileno()).st_size
+        if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+            raise SurgeryFileError(f"'{self.path}': corrupt zip entry {WEIGHTS_MEMBER}.")
+        fields = _LOCAL_HEADER.unpack(header)
+        start = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+        if start + info.file_size > file_size:
+            raise SurgeryFileError(
+                f"'{self.path}': zip entry {WEIGHTS_MEMBER} claims {info.file_size} bytes "
+                "beyond the end of the file; the file is truncated or corrupt."
+            )
+        return _MemberReader(self.path, start, info.file_size)
 
     def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
         if self._paths is None:
@@ -170,34 +225,67 @@ class KerasFile(WeightSource):
 
         found: dict[str, tuple[tuple[int, ...], str]] = {}
 
+        def refuse(path: str, what: str) -> SurgeryFileError:
+            return SurgeryFileError(
+                f"'{self.path}': {WEIGHTS_MEMBER} entry '{path}' is {what}; only plain "
+                "datasets inside the file are accepted (Keras refuses these too)."
+            )
+
         def visit(group: Any, prefix: str) -> None:
             for key in group.keys():
                 link = group.get(key, getlink=True)
                 path = f"{prefix}{key}"
                 if not isinstance(link, h5py.HardLink):
-                    raise SurgeryFileError(
-                        f"'{self.path}': {WEIGHTS_MEMBER} entry '{path}' is a "
-                        f"{type(link).__name__}; only plain datasets are accepted."
-                    )
+                    raise refuse(path, f"a {type(link).__name__}")
                 item = group[key]
                 if isinstance(item, h5py.Group):
                     visit(item, path + "/")
                 elif isinstance(item, h5py.Dataset):
-                    found[path] = (tuple(int(d) for d in item.shape), str(item.dtype))
+                    if item.external:
+                        raise refuse(path, "an external dataset")
+                    if item.is_virtual:
+                        raise refuse(path, "a virtual dataset")
+                    found[path] = (tuple(int(d) for d in item.shape), _dataset_dtype(item))
 
-        visit(h5, "")
+        try:
+            visit(h5, "")
+        except SurgeryFileError:
+            raise
+        except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
+            raise SurgeryFileError(
+                f"'{self.path}': {WEIGHTS_MEMBER} is damaged and cannot be listed ({exc})."
+            ) from exc
         return found
 
     def read(self, path: str) -> np.ndarray:
         h5 = self._open_h5()
         if path not in self.paths():
             raise SurgeryFileError(f"'{self.path}': {WEIGHTS_MEMBER} has no dataset '{path}'.")
+        shape, dtype = self.paths()[path]
         try:
-            return np.asarray(h5[path][()])
+            dataset = h5[path]
+            declared = math.prod(shape) * dataset.dtype.itemsize
+            if declared > BOMB_FLOOR_BYTES and (
+                declared > MAX_EXPANSION * dataset.id.get_storage_size()
+            ):
+                raise SurgeryFileError(
+                    f"'{self.path}': weight '{path}' declares {declared} bytes but stores "
+                    "next to nothing; refusing a shape bomb."
+                )
+            value = np.asarray(dataset[()])
+        except SurgeryFileError:
+            raise
         except Exception as exc:
             raise SurgeryFileError(
                 f"'{self.path}': could not read weight '{path}' ({exc})."
             ) from exc
+        if dtype == BFLOAT16:
+            # Keras stores bfloat16 as 2-byte opaque values tagged attrs["dtype"]; the bits are
+            # bfloat16's own (H5IOStore.__getitem__).
+            import ml_dtypes
+
+            value = value.view(ml_dtypes.bfloat16)
+        return value
 
     def group_name(self, group: str) -> str | None:
         """The layer name Keras >= 3.6 stores on `<group>/vars`, if any."""
@@ -205,14 +293,54 @@ class KerasFile(WeightSource):
             vars_group = self._open_h5().get(f"{group}/vars")
         except Exception:
             return None
-        name = vars_group.attrs.get("name") if vars_group is not None else None
-        return name.decode() if isinstance(name, bytes) else name
+        try:
+            name = vars_group.attrs.get("name") if vars_group is not None else None
+        except Exception:
+            return None
+        name = name.decode() if isinstance(name, bytes) else name
+        return name if isinstance(name, str) else None
 
     def graph(self) -> ModelGraph:
-        """The model graph described by this file."""
+        """The model graph described by this file.
+
+        Raises:
+            SurgeryFileError: the config is not a Keras model, or the weights stored for a
+                layer are not those Keras would create from the layer's config.
+        """
         graph = build_graph(self.config, self, description=f"'{self.path}'")
         self._check_group_names(graph)
+        self._check_layouts(graph)
         return graph
+
+    def _check_layouts(self, graph: ModelGraph) -> None:
+        # Keras's loader refuses a layer whose stored variables differ in number or shape from
+        # those its config builds; we must too, or a damaged layer would be read as a layer of
+        # another configuration (a Dense without its bias) and its rule would quietly give up.
+        for name, entry in _config_entries(self.config):
+            node = graph.layers.get(name)
+            if node is None or node.group is None:
+                continue
+            expected = keras_layout(node, entry)
+            if expected is None:
+                continue
+            stored = {w.local: w.shape for w in node.weights}
+            problems = [
+                f"'{node.group}/{local}' is missing (expected shape {shape})"
+                for local, shape in expected.items() if local not in stored
+            ] + [
+                f"'{node.group}/{local}' has shape {stored[local]}, expected {shape}"
+                for local, shape in expected.items()
+                if local in stored and tuple(stored[local]) != tuple(shape)
+            ] + [
+                f"'{node.group}/{local}' is not a variable of this layer"
+                for local in stored if local not in expected
+            ]
+            if problems:
+                raise SurgeryFileError(
+                    f"'{self.path}': the weights of layer '{node.name}' ({node.class_name}) do "
+                    f"not match its config: {'; '.join(problems)}. Keras's own loader would "
+                    "refuse this file too."
+                )
 
     def _check_group_names(self, graph: ModelGraph) -> None:
         # Files from Keras >= 3.6 name the layer on each vars group: a mismatch means our
@@ -248,3 +376,87 @@ class KerasFile(WeightSource):
             self.close()
         except Exception:
             pass
+
+
+def _dataset_dtype(dataset: Any) -> str:
+    tag = dataset.attrs.get("dtype") if "dtype" in dataset.attrs else None
+    if isinstance(tag, bytes):
+        tag = tag.decode(errors="replace")
+    if tag == BFLOAT16 and dataset.dtype.itemsize == 2:
+        return BFLOAT16
+    return str(dataset.dtype)
+
+
+def _config_entries(config: Mapping, prefix: str = "") -> Iterator[tuple[str, dict]]:
+    """(graph layer name, config entry) of every layer, nested models flattened as the graph
+    names them ("outer/inner")."""
+    inner = config.get("config") if isinstance(config, Mapping) else None
+    entries = inner.get("layers") if isinstance(inner, Mapping) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        cfg = entry.get("config")
+        name = entry.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
+        if not isinstance(name, str):
+            continue
+        if entry.get("class_name") in NESTED_MODEL_CLASSES and isinstance(
+            cfg, dict
+        ) and isinstance(cfg.get("layers"), list):
+            yield from _config_entries(entry, prefix + name + "/")
+        else:
+            yield prefix + name, entry
+
+
+# Keras layers whose constructor reads outside data (Lambda: Python bytecode; preprocessing
+# layers: vocabulary files) are never instantiated; Normalization is plain arrays.
+_NOT_INSTANTIATED = ("keras.src.layers.core.lambda_layer", "keras.src.layers.preprocessing.")
+_INSTANTIATED_ANYWAY = ("keras.src.layers.preprocessing.normalization",)
+
+
+def keras_layout(node: LayerNode, entry: Mapping) -> dict[str, tuple[int, ...]] | None:
+    """The variables Keras itself creates for a built-in layer: local store path -> shape.
+
+    The layer is made from its config with Keras's own class, in safe mode, and built from its
+    `build_config` inside a StatelessScope, so no variable is allocated; Keras's naming and
+    deferred-variable state is put back afterwards. Only classes of Keras's own `layers`
+    package are made: a custom class is never imported, so no code from the file runs.
+
+    Returns:
+        None when the layer is not a Keras built-in layer or cannot be rebuilt here (the check
+        is then skipped; the layer's rule or the opaque fallback still applies).
+    """
+    cls = node.cls
+    module = getattr(cls, "__module__", "") or ""
+    if (
+        not isinstance(cls, type)
+        or not module.startswith("keras.src.layers.")
+        or (module.startswith(_NOT_INSTANTIATED) and not module.startswith(_INSTANTIATED_ANYWAY))
+    ):
+        return None
+    build_config = entry.get("build_config")
+    if not isinstance(build_config, dict) or not build_config:
+        return None
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    saved_uids = copy.copy(global_state.get_global_attribute("object_name_uids"))
+    saved_pending = global_state.get_global_attribute("uninitialized_variables")
+    saved_pending = list(saved_pending) if saved_pending is not None else None
+    try:
+        with warnings.catch_warnings(), SafeModeScope(True), StatelessScope(
+            initialize_variables=False
+        ):
+            warnings.simplefilter("ignore")
+            layer = cls.from_config(copy.deepcopy(node.config))
+            layer.build_from_config(build_config)
+            if not layer.built:
+                return None
+            variables = live_variables(layer)
+    except Exception:  # a configuration this Keras cannot rebuild: leave it to the rules
+        logger.debug("cannot rebuild layer %s to check its weights", node.name, exc_info=True)
+        return None
+    finally:
+        global_state.set_global_attribute("object_name_uids", saved_uids)
+        global_state.set_global_attribute("uninitialized_variables", saved_pending)
+    return {path: tuple(int(d) for d in v.shape) for path, v in variables.items()}

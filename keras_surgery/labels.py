@@ -50,6 +50,34 @@ def opaque_key(identity: str, output: int, axis: int, j: int) -> tuple:
     return ("opaque", identity, output, axis, j)
 
 
+def token_key(value: Hashable) -> tuple:
+    """The table row a vocabulary token selects (a StringLookup / IntegerLookup term)."""
+    return ("token", value)
+
+
+def token_index_key(source: str, i: int) -> tuple:
+    """Row `i` of a table indexed by the raw integers of `source` (no vocabulary known)."""
+    return ("token", source, i)
+
+
+@dataclass(frozen=True)
+class TokenValues:
+    """What the integer *values* of a tensor select when they index a table (token ids).
+
+    Axis labels say what each index of a tensor means; for token ids the meaning is in the
+    values, so a lookup layer says which token each id stands for: id `i` is `tokens[i]` when
+    `i < len(tokens)`, else `token_index_key(source, i)`. An Embedding labels its rows with it.
+    """
+
+    source: str
+    tokens: tuple[Hashable, ...] = ()
+
+    def keys(self, n: int) -> list[Hashable]:
+        """The label keys of ids 0..n-1."""
+        known = list(self.tokens[:n])
+        return known + [token_index_key(self.source, i) for i in range(len(known), n)]
+
+
 ZERO_SAFE_KINDS = frozenset({"feature"})
 
 
@@ -136,6 +164,8 @@ def _describe(space: LabelSpace, key: Hashable) -> str:
         return f"{ident}{'.' + role if role else ''}[{j}]"
     if kind == "set":
         return "{" + ", ".join(sorted(space.describe(i) for i in key[1])) + "}"
+    if kind == "token":
+        return f"token {key[1]!r}" if len(key) == 2 else f"{key[1]} id {key[2]}"
     if kind == "via":
         return f"{key[1]}({space.describe(key[2])})"
     return repr(key)

@@ -34,8 +34,10 @@ def migrate_weights(
         new_features: the same for the new model; features are matched by name.
         policy: "preserve" (default; exact preservation where possible) or "random" (copy full
             matches, keep fresh values everywhere else).
-        optimizer: carry optimizer state through the surgery (not implemented yet: a warning
-            says so when the old side has optimizer variables).
+        optimizer: carry the optimizer state through the surgery: Adam's moments, momentum,
+            ... follow their variables through the same index maps (zeros where new), and
+            `iterations` is copied. Needs a compiled new model; the report says what was not
+            migrated and why.
         strict: raise UnsupportedLayerError for a layer without a rule instead of treating it
             as opaque with a warning.
         verify: not implemented yet; passing True raises NotImplementedError.
@@ -58,23 +60,4 @@ def migrate_weights(
     plan = ModelMigrator(old, old_features=old_features, strict=strict).plan(
         new_model, new_features=new_features, policy=policy
     )
-    report = plan.apply(new_model)
-    if optimizer and _old_has_optimizer_state(plan):
-        report.warnings.append(
-            "optimizer state was not migrated (not implemented yet): the new model's optimizer "
-            "starts from scratch."
-        )
-    return report
-
-
-def _old_has_optimizer_state(plan: Any) -> bool:
-    source = plan.old_source
-    try:
-        if hasattr(source, "paths"):
-            return any(p.startswith("optimizer/") for p in source.paths())
-        from keras_surgery.keras_file import KerasFile
-
-        with KerasFile(source) as f:
-            return any(p.startswith("optimizer/") for p in f.paths())
-    except Exception:
-        return False
+    return plan.apply(new_model, optimizer=optimizer)

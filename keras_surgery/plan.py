@@ -13,6 +13,7 @@ from keras_surgery.errors import SurgeryError
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, is_auto_name
 from keras_surgery.labels import LabelSpace, TensorLabels
+from keras_surgery.optimizer import OptimizerLayout, file_layout, live_layout
 from keras_surgery.propagate import GraphLabels, LayerRecord, propagate
 from keras_surgery.rules.api import WeightLabels
 
@@ -31,6 +32,7 @@ class AxisMap:
 
     kind: str
     index: np.ndarray
+    zero_new: bool = False
 
     @property
     def matched(self) -> np.ndarray:
@@ -49,6 +51,7 @@ class WeightPlan:
     old_path: str | None = None
     old_shape: tuple[int, ...] | None = None
     axes: list[AxisMap] | None = None  # None: nothing to copy, keep the fresh value
+    scale: float = 1.0  # copied values are multiplied by this
     copied: int = 0
     zeroed: int = 0
     fresh: int = 0
@@ -76,7 +79,7 @@ class WeightPlan:
         for a, amap in enumerate(self.axes):
             view = amap.matched.reshape([-1 if i == a else 1 for i in range(ndim)])
             copy = copy & view
-            if amap.kind in OUT_KINDS:
+            if amap.kind in OUT_KINDS and not amap.zero_new:
                 out_ok = out_ok & view
         zero = out_ok & ~copy if policy == "preserve" else np.zeros(self.shape, dtype=bool)
         return copy, zero
@@ -89,7 +92,7 @@ class WeightPlan:
         matched = [int(a.matched.sum()) for a in self.axes]
         lengths = [len(a.index) for a in self.axes]
         self.copied = int(np.prod(matched, dtype=np.int64))
-        out_ok = int(np.prod([m if a.kind in OUT_KINDS else n
+        out_ok = int(np.prod([m if a.kind in OUT_KINDS and not a.zero_new else n
                               for a, m, n in zip(self.axes, matched, lengths)], dtype=np.int64))
         self.zeroed = out_ok - self.copied if policy == "preserve" else 0
         self.fresh = total - self.copied - self.zeroed
@@ -107,8 +110,10 @@ class WeightPlan:
             "copied": self.copied,
             "zeroed": self.zeroed,
             "fresh": self.fresh,
+            "scale": self.scale,
             "axes": None if self.axes is None
-            else [{"kind": a.kind, "index": a.index.tolist()} for a in self.axes],
+            else [{"kind": a.kind, "index": a.index.tolist(), "zero_new": a.zero_new}
+                  for a in self.axes],
         }
 
     @classmethod
@@ -123,8 +128,11 @@ class WeightPlan:
             old_path=data.get("old_path"),
             old_shape=None if data.get("old_shape") is None else tuple(data["old_shape"]),
             axes=None if axes is None else [
-                AxisMap(a["kind"], np.asarray(a["index"], dtype=np.int64)) for a in axes
+                AxisMap(a["kind"], np.asarray(a["index"], dtype=np.int64),
+                        bool(a.get("zero_new", False)))
+                for a in axes
             ],
+            scale=float(data.get("scale", 1.0)),
             copied=data.get("copied", 0),
             zeroed=data.get("zeroed", 0),
             fresh=data.get("fresh", 0),
@@ -148,10 +156,16 @@ class SurgeryPlan:
     dropped: list[str]  # old weight paths nothing continues
     warnings: list[str]
     preserves_function: bool
+    old_optimizer: OptimizerLayout | None = None
     old_source: Any = field(default=None, repr=False, compare=False)
 
-    def apply(self, model: Any) -> SurgeryReport:
+    def apply(self, model: Any, *, optimizer: bool = True) -> SurgeryReport:
         """Writes the planned values into `model`'s variables, all or nothing.
+
+        Args:
+            model: the new model the plan was made for.
+            optimizer: also carry the optimizer state (slots through the same index maps,
+                `iterations` copied) when both sides have one; the new model must be compiled.
 
         Raises:
             SurgeryError: the plan does not fit `model`, or the old weights cannot be read;
@@ -164,7 +178,7 @@ class SurgeryPlan:
                 "This plan has no old weights attached (it was loaded from JSON); "
                 "make it with ModelMigrator to apply it."
             )
-        return apply_plan(self, model, self.old_source)
+        return apply_plan(self, model, self.old_source, optimizer=optimizer)
 
     def totals(self) -> dict[str, int]:
         return {
@@ -190,6 +204,7 @@ class SurgeryPlan:
             "dropped": list(self.dropped),
             "totals": self.totals(),
             "weights": [w.to_dict() for w in self.weights],
+            "old_optimizer": None if self.old_optimizer is None else self.old_optimizer.to_dict(),
         }
 
     def to_json(self, **kwargs: Any) -> str:
@@ -207,7 +222,18 @@ class SurgeryPlan:
             dropped=list(data["dropped"]),
             warnings=list(data["warnings"]),
             preserves_function=bool(data["preserves_function"]),
+            old_optimizer=_layout_from_dict(data.get("old_optimizer")),
         )
+
+
+def _layout_from_dict(data: dict[str, Any] | None) -> OptimizerLayout | None:
+    if data is None:
+        return None
+    fields = dict(data)
+    fields["shapes"] = [tuple(s) for s in fields["shapes"]]
+    if fields.get("trainable_shapes") is not None:
+        fields["trainable_shapes"] = [tuple(s) for s in fields["trainable_shapes"]]
+    return OptimizerLayout(**fields)
 
 
 # -- matching ------------------------------------------------------------------------------
@@ -413,7 +439,14 @@ def build_plan(
                             raise SurgeryError(
                                 f"layer '{name}': weight '{w.role}' axis {axis} has no labels."
                             )
-                        wp.axes.append(AxisMap(na.kind, index_map(o_ids, n_ids)))
+                        wp.axes.append(AxisMap(na.kind, index_map(o_ids, n_ids), na.zero_new))
+                        if len(np.unique(n_ids)) < len(n_ids):
+                            warnings.append(
+                                f"layer '{name}': weight '{w.role}' axis {axis} has indices "
+                                "with the same label, so where each came from is ambiguous; "
+                                "the old outputs may change."
+                            )
+                            breaks = True
                         if na.kind in ("in", "struct", "lookup"):
                             lost = np.setdiff1d(o_ids, n_ids)
                             unsafe = lost[~space.zero_safe(lost)]
@@ -425,6 +458,11 @@ def build_plan(
                                     "features set to 0, so the old outputs change."
                                 )
                                 breaks = True
+            if wp.axes is not None and found is not None:
+                breaks |= _check_shared_calls(rec, old_rec, w.role, wp, warnings)
+            if wp.axes is not None and w.rescale is not None:
+                axis, power = w.rescale
+                wp.scale = float((spec.shape[axis] / wp.old_shape[axis]) ** power)
             wp.count(policy)
             weights.append(wp)
 
@@ -448,6 +486,32 @@ def build_plan(
         preserves_function=not breaks,
         old_source=old_source,
     )
+
+
+def _check_shared_calls(
+    rec: LayerRecord, old_rec: LayerRecord, role: str, wp: WeightPlan, warnings: list[str]
+) -> bool:
+    """A shared layer's weight gets one index map; every other call must agree with it."""
+    if not rec.later_calls:
+        return False
+    for k, (new_result, old_result) in enumerate(
+        zip(rec.later_calls, old_rec.later_calls), start=1
+    ):
+        new_w = {w.role: w for w in new_result.weights}.get(role)
+        old_w = {w.role: w for w in old_result.weights}.get(role)
+        if new_w is None or old_w is None:
+            continue
+        for axis, (na, oa, amap) in enumerate(zip(new_w.axes, old_w.axes, wp.axes or [])):
+            if na.labels.ids is None or oa.labels.ids is None:
+                continue
+            if not np.array_equal(index_map(oa.labels.ids, na.labels.ids), amap.index):
+                warnings.append(
+                    f"layer '{rec.node.name}' is shared, and its call {k} moves the indices of "
+                    f"weight '{role}' axis {axis} differently from its first call; the first "
+                    "call's mapping was used, so the old outputs change."
+                )
+                return True
+    return False
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -522,6 +586,11 @@ class ModelMigrator:
             old_labels = propagate(
                 old_graph, features=self.old_features, space=space, strict=self.strict
             )
+            if is_path(self.old):
+                config = getattr(old_graph.source, "config", {})
+                old_optimizer = file_layout(old_graph, config, old_labels.records)
+            else:
+                old_optimizer = live_layout(self.old)
         matcher = _Matcher(old_labels, new_graph)
         new_labels = propagate(
             new_graph,
@@ -534,5 +603,6 @@ class ModelMigrator:
         )
         source = self.old if is_path(self.old) else old_graph.source
         plan = build_plan(old_labels, new_labels, policy=policy, old_source=source)
+        plan.old_optimizer = old_optimizer
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
         return plan

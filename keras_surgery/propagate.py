@@ -21,6 +21,7 @@ from keras_surgery.labels import (
     DepSets,
     LabelSpace,
     TensorLabels,
+    TokenValues,
     feature_key,
     positions,
 )
@@ -43,6 +44,7 @@ class LayerRecord:
     inputs: list[TensorLabels]
     result: RuleResult
     position: int  # index of the layer's first call in topological order
+    later_calls: list[RuleResult] = field(default_factory=list)  # shared layers' other calls
 
     @property
     def opaque(self) -> bool:
@@ -59,6 +61,7 @@ class GraphLabels:
     columns: dict[str, list[FeatureColumn]]
     input_identity: dict[str, str]  # input name -> the name its feature labels are built from
     tensors: dict[TensorRef, TensorLabels] = field(default_factory=dict)
+    values: dict[TensorRef, TokenValues] = field(default_factory=dict)  # token ids' meaning
     records: dict[str, LayerRecord] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -132,6 +135,8 @@ def propagate(
         labels.tensors[(spec.name, 0, 0)] = _input_labels(
             spec, identity, columns[spec.name], bit, space, deps
         )
+        # Integer inputs are raw token ids of their own (an Embedding's rows by id).
+        labels.values[(spec.name, 0, 0)] = TokenValues(identity)
         bit += len(columns[spec.name])
 
     for position, (name, call_index) in enumerate(graph.order):
@@ -152,14 +157,45 @@ def propagate(
             space=space,
             deps=deps,
             output_shapes=output_shapes,
+            kwarg_inputs=call.kwarg_inputs,
+            input_values=[labels.values.get(ref) for ref in call.inputs],
         )
         result = _run_rule(rule_call, strict)
-        for t, out in enumerate(result.outputs):
+        outputs = result.outputs
+        if record is not None:
+            outputs = [_per_call(space, inputs, out, len(record.later_calls) + 1)
+                       for out in outputs]
+        for t, out in enumerate(outputs):
             labels.tensors[(name, call_index, t)] = out
+        for t, meaning in enumerate(result.values):
+            if meaning is not None:
+                labels.values[(name, call_index, t)] = meaning
         if record is None:
             labels.records[name] = LayerRecord(node, identity, inputs, result, position)
             labels.warnings.extend(result.warnings)
+        else:
+            record.later_calls.append(result)
     return labels
+
+
+def _per_call(
+    space: LabelSpace, inputs: list[TensorLabels], out: TensorLabels, k: int
+) -> TensorLabels:
+    """Outputs of call `k` > 0 of a shared layer: the labels the layer created (its units) are
+    made distinct per call, so that e.g. a concatenation of two calls' outputs has no two
+    indices with the same label; labels passed through from the inputs stay as they are."""
+    seen = [a.ids for x in inputs for a in x if a.ids is not None]
+    passed = np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64)
+    renamed = []
+    for axis in out:
+        if axis.ids is None:
+            renamed.append(axis)
+            continue
+        own = ~np.isin(axis.ids, passed)
+        ids = axis.ids.copy()
+        ids[own] = space.intern_many(("call", k, int(i)) for i in axis.ids[own])
+        renamed.append(AxisLabels(ids, axis.deps))
+    return tuple(renamed)
 
 
 def _output_shapes(graph: ModelGraph, name: str, call_index: int) -> list:

@@ -22,9 +22,15 @@ def randomize(model, data, *, seed: int = 0, bias_scale: float = 0.3) -> None:
                 v.assign(rng.normal(0, bias_scale, v.shape).astype(v.dtype))
             elif name == "gamma":
                 v.assign(rng.uniform(0.5, 1.5, v.shape).astype(v.dtype))
-    # BatchNormalization statistics from real activations, layer by layer.
+    # BatchNormalization statistics from real activations, layer by layer (random ones for
+    # layers inside nested models, which a probe model cannot reach).
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
+            if data is None or layer not in model.layers:
+                n = layer.moving_mean.shape[0]
+                layer.moving_mean.assign(rng.normal(0, 0.3, n).astype("float32"))
+                layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+                continue
             probe = keras.Model(model.inputs, layer.input)
             acts = np.asarray(probe(data, training=False))
             axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]

@@ -1,3 +1,13 @@
 """Built-in labelling rules, one module per layer family; importing this registers them."""
 
-from keras_surgery.rules import core, elementwise, normalization  # noqa: F401
+from keras_surgery.rules import (  # noqa: F401
+    attention,
+    conv,
+    core,
+    elementwise,
+    embedding,
+    normalization,
+    pooling,
+    recurrent,
+    reshaping,
+)

@@ -29,6 +29,7 @@ from keras_surgery.labels import (
     DepSets,
     LabelSpace,
     TensorLabels,
+    TokenValues,
     derived_key,
     unit_key,
 )
@@ -38,8 +39,14 @@ AXIS_KINDS = ("in", "out", "diag", "struct", "lookup")
 
 @dataclass(frozen=True)
 class WeightAxis:
+    """One axis of a weight. `zero_new=True` asks for zeros (not fresh values) at new indices
+    of this axis whenever the weight's other out/diag indices are matched: used where a new
+    output index would otherwise leak into old outputs (the new key_dim columns of an attention
+    query, whose product with the keys enters every old score)."""
+
     kind: str
     labels: AxisLabels
+    zero_new: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in AXIS_KINDS:
@@ -52,6 +59,10 @@ class WeightLabels:
 
     role: str
     axes: tuple[WeightAxis, ...]
+    # (axis, power): copied values are multiplied by (new length / old length) ** power of that
+    # axis, for layers whose computation scales with an axis length (attention's 1/sqrt(key_dim)).
+    rescale: tuple[int, float] | None = None
+    trainable: bool = True  # False for statistics (moving mean/variance), which have no slots
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,8 @@ class RuleResult:
     mixing: list[Mixing] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     opaque: bool = False
+    # Per output, what its integer values select (a lookup's token ids); None or missing: unknown.
+    values: list[TokenValues | None] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +99,9 @@ class RuleCall:
     space: LabelSpace
     deps: DepSets
     output_shapes: list[tuple[int | None, ...] | None] = field(default_factory=list)
+    # Per input, what its integer values select, when known (see `TokenValues`).
+    input_values: list[TokenValues | None] = field(default_factory=list)
+    kwarg_inputs: dict[str, list[int]] = field(default_factory=dict)  # keyword -> inputs index
 
     @property
     def config(self) -> dict[str, Any]:
@@ -94,6 +110,16 @@ class RuleCall:
     @property
     def weights(self) -> list[WeightSpec]:
         return self.layer.weights
+
+    def positional_inputs(self) -> list[TensorLabels]:
+        """The labels of the tensors passed as positional arguments."""
+        by_keyword = {i for idx in self.kwarg_inputs.values() for i in idx}
+        return [x for i, x in enumerate(self.inputs) if i not in by_keyword]
+
+    def keyword_input(self, name: str) -> TensorLabels | None:
+        """The labels of the tensor passed as keyword `name`, if one was."""
+        idx = self.kwarg_inputs.get(name)
+        return self.inputs[idx[0]] if idx else None
 
     def describe(self) -> str:
         return f"layer '{self.layer.name}' ({self.layer.class_name})"
@@ -139,9 +165,12 @@ class RuleCall:
         return full - 1
 
 
-def weight(role: str, *axes: tuple[str, AxisLabels]) -> WeightLabels:
-    """Shorthand: `weight("kernel", ("in", x), ("out", units))`."""
-    return WeightLabels(role, tuple(WeightAxis(kind, labels) for kind, labels in axes))
+def weight(
+    role: str, *axes: tuple, rescale: tuple[int, float] | None = None, trainable: bool = True
+) -> WeightLabels:
+    """Shorthand: `weight("kernel", ("in", x), ("out", units))`; an axis given as
+    `(kind, labels, True)` has `zero_new` set."""
+    return WeightLabels(role, tuple(WeightAxis(*axis) for axis in axes), rescale, trainable)
 
 
 def single_input(call: RuleCall) -> TensorLabels:

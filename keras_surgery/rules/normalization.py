@@ -29,7 +29,8 @@ def batch_normalization_rule(call: RuleCall) -> RuleResult:
     roles = (["gamma"] if call.config.get("scale", True) else []) + (
         ["beta"] if call.config.get("center", True) else []
     ) + ["moving_mean", "moving_variance"]
-    weights = [weight(role, ("diag", channel)) for role in roles]
+    weights = [weight(role, ("diag", channel), trainable=not role.startswith("moving_"))
+               for role in roles]
     return RuleResult([_derive(call, x, [axis])], check_weights(call, weights))
 
 
@@ -55,9 +56,9 @@ def normalization_rule(call: RuleCall) -> RuleResult:
     weights = []
     for w in call.weights:
         if len(w.shape) == len(axes):
-            weights.append(weight(w.local, *(("diag", x[a]) for a in axes)))
+            weights.append(weight(w.local, *(("diag", x[a]) for a in axes), trainable=False))
         else:
-            weights.append(weight(w.local))
+            weights.append(weight(w.local, trainable=False))
     return RuleResult([_derive(call, x, axes)], check_weights(call, weights))
 
 

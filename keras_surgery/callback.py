@@ -1,0 +1,119 @@
+"""SurgeryCallback: apply a surgery when training starts, once per model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import keras
+
+from keras_surgery.features import FeatureSpec
+from keras_surgery.graph import restored_from_backup
+from keras_surgery.plan import ModelMigrator
+from keras_surgery.report import SurgeryReport
+
+logger = logging.getLogger("keras_surgery")
+
+_APPLIED_ATTR = "_keras_surgery_applied"
+
+
+class SurgeryCallback(keras.callbacks.Callback):
+    """Moves the weights of an old `.keras` file into the model being trained.
+
+    The surgery runs in `on_train_begin`, once per model: a second `fit()` does not re-apply it
+    (that would wipe what was learned since). With `keras.callbacks.BackupAndRestore`, list the
+    backup callback *before* this one: when it restores an interrupted run, the surgery is
+    skipped (the restored weights already descend from it). Listed after this one, the restore
+    simply overwrites the surgery's result, which is also correct.
+
+    Args:
+        old_path: the old `.keras` file (read as data, never deserialised or written).
+        old_features: the old model's feature spec, e.g. `{"obs": ["hp", "mana"]}`.
+        new_features: the new model's feature spec.
+        policy: "preserve" (default) or "random".
+        optimizer: carry the optimizer state (the model is compiled inside `fit`).
+        verify: passed to the verifier when available (see `migrate_weights`).
+        report_path: write the report there as JSON (atomically).
+        verbose: log the report summary at INFO level (quiet by default).
+
+    Attributes:
+        report: the SurgeryReport, available once training has started (None if skipped).
+
+    Example:
+        >>> model.fit(x, y, epochs=10,                                  # doctest: +SKIP
+        ...           callbacks=[ks.SurgeryCallback("old.keras",
+        ...                                         old_features={"obs": ["hp", "mana"]},
+        ...                                         new_features={"obs": ["hp", "xp", "mana"]})])
+    """
+
+    def __init__(
+        self,
+        old_path: str | os.PathLike,
+        *,
+        old_features: FeatureSpec | None = None,
+        new_features: FeatureSpec | None = None,
+        policy: str = "preserve",
+        optimizer: bool = True,
+        verify: bool = False,
+        report_path: str | os.PathLike | None = None,
+        verbose: bool = False,
+    ):
+        super().__init__()
+        self.old_path = os.fspath(old_path)
+        self.old_features = old_features
+        self.new_features = new_features
+        self.policy = policy
+        self.optimizer = optimizer
+        self.verify = verify
+        self.report_path = None if report_path is None else os.fspath(report_path)
+        self.verbose = verbose
+        self.report: SurgeryReport | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        if getattr(model, _APPLIED_ATTR, None) == self.old_path:
+            logger.info("surgery from %s already applied to this model; skipped", self.old_path)
+            return
+        if restored_from_backup(model):
+            logger.info(
+                "BackupAndRestore resumed an interrupted run; surgery from %s skipped",
+                self.old_path,
+            )
+            setattr(model, _APPLIED_ATTR, self.old_path)
+            return
+        if self.verify:
+            from keras_surgery.migrate import migrate_weights
+
+            self.report = migrate_weights(
+                self.old_path, model, old_features=self.old_features,
+                new_features=self.new_features, policy=self.policy,
+                optimizer=self.optimizer, verify=True,
+            )
+        else:
+            plan = ModelMigrator(self.old_path, old_features=self.old_features).plan(
+                model, new_features=self.new_features, policy=self.policy
+            )
+            self.report = plan.apply(model, optimizer=self.optimizer)
+        setattr(model, _APPLIED_ATTR, self.old_path)
+        (logger.info if self.verbose else logger.debug)("%s", self.report.summary())
+        for warning in self.report.warnings:
+            logger.warning("keras-surgery: %s", warning)
+        if self.report_path is not None:
+            write_json_atomically(self.report_path, self.report.to_dict())
+
+
+def write_json_atomically(path: str, data: Any) -> None:
+    """Writes JSON to a temporary file in the target folder, then renames it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,180 @@
+"""Optimizer state through a surgery: Adam's moments, momentum, ... follow their variables.
+
+Keras saves optimizer variables positionally: `iterations`, the learning rate (when it is a
+float, not a schedule), then the slots of every trainable variable in `model.trainable_variables`
+order, interleaved per variable (m_0, v_0, m_1, v_1, ...). Each slot goes through the same index
+map as its variable; entries that are new get zeros; `iterations` is copied. A layout that does
+not check out against the variables' shapes (factored Adafactor slots, EMA copies, ...) is not
+guessed at: the report says the state was not migrated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from keras_surgery.graph import ModelGraph, live_variables
+
+OPTIMIZER_PREFIX = "optimizer/vars/"
+
+
+@dataclass
+class OptimizerLayout:
+    """Where the optimizer variables of one model are, and which variable each slot follows."""
+
+    class_name: str
+    variables: list[str]  # store paths, in position order
+    shapes: list[tuple[int, ...]]
+    fixed: int  # leading non-slot variables: iterations (+ learning rate)
+    trainable: list[str]  # store paths of the trainable variables, in optimizer order
+
+    def slots(self) -> list[list[int]] | None:
+        """For each trainable variable, the positions of its slots; None if unrecognised."""
+        var_shapes = self.trainable_shapes
+        if var_shapes is None:
+            return None
+        n_vars, rest = len(self.trainable), len(self.variables) - self.fixed
+        if rest == 0:
+            return [[] for _ in range(n_vars)]
+        if n_vars == 0 or rest < 0 or rest % n_vars:
+            return None
+        k = rest // n_vars
+        layouts = (
+            [[self.fixed + t * k + s for s in range(k)] for t in range(n_vars)],  # interleaved
+            [[self.fixed + s * n_vars + t for s in range(k)] for t in range(n_vars)],  # grouped
+        )
+        for layout in layouts:
+            if all(self.shapes[i] == var_shapes[t] for t, idx in enumerate(layout) for i in idx):
+                return layout
+        return None
+
+    trainable_shapes: list[tuple[int, ...]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _sorted_optimizer_paths(paths: Any) -> list[str]:
+    found = [p for p in paths if p.startswith(OPTIMIZER_PREFIX)]
+    return sorted(found, key=lambda p: int(p[len(OPTIMIZER_PREFIX):]) if
+                  p[len(OPTIMIZER_PREFIX):].isdigit() else 1 << 30)
+
+
+def file_layout(graph: ModelGraph, config: dict, records: dict) -> OptimizerLayout | None:
+    """The optimizer layout of a `.keras` file, from its compile config and weight tree."""
+    compile_config = config.get("compile_config") or {}
+    opt = compile_config.get("optimizer")
+    paths = graph.source.paths()
+    variables = _sorted_optimizer_paths(paths)
+    if not isinstance(opt, dict) or not variables:
+        return None
+    lr = (opt.get("config") or {}).get("learning_rate")
+    fixed = 1 + (1 if isinstance(lr, (int, float)) else 0)
+    trainable: list[str] = []
+    for name, node in graph.layers.items():
+        rec = records.get(name)
+        if rec is None or not node.config.get("trainable", True):
+            continue
+        for w, spec in zip(rec.result.weights, node.weights):
+            if w.trainable:
+                trainable.append(spec.path)
+    return OptimizerLayout(
+        class_name=str(opt.get("class_name")),
+        variables=variables,
+        shapes=[tuple(paths[p][0]) for p in variables],
+        fixed=fixed,
+        trainable=trainable,
+        trainable_shapes=[tuple(paths[p][0]) for p in trainable],
+    )
+
+
+def live_layout(model: Any, variables: dict[str, Any] | None = None) -> OptimizerLayout | None:
+    """The optimizer layout of a live, compiled model (None if it has no built optimizer)."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return None
+    variables = live_variables(model) if variables is None else variables
+    path_of = {id(v): p for p, v in variables.items()}
+    # Keras saves the optimizer's variables as `optimizer/vars/<position in .variables>`.
+    opt_vars = list(optimizer.variables)
+    opt_paths = [f"{OPTIMIZER_PREFIX}{i}" for i in range(len(opt_vars))]
+    names = [getattr(v, "name", "") for v in opt_vars]
+    fixed = 1 + (1 if len(names) > 1 and names[1] == "learning_rate" else 0)
+    trainable = [path_of.get(id(v)) for v in model.trainable_variables]
+    if any(p is None for p in trainable):
+        return None
+    return OptimizerLayout(
+        class_name=type(optimizer).__name__,
+        variables=opt_paths,
+        shapes=[tuple(int(d) for d in v.shape) for v in opt_vars],
+        fixed=fixed,
+        trainable=trainable,  # type: ignore[arg-type]
+        trainable_shapes=[tuple(int(d) for d in v.shape) for v in model.trainable_variables],
+    )
+
+
+def stage_optimizer(
+    plan: Any, model: Any, old_weights: Any, variables: dict[str, Any]
+) -> tuple[list[tuple[Any, np.ndarray, np.ndarray]], list[str]]:
+    """New values for the new model's optimizer variables, and warnings.
+
+    Returns:
+        (staged, warnings): `staged` holds (variable, new value, current value) triples.
+    """
+    from keras_surgery.apply import fill
+
+    old = plan.old_optimizer
+    if old is None:
+        return [], []
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return [], [
+            "optimizer state was not migrated: the new model is not compiled (compile it "
+            "before the surgery, or use SurgeryCallback)."
+        ]
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+        variables = live_variables(model)
+    new = live_layout(model, variables)
+    if new is None:
+        return [], ["optimizer state was not migrated: the new optimizer has no variables."]
+    if new.class_name != old.class_name:
+        return [], [
+            f"optimizer state was not migrated: the old optimizer is {old.class_name}, the new "
+            f"one {new.class_name}."
+        ]
+    old_slots, new_slots = old.slots(), new.slots()
+    if old_slots is None or new_slots is None:
+        which = "old" if old_slots is None else "new"
+        return [], [
+            f"optimizer state was not migrated: the {which} {old.class_name} variables are not "
+            "laid out one slot set per trainable variable (factored or extra state)."
+        ]
+    staged = []
+    opt_vars = list(optimizer.variables)
+    iterations = opt_vars[0]
+    current = np.asarray(iterations.numpy())
+    staged.append((iterations, np.asarray(old_weights.read(old.variables[0])).astype(
+        current.dtype).reshape(current.shape), current))
+    old_index = {p: t for t, p in enumerate(old.trainable)}
+    by_path = {wp.path: wp for wp in plan.weights}
+    for t, path in enumerate(new.trainable):
+        wp = by_path.get(path)
+        t_old = old_index.get(wp.old_path) if wp is not None and wp.old_path else None
+        for s, position in enumerate(new_slots[t]):
+            var = opt_vars[position]
+            current = np.asarray(var.numpy())
+            zeros = np.zeros_like(current)
+            if t_old is None or wp is None or wp.axes is None or s >= len(old_slots[t_old]):
+                staged.append((var, zeros, current))
+                continue
+            old_value = old_weights.read(old.variables[old_slots[t_old][s]])
+            # Slots are copied as they are (no value rescaling) and are zero wherever new.
+            exact = dataclasses.replace(wp, scale=1.0)
+            value = fill(exact, old_value, zeros, "preserve")
+            value[~exact.regions("preserve")[0]] = 0
+            staged.append((var, value, current))
+    return staged, []

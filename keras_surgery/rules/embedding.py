@@ -1,0 +1,107 @@
+"""Rules for token tables: Embedding, and the StringLookup / IntegerLookup layers feeding them.
+
+An Embedding's rows are selected by the *values* of its input, so they are labelled by what
+those values stand for (`TokenValues`): the vocabulary token itself when a lookup layer with
+an inline vocabulary produced the ids, so a grown or reordered vocabulary keeps every token's
+row; otherwise the raw id of the input. New rows are "lookup" indices: the fill rule sets them
+to the mean of the old rows, and old inputs never select them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import keras
+import numpy as np
+
+from keras_surgery.labels import AxisLabels, TokenValues, token_key
+from keras_surgery.registry import register_rule
+from keras_surgery.rules.api import RuleCall, RuleResult, single_input, weight
+from keras_surgery.rules.core import check_weights
+
+
+def mask_key() -> tuple:
+    """The id a lookup reserves for its mask token."""
+    return ("token_special", "mask")
+
+
+def oov_key(k: int, count: int) -> tuple:
+    """OOV bucket `k` of `count`: tokens hash differently when the bucket count changes."""
+    return ("token_special", "oov", k, count)
+
+
+def lookup_tokens(config: dict) -> tuple[Hashable, ...] | None:
+    """The label key of every id a StringLookup / IntegerLookup (output_mode "int") produces.
+
+    Ids are laid out as Keras's IndexLookup does: the mask token (if any), then the OOV
+    buckets, then the vocabulary. A vocabulary that already starts with those special tokens
+    is accepted as Keras accepts it. None when the vocabulary is not inline in the config
+    (adapted, or read from a file).
+    """
+    vocabulary = config.get("vocabulary")
+    if not isinstance(vocabulary, (list, tuple)):
+        return None
+    mask_token = config.get("mask_token")
+    num_oov = int(config.get("num_oov_indices", 1))
+    specials: list[Hashable] = [mask_key()] if mask_token is not None else []
+    specials += [oov_key(k, num_oov) for k in range(num_oov)]
+    reserved = [mask_token] if mask_token is not None else []
+    reserved += [config.get("oov_token")] * num_oov
+    terms = list(vocabulary)
+    if terms[: len(reserved)] == reserved:
+        terms = terms[len(reserved):]
+    return tuple(specials) + tuple(token_key(_plain(t)) for t in terms)
+
+
+def _plain(term: object) -> Hashable:
+    # numpy scalars from a live layer's config hash like their Python values; bytes do not.
+    if isinstance(term, bytes):
+        return term.decode("utf-8")
+    return term.item() if isinstance(term, np.generic) else term  # type: ignore[return-value]
+
+
+def index_lookup_rule(call: RuleCall) -> RuleResult:
+    """StringLookup / IntegerLookup with output_mode "int": the same index labels as the input,
+    and the meaning of every id it produces (`TokenValues`), read from the vocabulary."""
+    x = single_input(call)
+    config = call.config
+    if config.get("invert", False):
+        raise ValueError("invert=True (ids to tokens) has no rule")
+    if config.get("output_mode", "int") != "int":
+        raise ValueError(f"output_mode={config.get('output_mode')!r} has no rule (only 'int')")
+    tokens = lookup_tokens(config)
+    warnings = []
+    if tokens is None:
+        warnings.append(
+            f"{call.describe()}: its vocabulary is not in the model config (adapted, or read "
+            "from a file), so tables it indexes (Embedding rows) are matched by id, not by token; "
+            "pass the vocabulary as a list to keep each token's row when the vocabulary changes."
+        )
+        meaning = TokenValues(call.identity)
+    else:
+        meaning = TokenValues(call.identity, tokens)
+    return RuleResult([x], check_weights(call, []), warnings=warnings, values=[meaning])
+
+
+def embedding_rule(call: RuleCall) -> RuleResult:
+    """Embedding: rows ("lookup") labelled by the tokens its ids stand for; columns are units.
+
+    The output is the input's axes (time positions) followed by the embedding dimension.
+    """
+    x = single_input(call)
+    meaning = call.input_values[0] if call.input_values else None
+    if meaning is None:
+        meaning = TokenValues(call.identity)  # ids computed inside the model: by id
+    dep = call.union(*x)
+    input_dim, output_dim = int(call.config["input_dim"]), int(call.config["output_dim"])
+    rows = AxisLabels(
+        call.space.intern_many(meaning.keys(input_dim)), np.full(input_dim, dep, np.int64)
+    )
+    dim = call.units(output_dim, dep)
+    weights = [weight("embeddings", ("lookup", rows), ("out", dim))]
+    return RuleResult([tuple(x) + (dim,)], check_weights(call, weights))
+
+
+register_rule(keras.layers.Embedding, embedding_rule)
+register_rule(keras.layers.StringLookup, index_lookup_rule)
+register_rule(keras.layers.IntegerLookup, index_lookup_rule)

@@ -1,0 +1,113 @@
+"""A contract checker for labelling rules: test a custom rule the way the built-in ones are.
+
+`check_rule` puts the layer between an input and a Dense head, gives the old model non-trivial
+weights, inserts a new input feature near the front (and optionally changes the layer's own
+arguments, e.g. more units), migrates, and checks numerically that the old function is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from keras_surgery.report import SurgeryReport
+
+
+@dataclass
+class RuleCheck:
+    """The outcome of `check_rule`."""
+
+    preserves_function: bool
+    max_diff: float
+    report: SurgeryReport
+
+
+def _model(make_layer: Callable[..., Any], shape: tuple[int, ...], kwargs: dict, seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    x = keras.Input(shape, name="x")
+    h = make_layer(**kwargs)(x)
+    if len(h.shape) > 2:
+        h = keras.layers.Flatten(name="flatten")(h)
+    return keras.Model(x, keras.layers.Dense(3, name="head")(h))
+
+
+def _randomize(model: Any, rng: np.random.Generator) -> None:
+    for v in model.weights:
+        if v.path.endswith(("bias", "beta")) or (len(v.shape) <= 1 and "variance" not in v.path):
+            v.assign(rng.normal(0, 0.3, v.shape).astype(v.dtype))
+
+
+def check_rule(
+    make_layer: Callable[..., Any],
+    input_shape: tuple[int, ...],
+    *,
+    old_kwargs: dict | None = None,
+    new_kwargs: dict | None = None,
+    insert_feature: bool = True,
+    atol: float = 1e-5,
+    seed: int = 0,
+) -> RuleCheck:
+    """Checks that surgery through `make_layer`'s layer keeps the old function.
+
+    Args:
+        make_layer: builds the layer, e.g. `lambda **kw: MyLayer(name="mine", **kw)`. Give the
+            layer a fixed name so the old and new instances match.
+        input_shape: the input shape without the batch axis; the last axis holds features.
+        old_kwargs: arguments of the old layer.
+        new_kwargs: arguments of the new layer (default: the old ones), e.g. more units.
+        insert_feature: insert a new input feature at position 1 of the last axis.
+        atol: the largest allowed |new(x) - old(x)| on the old outputs.
+        seed: random seed.
+
+    Returns:
+        RuleCheck with the measured difference and the surgery report.
+
+    Raises:
+        AssertionError: the report promises preservation but outputs differ, or the report
+            does not promise it (the message lists its warnings).
+
+    Example:
+        >>> ks.register_rule(Scale, scale_rule)                          # doctest: +SKIP
+        >>> check_rule(lambda **kw: Scale(name="scale"), (6,))
+        RuleCheck(preserves_function=True, max_diff=0.0, ...)
+    """
+    from keras_surgery.migrate import migrate_weights
+
+    old_kwargs = dict(old_kwargs or {})
+    new_kwargs = dict(old_kwargs if new_kwargs is None else new_kwargs)
+    rng = np.random.default_rng(seed)
+    n = input_shape[-1]
+    old = _model(make_layer, tuple(input_shape), old_kwargs, seed)
+    _randomize(old, rng)
+    new_shape = tuple(input_shape[:-1]) + (n + 1 if insert_feature else n,)
+    new = _model(make_layer, new_shape, new_kwargs, seed + 1)
+    old_names = [f"f{i}" for i in range(n)]
+    new_names = list(old_names)
+    if insert_feature:
+        # off-centre, so that a rule that mirrors or shifts indices cannot pass by symmetry
+        new_names.insert(min(1, n), "inserted")
+    report = migrate_weights(
+        old, new, old_features={"x": old_names}, new_features={"x": new_names}
+    )
+    x_old = rng.normal(size=(4,) + tuple(input_shape)).astype("float32")
+    x_new = rng.normal(size=(4,) + new_shape).astype("float32")
+    for j, name in enumerate(new_names):
+        if name in old_names:
+            x_new[..., j] = x_old[..., old_names.index(name)]
+    diff = float(np.max(np.abs(np.asarray(old(x_old)) - np.asarray(new(x_new)))))
+    if not report.preserves_function:
+        raise AssertionError(
+            "the surgery does not promise to preserve the function:\n  "
+            + "\n  ".join(report.warnings)
+        )
+    if diff > atol:
+        raise AssertionError(
+            f"the report promises preservation but max |new(x) - old(x)| = {diff:.3g} > {atol}; "
+            "the rule labels some index wrongly."
+        )
+    return RuleCheck(report.preserves_function, diff, report)

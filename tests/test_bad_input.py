@@ -1,0 +1,449 @@
+"""Bad input fails cleanly: a SurgeryError naming what was wrong, and nothing changed.
+
+Every broken file is made here from a good one; no binary fixtures.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import keras_surgery as ks
+from keras_surgery.keras_file import CONFIG_MEMBER, WEIGHTS_MEMBER, KerasFile
+
+L = keras.layers
+
+
+# -- fixtures and helpers ----------------------------------------------------------------------
+
+
+def mlp(width=4):
+    x = keras.Input((width,), name="obs")
+    h = L.Dense(5, activation="relu", name="hidden")(x)
+    return keras.Model(x, L.Dense(2, name="out")(h))
+
+
+@pytest.fixture
+def old_path(tmp_path):
+    path = tmp_path / "old.keras"
+    mlp().save(path)
+    return path
+
+
+@pytest.fixture
+def new_model():
+    return mlp()
+
+
+def weights_of(model):
+    return [np.array(v.numpy(), copy=True) for v in model.variables]
+
+
+def migrate_fails(old, new_model, error, match, **kwargs):
+    """Runs a migration that must fail; checks the error and that nothing changed."""
+    before = weights_of(new_model)
+    path = os.fspath(old) if isinstance(old, (str, os.PathLike)) else None
+    file_bytes = open(path, "rb").read() if path and os.path.isfile(path) else None
+    with pytest.raises(error, match=match) as info:
+        ks.migrate_weights(old, new_model, **kwargs)
+    assert isinstance(info.value, ks.SurgeryError)
+    if new_model is not None and getattr(new_model, "built", False):
+        after = weights_of(new_model)
+        assert all(np.array_equal(a, b) for a, b in zip(before, after)), "new model changed"
+    if file_bytes is not None:
+        assert open(path, "rb").read() == file_bytes, "old file changed"
+    return info.value
+
+
+def members(path):
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def write_zip(path, contents):
+    # Keras writes every member uncompressed; so do we.
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+    return path
+
+
+def edit_config(src, dst, edit):
+    contents = members(src)
+    config = json.loads(contents[CONFIG_MEMBER])
+    config = edit(config) or config
+    contents[CONFIG_MEMBER] = json.dumps(config).encode()
+    return write_zip(dst, contents)
+
+
+def edit_weights(src, dst, edit):
+    """Copies the .keras file with its weights h5 changed by `edit(h5py.File)`."""
+    contents = members(src)
+    buffer = io.BytesIO(contents[WEIGHTS_MEMBER])
+    with h5py.File(buffer, "a") as h5:
+        edit(h5)
+    contents[WEIGHTS_MEMBER] = buffer.getvalue()
+    return write_zip(dst, contents)
+
+
+def layer_entry(config, name):
+    return next(e for e in config["config"]["layers"] if e["config"]["name"] == name)
+
+
+# -- files that are not .keras files -----------------------------------------------------------
+
+
+def test_missing_path(tmp_path, new_model):
+    path = tmp_path / "nope.keras"
+    migrate_fails(path, new_model, ks.SurgeryFileError, r"No such file: '.*nope\.keras'")
+
+
+def test_directory(tmp_path, new_model):
+    migrate_fails(tmp_path, new_model, ks.SurgeryFileError, "Expected a .keras file, got a dir")
+
+
+def test_random_bytes(tmp_path, new_model):
+    path = tmp_path / "noise.keras"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"'.*noise\.keras' is not a \.keras file: expected a zip archive")
+
+
+def test_truncated_zip(old_path, tmp_path, new_model):
+    data = old_path.read_bytes()
+    path = tmp_path / "half.keras"
+    path.write_bytes(data[: len(data) // 2])
+    migrate_fails(path, new_model, ks.SurgeryFileError, r"half\.keras' is not a \.keras file")
+
+
+def test_zip_without_config(old_path, tmp_path, new_model):
+    contents = members(old_path)
+    del contents[CONFIG_MEMBER]
+    path = write_zip(tmp_path / "noconfig.keras", contents)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"noconfig\.keras' has no config\.json: expected a \.keras archive")
+
+
+def test_zip_without_weights(old_path, tmp_path, new_model):
+    contents = members(old_path)
+    del contents[WEIGHTS_MEMBER]
+    path = write_zip(tmp_path / "noweights.keras", contents)
+    migrate_fails(path, new_model, ks.SurgeryFileError, r"has no model\.weights\.h5")
+
+
+def test_invalid_json(old_path, tmp_path, new_model):
+    contents = members(old_path)
+    contents[CONFIG_MEMBER] = contents[CONFIG_MEMBER][:-7]
+    path = write_zip(tmp_path / "badjson.keras", contents)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"badjson\.keras': config\.json is not valid JSON")
+
+
+def test_config_not_an_object(old_path, tmp_path, new_model):
+    contents = members(old_path)
+    contents[CONFIG_MEMBER] = b"[1, 2, 3]"
+    path = write_zip(tmp_path / "list.keras", contents)
+    migrate_fails(path, new_model, ks.SurgeryFileError, "config.json must hold a JSON object")
+
+
+def test_top_class_not_a_model(old_path, tmp_path, new_model):
+    def to_layer(config):
+        return layer_entry(config, "hidden")
+
+    path = edit_config(old_path, tmp_path / "layer.keras", to_layer)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"layer\.keras': expected a Functional or Sequential model config\. "
+                  r"Received: class_name='Dense'")
+
+
+def test_weights_member_not_hdf5(old_path, tmp_path, new_model):
+    contents = members(old_path)
+    contents[WEIGHTS_MEMBER] = b"not an hdf5 file" * 100
+    path = write_zip(tmp_path / "noth5.keras", contents)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"noth5\.keras': model\.weights\.h5 is not a readable HDF5 file")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c["config"].update(layers="dense"), "model config without layers"),
+        (lambda c: c["config"]["layers"].append(7), "malformed layer entry"),
+        (lambda c: layer_entry(c, "out").update(inbound_nodes=[3]), "malformed model config"),
+        (lambda c: layer_entry(c, "out")["inbound_nodes"][0]["args"][0]["config"].update(
+            keras_history=["hidden", "zero", 0]), "malformed model config"),
+        (lambda c: layer_entry(c, "out")["inbound_nodes"][0]["args"][0]["config"].update(
+            keras_history=["nobody", 0, 0]), "reads tensor .* that no layer produces"),
+        (lambda c: layer_entry(c, "obs").update(config={"name": "obs", "batch_shape": 4}),
+         "malformed model config"),
+        (lambda c: c["config"].update(output_layers=[["out", 0]]),
+         "unexpected tensor reference 'out'"),
+        (lambda c: c["config"].update(input_layers=[]), "input layer 'obs' is not a model input"),
+    ],
+    ids=["layers-not-list", "entry-not-dict", "node-not-dict", "history-not-int",
+         "unknown-tensor", "shape-not-list", "short-output-ref", "no-inputs"],
+)
+def test_malformed_config(old_path, tmp_path, new_model, edit, match):
+    path = edit_config(old_path, tmp_path / "broken.keras", edit)
+    migrate_fails(path, new_model, ks.SurgeryFileError, r"broken\.keras': .*" + match)
+
+
+def test_deeply_nested_json(old_path, tmp_path, new_model):
+    contents = members(old_path)
+    contents[CONFIG_MEMBER] = b"[" * 100_000 + b"]" * 100_000
+    path = write_zip(tmp_path / "deep.keras", contents)
+    migrate_fails(path, new_model, ks.SurgeryFileError, "config.json is not valid JSON")
+
+
+# -- weights that do not fit the config --------------------------------------------------------
+
+
+def test_missing_dataset(old_path, tmp_path, new_model):
+    def drop_bias(h5):
+        del h5["layers/dense/vars/1"]
+
+    path = edit_weights(old_path, tmp_path / "nobias.keras", drop_bias)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"nobias\.keras': the weights of layer 'hidden' \(Dense\) do not match its "
+                  r"config: 'layers/dense/vars/1' is missing \(expected shape \(5,\)\)")
+
+
+def test_missing_layer_group(old_path, tmp_path, new_model):
+    def drop_layer(h5):
+        del h5["layers/dense_1"]
+
+    path = edit_weights(old_path, tmp_path / "nolayer.keras", drop_layer)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"layer 'out' \(Dense\) do not match its config: "
+                  r"'layers/dense_1/vars/0' is missing \(expected shape \(5, 2\)\)")
+
+
+def test_wrong_shape(old_path, tmp_path, new_model):
+    def widen(h5):
+        del h5["layers/dense/vars/0"]
+        h5["layers/dense/vars"].create_dataset("0", data=np.ones((4, 7), "float32"))
+
+    path = edit_weights(old_path, tmp_path / "shape.keras", widen)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"layer 'hidden' \(Dense\) do not match its config: "
+                  r"'layers/dense/vars/0' has shape \(4, 7\), expected \(4, 5\)")
+
+
+def test_extra_dataset(old_path, tmp_path, new_model):
+    def add(h5):
+        h5["layers/dense/vars"].create_dataset("2", data=np.ones((5,), "float32"))
+
+    path = edit_weights(old_path, tmp_path / "extra.keras", add)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"'layers/dense/vars/2' is not a variable of this layer")
+
+
+def test_group_of_another_layer(old_path, tmp_path, new_model):
+    def rename(h5):
+        h5["layers/dense/vars"].attrs["name"] = "intruder"
+
+    path = edit_weights(old_path, tmp_path / "named.keras", rename)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"weights group 'layers/dense' belongs to layer 'intruder', but the config "
+                  r"places layer 'hidden' there")
+
+
+def test_file_changed_between_plan_and_apply(old_path, tmp_path, new_model):
+    plan = ks.ModelMigrator(old_path).plan(new_model)
+    before = weights_of(new_model)
+    edit_weights(old_path, old_path,
+                 lambda h5: _replace(h5, "layers/dense/vars/0", np.ones((4, 6), "float32")))
+    with pytest.raises(ks.SurgeryError, match=r"layers/dense/vars/0.* \(4, 6\); expected \(4, 5\)"):
+        plan.apply(new_model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(new_model)))
+
+
+def _replace(h5, path, value):
+    group, _, name = path.rpartition("/")
+    del h5[path]
+    h5[group].create_dataset(name, data=value)
+
+
+# -- h5 features Keras refuses -----------------------------------------------------------------
+
+
+def test_soft_link_refused(old_path, tmp_path, new_model):
+    def link(h5):
+        del h5["layers/dense/vars/1"]
+        h5["layers/dense/vars/1"] = h5py.SoftLink("/layers/dense_1/vars/1")
+
+    path = edit_weights(old_path, tmp_path / "soft.keras", link)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"soft\.keras': model\.weights\.h5 entry 'layers/dense/vars/1' is a SoftLink")
+    with KerasFile(path) as f, pytest.raises(ks.SurgeryFileError, match="SoftLink"):
+        f.paths()
+
+
+def test_external_link_refused(old_path, tmp_path, new_model):
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as h5:
+        h5["bias"] = np.ones((5,), "float32")
+
+    def link(h5):
+        del h5["layers/dense/vars/1"]
+        h5["layers/dense/vars/1"] = h5py.ExternalLink(os.fspath(outside), "/bias")
+
+    path = edit_weights(old_path, tmp_path / "external.keras", link)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"entry 'layers/dense/vars/1' is a ExternalLink; only plain datasets")
+
+
+def test_external_dataset_refused(old_path, tmp_path, new_model):
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(np.ones((5,), "float32").tobytes())
+
+    def external(h5):
+        del h5["layers/dense/vars/1"]
+        h5["layers/dense/vars"].create_dataset(
+            "1", shape=(5,), dtype="float32", external=[(os.fspath(raw), 0, 20)]
+        )
+
+    path = edit_weights(old_path, tmp_path / "extdata.keras", external)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"entry 'layers/dense/vars/1' is an external dataset")
+
+
+# -- feature specs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"old_features": {"obz": ["a", "b", "c", "d"]}},
+         r"Feature spec for '.*old\.keras' names input\(s\) \['obz'\] that the model does not "
+         r"have\. Expected input names: \['obs'\]"),
+        ({"new_features": {"obz": ["a", "b", "c", "d"]}},
+         r"Feature spec for the new model names input\(s\) \['obz'\]"),
+        ({"old_features": {"obs": ["a", ("b", 2)]}},
+         r"Features of input 'obs' of '.*old\.keras' cover 3 column\(s\) but the input's last "
+         r"axis has 4"),
+        ({"new_features": {"obs": ["a", "b", "c", "d", "e"]}},
+         r"Features of input 'obs' of the new model cover 5 column\(s\) but .* has 4"),
+        ({"new_features": {"obs": ["a", "b", "a", "d"]}},
+         r"Feature name 'a' appears twice in input 'obs' of the new model"),
+        ({"new_features": {"obs": "abcd"}},
+         r"Features of input 'obs' of the new model must be a list of names or \(name, width\) "
+         r"pairs\. Received: 'abcd'"),
+        ({"old_features": {"obs": 4}}, r"Features of input 'obs' of '.*old\.keras' must be a list"),
+        ({"new_features": ["a", "b", "c", "d"]},
+         r"Feature spec for the new model must be a mapping from input name to a list of "
+         r"features, .* Received: list"),
+        ({"new_features": {"obs": ["a", ("b", 0), "c"]}},
+         r"Feature 'b' of input 'obs' of the new model must have width >= 1\. Received: width=0"),
+        ({"new_features": {"obs": ["a", ("b", 1.5), "c"]}},
+         r"Feature entry of input 'obs' of the new model must be a name or a \(name, width\) "
+         r"pair\. Received: \('b', 1\.5\)"),
+        ({"new_features": {"obs": ["a", "", "c", "d"]}},
+         r"Feature names of input 'obs' of the new model must be non-empty strings"),
+        ({"new_features": {7: ["a"], "x": ["b"]}}, r"names input\(s\) \[7, 'x'\]"),
+    ],
+    ids=["old-unknown-input", "new-unknown-input", "old-widths", "new-widths", "duplicate",
+         "string-not-list", "int-not-list", "list-not-mapping", "zero-width", "float-width",
+         "empty-name", "mixed-key-types"],
+)
+def test_bad_feature_spec(old_path, new_model, kwargs, match):
+    migrate_fails(old_path, new_model, ks.FeatureSpecError, match, **kwargs)
+
+
+def test_numpy_integer_widths_are_accepted(old_path, new_model):
+    spec = {"obs": ["a", ("b", np.int64(2)), "c"]}
+    report = ks.migrate_weights(old_path, new_model, old_features=spec, new_features=spec)
+    assert report.preserves_function
+
+
+# -- wrong kinds of arguments ------------------------------------------------------------------
+
+
+def test_unbuilt_new_model(old_path):
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    migrate_fails(old_path, unbuilt, ks.SurgeryError,
+                  r"Model 'sequential.*' is not built: call it on data or build it")
+
+
+def test_old_of_wrong_type(new_model):
+    migrate_fails(12, new_model, ks.SurgeryError,
+                  r"Expected a path to a \.keras file or a keras\.Model\. Received: int")
+
+
+def test_new_model_of_wrong_type(old_path):
+    with pytest.raises(ks.SurgeryError, match=r"Expected a keras\.Model\. Received: str"):
+        ks.migrate_weights(old_path, "new.keras")
+
+
+# -- layers whose code is not in the file ------------------------------------------------------
+
+
+def lambda_model():
+    x = keras.Input((4,), name="obs")
+    h = L.Dense(5, name="hidden")(x)
+    h = L.Lambda(lambda t: t * 2.0, name="double")(h)
+    return keras.Model(x, L.Dense(2, name="out")(h))
+
+
+def test_lambda_layer_is_read_as_data(tmp_path):
+    path = tmp_path / "lambda.keras"
+    lambda_model().save(path)
+    with KerasFile(path) as f:
+        node = f.graph().layers["double"]
+        assert node.class_name == "Lambda" and node.weights == []
+    report = ks.migrate_weights(path, lambda_model())
+    assert any("'double'" in w and "Lambda" in w for w in report.warnings), report.warnings
+    with pytest.raises(ks.UnsupportedLayerError, match=r"layer 'double' of class Lambda"):
+        ks.migrate_weights(path, lambda_model(), strict=True)
+
+
+@keras.saving.register_keras_serializable(package="ks_bad_input")
+class Gain(keras.layers.Layer):
+    """A custom layer: one gain per feature."""
+
+    def build(self, input_shape):
+        self.gain = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="gain")
+
+    def call(self, x):
+        return x * self.gain
+
+
+def gain_model():
+    x = keras.Input((4,), name="obs")
+    h = Gain(name="gain")(L.Dense(5, name="hidden")(x))
+    return keras.Model(x, L.Dense(2, name="out")(h))
+
+
+@pytest.mark.parametrize("module", ["no_such_module_for_ks_tests", "ks_bad_input_trap"])
+def test_custom_class_is_never_imported(tmp_path, monkeypatch, module):
+    # A module that exists and would announce its import, and one that does not exist.
+    marker = tmp_path / "imported.txt"
+    (tmp_path / "ks_bad_input_trap.py").write_text(
+        f"open({os.fspath(marker)!r}, 'w').write('imported')\n"
+    )
+    monkeypatch.syspath_prepend(os.fspath(tmp_path))
+    original = tmp_path / "gain.keras"
+    gain_model().save(original)
+
+    def relocate(config):
+        layer_entry(config, "gain")["module"] = module
+
+    path = edit_config(original, tmp_path / "moved.keras", relocate)
+    with KerasFile(path) as f:
+        node = f.graph().layers["gain"]
+        assert node.cls is None and node.module == module
+        assert [w.shape for w in node.weights] == [(5,)]
+    report = ks.migrate_weights(path, gain_model())
+    assert any("'gain'" in w and "Gain" in w for w in report.warnings), report.warnings
+    with pytest.raises(ks.UnsupportedLayerError, match=r"layer 'gain' of class Gain"):
+        ks.migrate_weights(path, gain_model(), strict=True)
+    assert module not in sys.modules
+    assert not marker.exists(), "the file's module was imported"

@@ -1,0 +1,361 @@
+"""The .keras reader against Keras's own loader: same graph, same bits, every layer type."""
+
+from __future__ import annotations
+
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+from keras_surgery.graph import graph_from_model, live_variables
+from keras_surgery.keras_file import WEIGHTS_MEMBER, KerasFile, _config_entries, keras_layout
+
+L = keras.layers
+
+
+# -- the models --------------------------------------------------------------------------------
+
+
+def _dense_bias_and_not():
+    x = keras.Input((6,), name="obs")
+    h = L.Dense(5, activation="relu", name="with_bias")(x)
+    return keras.Model(x, L.Dense(3, use_bias=False, name="no_bias")(h))
+
+
+def _batchnorm_variants():
+    x = keras.Input((4,))
+    h = L.Dense(4)(x)
+    h = L.BatchNormalization(scale=False, name="bn_no_scale")(h)
+    h = L.BatchNormalization(center=False, name="bn_no_center")(h)
+    h = L.BatchNormalization(scale=False, center=False)(h)
+    return keras.Model(x, L.BatchNormalization()(h))
+
+
+def _layernorm_prelu():
+    x = keras.Input((4,))
+    h = L.LayerNormalization(name="ln")(L.Dense(4)(x))
+    h = L.LayerNormalization(scale=False)(h)
+    return keras.Model(x, L.PReLU(name="prelu")(h))
+
+
+def _normalization_adapted():
+    x = keras.Input((5,))
+    norm = L.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(0).normal(2.0, 3.0, (32, 5)).astype("float32"))
+    return keras.Model(x, L.Dense(2)(norm(x)))
+
+
+def _einsum_dense():
+    x = keras.Input((3, 5))
+    h = L.EinsumDense("abc,cd->abd", output_shape=(None, 4), bias_axes="d", name="ein")(x)
+    return keras.Model(x, L.EinsumDense("abd,de->ae", output_shape=2)(h))
+
+
+def _merges():
+    a = keras.Input((3,), name="a")
+    b = keras.Input((3,), name="b")
+    joined = L.Concatenate()([L.Dense(3)(a), b])
+    summed = L.Add()([a, L.Dense(3, name="db")(b)])
+    via_ops = keras.ops.concatenate([joined, summed * 2.0], axis=-1)
+    plus = a + b
+    return keras.Model([a, b], [L.Dense(2, name="head1")(via_ops), L.Dense(2)(plus)])
+
+
+def _nested_sequential():
+    inner = keras.Sequential(
+        [keras.Input((4,)), L.Dense(3, name="in1"), L.Dense(3, name="in2")], name="inner"
+    )
+    x = keras.Input((4,))
+    return keras.Model(x, L.Dense(2, name="top")(inner(L.Dense(4)(x))))
+
+
+def _nested_functional():
+    ix = keras.Input((4,))
+    inner = keras.Model(ix, L.Dense(3, name="f1")(L.Dense(4, name="f0")(ix)), name="innerf")
+    x = keras.Input((4,))
+    return keras.Model(x, L.Dense(2)(inner(L.Dense(4)(x))))
+
+
+def _sequential_root():
+    return keras.Sequential([keras.Input((4,)), L.Dense(3), L.Dense(3), L.Dense(2)])
+
+
+def _sequential_built_by_call():
+    model = keras.Sequential([L.Dense(3), L.BatchNormalization(), L.Dense(2)])
+    model(np.zeros((1, 4), "float32"))
+    return model
+
+
+def _shared_layer():
+    a = keras.Input((3,), name="left")
+    b = keras.Input((3,), name="right")
+    shared = L.Dense(3, name="shared")
+    return keras.Model([a, b], L.Add()([shared(a), shared(b)]))
+
+
+def _compiled_adam():
+    x = keras.Input((4,))
+    model = keras.Model(x, L.Dense(2)(L.Dense(3, activation="tanh")(x)))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    rng = np.random.default_rng(1)
+    model.fit(rng.normal(size=(8, 4)), rng.normal(size=(8, 2)), epochs=1, verbose=0)
+    return model
+
+
+def _conv():
+    x = keras.Input((8, 8, 3))
+    h = L.Conv2D(4, 3, name="conv")(x)
+    h = L.DepthwiseConv2D(3, use_bias=False)(h)
+    h = L.Flatten()(L.MaxPooling2D()(h))
+    return keras.Model(x, L.Dense(2)(h))
+
+
+def _recurrent():
+    x = keras.Input((5, 3))
+    h = L.LSTM(4, return_sequences=True, name="lstm")(x)
+    return keras.Model(x, L.GRU(3)(h))
+
+
+def _embedding_bidirectional():
+    x = keras.Input((5,), dtype="int32")
+    h = L.Embedding(10, 3, name="emb")(x)
+    return keras.Model(x, L.Bidirectional(L.LSTM(2), name="bi")(h))
+
+
+def _attention():
+    x = keras.Input((4, 6))
+    h = L.MultiHeadAttention(num_heads=2, key_dim=3, name="mha")(x, x)
+    return keras.Model(x, L.Dense(2)(L.GlobalAveragePooling1D()(h)))
+
+
+def _bfloat16():
+    x = keras.Input((4,))
+    return keras.Model(x, L.Dense(3, dtype="bfloat16", name="half")(x))
+
+
+MODELS = {
+    "dense": _dense_bias_and_not,
+    "batchnorm": _batchnorm_variants,
+    "layernorm_prelu": _layernorm_prelu,
+    "normalization": _normalization_adapted,
+    "einsum_dense": _einsum_dense,
+    "merges": _merges,
+    "nested_sequential": _nested_sequential,
+    "nested_functional": _nested_functional,
+    "sequential": _sequential_root,
+    "sequential_called": _sequential_built_by_call,
+    "shared_layer": _shared_layer,
+    "compiled_adam": _compiled_adam,
+    "conv": _conv,
+    "recurrent": _recurrent,
+    "embedding_bidirectional": _embedding_bidirectional,
+    "attention": _attention,
+    "bfloat16": _bfloat16,
+}
+
+
+def distinct_weights(model, seed=0):
+    """Every float variable gets its own random values: a swapped or shifted read shows."""
+    rng = np.random.default_rng(seed)
+    for v in model.variables:
+        if "float" in str(v.dtype):
+            v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32").astype(v.dtype))
+
+
+@pytest.fixture(params=sorted(MODELS))
+def saved(request, tmp_path):
+    model = MODELS[request.param]()
+    distinct_weights(model)
+    path = tmp_path / f"{request.param}.keras"
+    model.save(path)
+    return model, path
+
+
+def value_of(variable):
+    """A recorded store value: a variable, or the numpy copy Optimizer.save_own_variables
+    stores."""
+    return np.asarray(variable.numpy() if hasattr(variable, "numpy") else variable)
+
+
+def weight_table(graph):
+    return {
+        name: (node.class_name, node.group, [(w.path, w.local, w.shape, w.dtype)
+                                             for w in node.weights])
+        for name, node in graph.layers.items()
+    }
+
+
+# -- (a) the graph -----------------------------------------------------------------------------
+
+
+def test_file_graph_equals_live_graph(saved):
+    model, path = saved
+    live = graph_from_model(model)
+    with KerasFile(path) as f:
+        read = f.graph()
+        assert weight_table(read) == weight_table(live)
+        assert read.inputs == live.inputs
+        assert read.outputs == live.outputs
+        assert read.order == live.order
+        for name, node in read.layers.items():
+            assert [c.inputs for c in node.calls] == [c.inputs for c in live.layers[name].calls]
+        # Every variable Keras saved belongs to a layer, or is optimizer state.
+        owned = {w.path for node in read.layers.values() for w in node.weights}
+        assert {p for p in f.paths() if not p.startswith("optimizer/")} == owned
+    assert owned, "the model has weights"
+
+
+# -- (b) the values ----------------------------------------------------------------------------
+
+
+def test_every_weight_reads_as_keras_loads_it(saved):
+    model, path = saved
+    loaded = keras.saving.load_model(path)
+    loaded_vars = live_variables(loaded)
+    original_vars = live_variables(model)
+    with KerasFile(path) as f:
+        graph = f.graph()
+        assert set(f.paths()) == set(loaded_vars), "the same variables as Keras's walk"
+        for node in graph.layers.values():
+            for spec in node.weights:
+                ours = f.read(spec.path)
+                theirs = value_of(loaded_vars[spec.path])
+                assert ours.dtype == theirs.dtype, (node.name, spec.local)
+                assert str(ours.dtype) == spec.dtype
+                assert ours.shape == spec.shape
+                assert np.array_equal(ours, theirs), (node.name, spec.local)
+                # ... and Keras loaded what the model held (the loader did not skip it).
+                assert np.array_equal(theirs, value_of(original_vars[spec.path]))
+        for opt_path in [p for p in f.paths() if p.startswith("optimizer/")]:
+            ours = f.read(opt_path)
+            theirs = value_of(loaded_vars[opt_path])
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs), opt_path
+
+
+def test_optimizer_state_is_read():
+    model = _compiled_adam()
+    variables = live_variables(model)
+    # iterations, learning rate, then (m, v) per trainable variable: 2 + 2 * 4.
+    assert sorted(p for p in variables if p.startswith("optimizer/")) == sorted(
+        f"optimizer/vars/{i}" for i in range(10)
+    )
+    assert float(value_of(variables["optimizer/vars/0"])) == 1.0  # one step
+
+
+def test_keras_layout_check_is_active(saved):
+    # The layout check rebuilds Keras's own layers; if it silently skipped them, a damaged
+    # file would pass. Every built-in layer with weights must be rebuilt and match.
+    model, path = saved
+    with KerasFile(path) as f:
+        graph = f.graph()
+        checked = 0
+        for name, entry in _config_entries(f.config):
+            node = graph.layers.get(name)  # InputLayers are not graph layers
+            if node is None or not node.weights:
+                continue
+            assert keras_layout(node, entry) == {w.local: w.shape for w in node.weights}, name
+            checked += 1
+        assert checked
+
+
+def test_layout_check_leaves_keras_naming_alone(tmp_path):
+    # Rebuilding layers must not shift the auto-names of the user's next layers.
+    path = tmp_path / "m.keras"
+    _nested_functional().save(path)
+
+    def uid(name):
+        tail = name.rpartition("_")[2]
+        return int(tail) if tail.isdigit() else 0
+
+    before = uid(keras.layers.Dense(1).name)
+    with KerasFile(path) as f:
+        f.graph()
+    assert uid(keras.layers.Dense(1).name) == before + 1
+
+
+# -- names, storage ----------------------------------------------------------------------------
+
+
+def test_nested_models_keep_inner_layer_names(tmp_path):
+    path = tmp_path / "nested.keras"
+    _nested_sequential().save(path)
+    with KerasFile(path) as f:
+        graph = f.graph()
+        assert {"inner/in1", "inner/in2", "top"} <= set(graph.layers)
+        node = graph.layers["inner/in2"]
+        assert node.group == "layers/sequential/layers/dense_1"
+        assert node.short_name == "in2"
+        assert f.group_name(node.group) == "in2"  # Keras >= 3.6 names the group
+        assert [w.local for w in node.weights] == ["vars/0", "vars/1"]
+
+    path = tmp_path / "nested_f.keras"
+    _nested_functional().save(path)
+    with KerasFile(path) as f:
+        graph = f.graph()
+        assert {"innerf/f0", "innerf/f1"} <= set(graph.layers)
+        assert graph.layers["innerf/f1"].group == "layers/functional/layers/dense_1"
+
+
+def _all_reads(path):
+    with KerasFile(path) as f:
+        graph = f.graph()
+        return weight_table(graph), {p: f.read(p) for p in f.paths()}
+
+
+def test_weights_member_is_read_in_place(tmp_path, monkeypatch):
+    path = tmp_path / "m.keras"
+    _conv().save(path)
+    with zipfile.ZipFile(path) as archive:
+        assert archive.getinfo(WEIGHTS_MEMBER).compress_type == zipfile.ZIP_STORED
+    expected_table, expected = _all_reads(path)
+
+    real_open = zipfile.ZipFile.open
+
+    def guarded_open(self, name, *args, **kwargs):
+        member = name.filename if isinstance(name, zipfile.ZipInfo) else name
+        assert member != WEIGHTS_MEMBER, "the weights member must not go through zipfile"
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", guarded_open)
+    table, values = _all_reads(path)
+    assert table == expected_table
+    assert values.keys() == expected.keys()
+    for p, value in values.items():
+        assert value.dtype == expected[p].dtype and np.array_equal(value, expected[p])
+
+
+def rewrite_zip(src, dst, compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(src) as old, zipfile.ZipFile(dst, "w", compression) as new:
+        for info in old.infolist():
+            new.writestr(info.filename, old.read(info), compress_type=compression)
+
+
+@pytest.mark.parametrize("name", ["compiled_adam", "embedding_bidirectional", "bfloat16"])
+def test_compressed_weights_member_reads_identically(tmp_path, name):
+    model = MODELS[name]()
+    distinct_weights(model)
+    stored = tmp_path / "stored.keras"
+    model.save(stored)
+    deflated = tmp_path / "deflated.keras"
+    rewrite_zip(stored, deflated)
+    with zipfile.ZipFile(deflated) as archive:
+        assert archive.getinfo(WEIGHTS_MEMBER).compress_type == zipfile.ZIP_DEFLATED
+    table_a, values_a = _all_reads(stored)
+    table_b, values_b = _all_reads(deflated)
+    assert table_a == table_b
+    assert values_a.keys() == values_b.keys()
+    for p in values_a:
+        assert values_a[p].dtype == values_b[p].dtype and np.array_equal(values_a[p], values_b[p])
+
+
+def test_reader_is_lazy_and_closes(tmp_path):
+    path = tmp_path / "m.keras"
+    _dense_bias_and_not().save(path)
+    f = KerasFile(path)
+    assert f._h5 is None  # config only: the weights are opened when first needed
+    f.graph()
+    assert f._h5 is not None
+    f.close()
+    f.close()  # idempotent
+    assert f._h5 is None and f._reader is None
