@@ -22,11 +22,11 @@ demo: install
 	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python examples/quickstart.py
 
 test: install
-	$(BIN)/python -m ruff check keras_surgery tests examples benchmarks
+	$(BIN)/python -m ruff check .
 	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/python -m ruff check keras_surgery tests examples benchmarks
+	$(BIN)/python -m ruff check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

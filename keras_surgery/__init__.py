@@ -13,6 +13,7 @@ from keras_surgery.errors import (
     SurgeryFileError,
     UnsupportedLayerError,
 )
+from keras_surgery.files import migrate_folder, read_lineage, save_with_lineage
 from keras_surgery.migrate import migrate_weights
 from keras_surgery.phi import ParamSlice, PhiTable, phi_table
 from keras_surgery.plan import ModelMigrator, SurgeryPlan
@@ -32,8 +33,11 @@ __all__ = [
     "SurgeryPlan",
     "SurgeryReport",
     "UnsupportedLayerError",
+    "migrate_folder",
     "migrate_weights",
     "phi_table",
+    "read_lineage",
     "register_rule",
+    "save_with_lineage",
     "unregister_rule",
 ]

@@ -579,3 +579,14 @@ def restored_from_backup(model: Any) -> bool:
     """Whether a `keras.callbacks.BackupAndRestore` resumed an interrupted run of `model` in
     this fit (it sets the model's private `_initial_epoch` when it restores one)."""
     return bool(getattr(model, "_initial_epoch", None))
+
+
+def strategy_scope(model: Any) -> Any:
+    """The distribution-strategy scope `model`'s variables were created in (TensorFlow's
+    MirroredStrategy and friends), or a no-op scope; optimizer variables must be built in it."""
+    import contextlib
+
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is None or not hasattr(strategy, "scope"):
+        return contextlib.nullcontext()
+    return strategy.scope()

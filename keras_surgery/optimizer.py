@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_surgery.graph import ModelGraph, live_variables
+from keras_surgery.graph import ModelGraph, live_variables, strategy_scope
 
 OPTIMIZER_PREFIX = "optimizer/vars/"
 
@@ -136,7 +136,8 @@ def stage_optimizer(
             "before the surgery, or use SurgeryCallback)."
         ]
     if not optimizer.built:
-        optimizer.build(model.trainable_variables)
+        with strategy_scope(model):
+            optimizer.build(model.trainable_variables)
         variables = live_variables(model)
     new = live_layout(model, variables)
     if new is None:

@@ -180,6 +180,16 @@ class SurgeryPlan:
             )
         return apply_plan(self, model, self.old_source, optimizer=optimizer)
 
+    def apply_file(
+        self, src: Any, out: Any, *, template: Any, verbose: bool = False
+    ) -> dict[str, Any]:
+        """Migrates checkpoint `src` of the old architecture into the `.keras` file `out` of the
+        new one, without building either model; fresh values come from `template`, a `.keras`
+        file of the new architecture. See `keras_surgery.files.apply_file`."""
+        from keras_surgery.files import apply_file
+
+        return apply_file(self, src, out, template=template, verbose=verbose)
+
     def totals(self) -> dict[str, int]:
         return {
             "copied": sum(w.copied for w in self.weights),
@@ -582,9 +592,14 @@ class ModelMigrator:
             raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
         new_graph = graph_from_model(new_model)
         space = LabelSpace()
+        old_features = self.old_features
+        if old_features is None and is_path(self.old):
+            from keras_surgery.files import read_lineage
+
+            old_features = (read_lineage(self.old) or {}).get("features")
         with open_graph(self.old) as old_graph:
             old_labels = propagate(
-                old_graph, features=self.old_features, space=space, strict=self.strict
+                old_graph, features=old_features, space=space, strict=self.strict
             )
             if is_path(self.old):
                 config = getattr(old_graph.source, "config", {})

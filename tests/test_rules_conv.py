@@ -144,17 +144,20 @@ def test_kernel_grown_3x3_to_5x5_same_keeps_taps_centred(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "padding, old_k, new_k, taps",
+    "padding, old_k, new_k, taps, options",
     [
-        ("valid", 3, 5, slice(0, 3)),  # the output keeps reading the same window: left aligned
-        ("causal", 2, 4, slice(2, 4)),  # causal taps end at the current step: right aligned
-        ("same", 2, 4, slice(1, 3)),  # even kernels: TensorFlow pads one less before
-        ("same", 2, 3, slice(1, 3)),
+        ("valid", 3, 5, slice(0, 3), {}),  # the output keeps reading the same window
+        ("causal", 2, 4, slice(2, 4), {}),  # causal taps end at the current step
+        ("same", 2, 4, slice(1, 3), {}),  # even kernels: TensorFlow pads one less before
+        ("same", 2, 3, slice(1, 3), {}),
+        ("same", 3, 5, slice(1, 4), {"strides": 2}),  # padding depends on the length here
+        ("same", 3, 5, slice(1, 4), {"dilation_rate": 2}),
+        ("causal", 2, 3, slice(1, 3), {"dilation_rate": 3}),
     ],
 )
-def test_conv1d_kernel_grown_keeps_taps_aligned(tmp_path, padding, old_k, new_k, taps):
+def test_conv1d_kernel_grown_keeps_taps_aligned(tmp_path, padding, old_k, new_k, taps, options):
     def body(k):
-        return lambda x: L.Conv1D(4, k, padding=padding, name="conv")(x)
+        return lambda x: L.Conv1D(4, k, padding=padding, name="conv", **options)(x)
 
     rng = np.random.default_rng(2)
     old, batch, path = _old_model(tmp_path, (10, 3), body(old_k), rng)
@@ -568,3 +571,49 @@ def test_grouped_conv_with_grown_input_is_reported(tmp_path):
 
     assert not report.preserves_function
     _assert_warns_about(report, "'g'")
+
+
+# -- unknown lengths ---------------------------------------------------------------------------
+
+
+def _variable_length(x):
+    x = L.Conv1D(5, 3, padding="causal", activation="relu", name="conv")(x)
+    x = L.MaxPooling1D(2, name="mp")(x)
+    x = L.GlobalAveragePooling1D(name="gap")(x)
+    return L.Dense(2, name="head")(x)
+
+
+def test_variable_length_sequence_with_inserted_feature(tmp_path):
+    keras.utils.set_random_seed(1)
+    old = _model((None, 3), _variable_length)
+    rng = np.random.default_rng(19)
+    batch = _normal(rng, BATCH, 10, 3)
+    randomize(old, batch)
+    assert_input_sensitive(old, batch, _normal(rng, BATCH, 10, 3))
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    new, _ = _new_model((None, 4), _variable_length)
+    report = ks.migrate_weights(
+        path, new, old_features={"img": ["a", "b", "c"]}, new_features={"img": ["a", "b", "x", "c"]}
+    )
+
+    assert report.preserves_function, report.warnings
+    for steps in (7, 12):
+        x_old = _normal(rng, BATCH, steps, 3)
+        _assert_preserved(new, np.insert(x_old, 2, _normal(rng, BATCH, steps), axis=-1), old, x_old)
+    np.testing.assert_array_equal(np.delete(_w(new, "conv"), 2, axis=1), _w(old, "conv"))
+    assert np.all(_w(new, "conv")[:, 2] == 0.0)
+
+
+def test_flatten_of_unknown_length_is_opaque(tmp_path):
+    def body(x):
+        return L.Flatten(name="flat")(L.Conv1D(2, 3, name="conv")(x))
+
+    keras.utils.set_random_seed(1)
+    old = _model((None, 3), body)
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    new, _ = _new_model((None, 3), body)
+    report = ks.migrate_weights(path, new)
+    _assert_warns_about(report, "'flat'")
+    _assert_same_weights(new, old, "conv")

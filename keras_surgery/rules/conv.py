@@ -251,7 +251,7 @@ def conv_rule(call: RuleCall) -> RuleResult:
     if groups == 1:
         units = call.units(filters, call.all_deps(x))
         reads = ("in", channels)
-        grouped = _empty_axis()
+        grouped = empty_axis()
     else:
         units, reads = _grouped(call, x, lay, channels, groups, filters)
         grouped = channels
@@ -287,7 +287,8 @@ def _grouped(
     return concat_axes(parts), ("struct", AxisLabels(slots, np.zeros(per_in, dtype=np.int64)))
 
 
-def _empty_axis() -> AxisLabels:
+def empty_axis() -> AxisLabels:
+    """An axis without indices (a Mixing entry that is present but holds nothing)."""
     return AxisLabels(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 

@@ -22,6 +22,7 @@ from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input
 from keras_surgery.rules.conv import (
     as_pairs,
     as_tuple,
+    empty_axis,
     geometry_mixing,
     layout,
     spatial_mixing,
@@ -65,10 +66,6 @@ def split_axis(call: RuleCall, axis: AxisLabels, sizes: Sequence[int]) -> list[A
                            for j in range(sizes[r])], dtype=np.int64)
         out.append(AxisLabels(call.space.intern_many(keys), r_deps))
     return out
-
-
-def _empty_axis() -> AxisLabels:
-    return AxisLabels(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
 
 
 # -- Flatten, Reshape, Permute, RepeatVector ------------------------------------------------------
@@ -183,7 +180,7 @@ def reshape_rule(call: RuleCall) -> RuleResult:
         out = tuple(r if r is not None else positions(call.space, a, 1)
                     for a, r in enumerate(result))
     # Always exactly one Mixing, so the old and new calls are compared whatever their blocks.
-    mixed = concat_axes(scrambled) if scrambled else _empty_axis()
+    mixed = concat_axes(scrambled) if scrambled else empty_axis()
     mixing = Mixing((mixed,), "Reshape cannot keep labels of these axes", ordered=True)
     return RuleResult([out], check_weights(call, []), [mixing])
 

@@ -1,0 +1,100 @@
+"""File-to-file surgery over a pool of checkpoints, and lineage records."""
+
+import os
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import keras_surgery as ks
+from tests.util import max_diff, predict
+
+OLD = ["a", "b", "c"]
+NEW = ["b", "new", "a", "c"]
+
+
+def _model(features, width, seed):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((len(features),), name="obs")
+    h = keras.layers.Dense(width, activation="relu", name="h")(x)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    return keras.Model(x, keras.layers.Dense(2, name="out")(h))
+
+
+def _new_input(x_old, rng):
+    x = rng.normal(size=(len(x_old), len(NEW))).astype("float32")
+    for j, f in enumerate(NEW):
+        if f in OLD:
+            x[:, j] = x_old[:, OLD.index(f)]
+    return x
+
+
+def test_pool_of_checkpoints_migrated_file_to_file(tmp_path):
+    pool, out_dir = tmp_path / "pool", tmp_path / "migrated"
+    pool.mkdir()
+    rng = np.random.default_rng(0)
+    sources = []
+    for k in range(5):  # five opponents of the old architecture, each with its own weights
+        model = _model(OLD, 5, 10 + k)
+        for v in model.weights:
+            v.assign(rng.normal(0.5 if "variance" in v.path else 0, 0.4, v.shape)
+                     .astype("float32") ** (2 if "variance" in v.path else 1) + 0.0)
+        model.save(pool / f"opponent_{k}.keras")
+        sources.append(model)
+    new = _model(NEW, 8, 99)
+    template = tmp_path / "template.keras"
+    new.save(template)
+    plan = ks.ModelMigrator(str(pool / "opponent_0.keras"), old_features={"obs": OLD}).plan(
+        new, new_features={"obs": NEW})
+    before = {p: os.stat(pool / p).st_mtime_ns for p in os.listdir(pool)}
+    results = ks.migrate_folder(plan, pool, out_dir, template=template, verbose=False)
+    assert len(results) == 5
+    assert {p: os.stat(pool / p).st_mtime_ns for p in os.listdir(pool)} == before
+    x_old = rng.normal(size=(16, 3)).astype("float32")
+    x_new = _new_input(x_old, rng)
+    for k, source in enumerate(sources):
+        migrated = keras.saving.load_model(out_dir / f"opponent_{k}.keras")
+        assert max_diff(predict(source, x_old), predict(migrated, x_new)) <= 1e-5
+        k_old = source.get_layer("h").kernel.numpy()
+        k_new = migrated.get_layer("h").kernel.numpy()
+        np.testing.assert_array_equal(k_new[[NEW.index(f) for f in OLD]][:, :5], k_old)
+        assert np.all(k_new[NEW.index("new"), :5] == 0)
+        # fresh entries come from the template
+        np.testing.assert_array_equal(k_new[:, 5:], new.get_layer("h").kernel.numpy()[:, 5:])
+    assert sorted(os.listdir(out_dir)) == [f"opponent_{k}.keras" for k in range(5)]
+
+
+def test_failed_file_migration_leaves_no_file(tmp_path):
+    old = _model(OLD, 5, 0)
+    old.save(tmp_path / "old.keras")
+    other = _model(OLD, 7, 1)  # not the plan's old architecture
+    other.save(tmp_path / "other.keras")
+    new = _model(NEW, 8, 2)
+    new.save(tmp_path / "template.keras")
+    plan = ks.ModelMigrator(str(tmp_path / "old.keras"), old_features={"obs": OLD}).plan(
+        new, new_features={"obs": NEW})
+    with pytest.raises(ks.SurgeryFileError, match="not a checkpoint of the plan's old"):
+        plan.apply_file(tmp_path / "other.keras", tmp_path / "out.keras",
+                        template=tmp_path / "template.keras")
+    assert sorted(os.listdir(tmp_path)) == ["old.keras", "other.keras", "template.keras"]
+
+
+def test_lineage_is_ignored_by_keras_and_read_by_the_next_surgery(tmp_path):
+    v1 = _model(OLD, 5, 0)
+    ks.save_with_lineage(v1, tmp_path / "v1.keras", features={"obs": OLD})
+    assert "keras_surgery.json" in zipfile.ZipFile(tmp_path / "v1.keras").namelist()
+    loaded = keras.saving.load_model(tmp_path / "v1.keras")
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    assert max_diff(predict(loaded, x), predict(v1, x)) == 0
+    v2 = _model(NEW, 8, 1)
+    report = ks.migrate_weights(str(tmp_path / "v1.keras"), v2, new_features={"obs": NEW})
+    assert report.preserves_function  # the old features came from the lineage record
+    ks.save_with_lineage(v2, tmp_path / "v2.keras", features={"obs": NEW}, report=report)
+    lineage = ks.read_lineage(tmp_path / "v2.keras")
+    assert lineage["features"] == {"obs": NEW}
+    (entry,) = lineage["history"]
+    assert entry["copied"] == report.plan.totals()["copied"] and len(entry["old_sha256"]) == 64
+    rng = np.random.default_rng(1)
+    x_old = rng.normal(size=(4, 3)).astype("float32")
+    assert max_diff(predict(v1, x_old), predict(v2, _new_input(x_old, rng))) <= 1e-5
