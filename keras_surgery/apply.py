@@ -65,16 +65,22 @@ def _opened(source: Any) -> Iterator[WeightSource]:
         yield source
 
 
-def apply_plan(plan: SurgeryPlan, model: Any, source: Any, *, optimizer: bool = True) -> Any:
+def apply_plan(
+    plan: SurgeryPlan, model: Any, source: Any, *, optimizer: bool = True, verbose: bool = False
+) -> Any:
     """Writes the plan into `model`; returns a SurgeryReport. All or nothing."""
+    from keras_surgery.files import progress_bar
     from keras_surgery.optimizer import stage_optimizer
     from keras_surgery.report import SurgeryReport
+
+    progress = progress_bar(len(plan.weights), verbose)
 
     variables = live_variables(model)
     staged: list[tuple[Any, np.ndarray, np.ndarray]] = []
     warnings = list(plan.warnings)
     with _opened(source) as old_weights:
-        for wp in plan.weights:
+        for done_count, wp in enumerate(plan.weights, start=1):
+            progress(done_count)
             var = variables.get(wp.path)
             if var is None or not hasattr(var, "assign"):
                 raise SurgeryError(

@@ -37,7 +37,8 @@ class SurgeryCallback(keras.callbacks.Callback):
         optimizer: carry the optimizer state (the model is compiled inside `fit`).
         verify: passed to the verifier when available (see `migrate_weights`).
         report_path: write the report there as JSON (atomically).
-        verbose: log the report summary at INFO level (quiet by default).
+        verbose: show a progress bar over the weights and log the report summary at INFO
+            level (quiet by default, so as not to clutter fit's own output).
 
     Attributes:
         report: the SurgeryReport, available once training has started (None if skipped).
@@ -96,7 +97,7 @@ class SurgeryCallback(keras.callbacks.Callback):
             plan = ModelMigrator(self.old_path, old_features=self.old_features).plan(
                 model, new_features=self.new_features, policy=self.policy
             )
-            self.report = plan.apply(model, optimizer=self.optimizer)
+            self.report = plan.apply(model, optimizer=self.optimizer, verbose=self.verbose)
         setattr(model, _APPLIED_ATTR, self.old_path)
         (logger.info if self.verbose else logger.debug)("%s", self.report.summary())
         for warning in self.report.warnings:

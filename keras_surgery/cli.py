@@ -29,28 +29,34 @@ def _load_features(path: str | None) -> Any:
         raise FeatureSpecError(f"Cannot read feature spec '{path}': {exc}") from exc
 
 
-def _new_model_from_file(path: str) -> Any:
-    """The NEW side must be instantiated to get its fresh initial values; only Keras's safe
-    mode loader is used (no Lambda bytecode)."""
-    import keras
+def _plan(args: argparse.Namespace) -> Any:
+    """Both files are read as data; neither model is deserialised."""
+    from keras_surgery.plan import ModelMigrator
 
-    from keras_surgery.errors import SurgeryFileError
-
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as exc:
-        raise SurgeryFileError(f"Cannot load new model '{path}': {exc}") from exc
+    return ModelMigrator(args.old, old_features=_load_features(args.old_features)).plan(
+        args.new, new_features=_load_features(args.new_features), policy=args.policy
+    )
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
-    from keras_surgery.plan import ModelMigrator
-
-    new_model = _new_model_from_file(args.new)
-    plan = ModelMigrator(args.old, old_features=_load_features(args.old_features)).plan(
-        new_model, new_features=_load_features(args.new_features), policy=args.policy
-    )
+    plan = _plan(args)
     print(plan.to_json(indent=2) if args.json else plan.summary())
     return EXIT_NOT_PRESERVED if args.require_preserve and not plan.preserves_function else 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    if args.require_preserve and not plan.preserves_function:
+        print(plan.summary())
+        print("keras-surgery: the old function cannot be preserved; nothing written.",
+              file=sys.stderr)
+        return EXIT_NOT_PRESERVED
+    result = plan.apply_file(args.old, args.output, template=args.new, verbose=args.verbose)
+    print(plan.summary())
+    for warning in result["warnings"]:
+        print(f"warning: {warning}")
+    print(f"wrote {args.output}")
+    return EXIT_OK
 
 
 def _cmd_phi(args: argparse.Namespace) -> int:
@@ -84,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--require-preserve", action="store_true",
                       help="exit 1 if the old function cannot be preserved")
     diff.set_defaults(func=_cmd_diff)
+
+    migrate = sub.add_parser(
+        "migrate", help="write OUT: NEW's architecture with OLD's weights moved in"
+    )
+    migrate.add_argument("old", help="old .keras checkpoint (read as data, never written)")
+    migrate.add_argument("new", help="new .keras file: architecture and fresh initial values")
+    migrate.add_argument("-o", "--output", required=True, help="the .keras file to write")
+    migrate.add_argument("--old-features", help="JSON file with the old feature spec")
+    migrate.add_argument("--new-features", help="JSON file with the new feature spec")
+    migrate.add_argument("--policy", default="preserve", choices=("preserve", "random"))
+    migrate.add_argument("--require-preserve", action="store_true",
+                         help="exit 1 and write nothing if the function cannot be preserved")
+    migrate.set_defaults(func=_cmd_migrate)
 
     phi = sub.add_parser("phi", help="print the phi table (feature -> dependent weights)")
     phi.add_argument("model", help=".keras file (read as data)")

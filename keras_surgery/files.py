@@ -184,7 +184,7 @@ def apply_file(
         if plan.old_optimizer is not None or any(p.startswith("optimizer/") for p in old_paths):
             warnings.append("file-to-file migration does not carry optimizer state yet; the "
                             "template's optimizer variables (if any) are written as they are.")
-        progress = _progress(len(new_paths), verbose)
+        progress = progress_bar(len(new_paths), verbose)
         folder = os.path.dirname(os.path.abspath(out))
         with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmpdir:
             weights_path = os.path.join(tmpdir, WEIGHTS_MEMBER)
@@ -218,7 +218,8 @@ def apply_file(
     return {"src": src, "out": out, **totals, "warnings": warnings}
 
 
-def _progress(total: int, verbose: bool):
+def progress_bar(total: int, verbose: bool):
+    """`update(i)` of a keras Progbar over `total` steps, or a no-op when not verbose."""
     if not verbose or total == 0:
         return lambda i: None
     import keras
@@ -271,7 +272,7 @@ def migrate_folder(
     os.makedirs(out_dir, exist_ok=True)
     names = sorted(n for n in os.listdir(src_dir) if fnmatch.fnmatch(n, pattern))
     results = []
-    progress = _progress(len(names), verbose)
+    progress = progress_bar(len(names), verbose)
     for i, name in enumerate(names):
         results.append(apply_file(plan, os.path.join(src_dir, name),
                                   os.path.join(out_dir, name), template=template))

@@ -524,7 +524,15 @@ def build_graph(
     try:
         outputs = builder.add_model(class_name, inner, "", "", None)
         builder.attach_weights()
-        order = _topological_calls(builder.layers, {i.name for i in builder.inputs}, description)
+        input_names = {i.name for i in builder.inputs}
+        order = _topological_calls(builder.layers, input_names, description)
+        producers = {(name, ci) for name, node in builder.layers.items()
+                     for ci in range(len(node.calls))}
+        for ref in outputs:
+            if not _produced(ref, producers, input_names):
+                raise SurgeryFileError(
+                    f"{description}: model output {list(ref)} is not a tensor of the model."
+                )
     except (AttributeError, IndexError, KeyError, TypeError, ValueError, RecursionError) as exc:
         # The config is data from a file: a field of the wrong type or shape is a malformed
         # file, not a bug to surface as a bare Python error.
@@ -544,6 +552,15 @@ def build_graph(
     )
 
 
+def _produced(
+    ref: TensorRef, producers: set[tuple[str, int]], input_names: set[str]
+) -> bool:
+    """Whether a tensor reference names a model input (its only tensor) or a layer call."""
+    if ref[0] in input_names:
+        return ref[1] == 0 and ref[2] == 0
+    return ref[2] >= 0 and (ref[0], ref[1]) in producers
+
+
 def _topological_calls(
     layers: dict[str, LayerNode], input_names: set[str], description: str
 ) -> list[tuple[str, int]]:
@@ -553,14 +570,13 @@ def _topological_calls(
         for ci, call in enumerate(node.calls):
             needed = set()
             for ref in call.inputs:
-                if ref[0] in input_names:
-                    continue
-                if (ref[0], ref[1]) not in producers:
+                if not _produced(ref, producers, input_names):
                     raise SurgeryFileError(
                         f"{description}: layer '{name}' reads tensor {list(ref)} that no layer "
                         "produces."
                     )
-                needed.add((ref[0], ref[1]))
+                if ref[0] not in input_names:
+                    needed.add((ref[0], ref[1]))
             deps[(name, ci)] = needed
     order: list[tuple[str, int]] = []
     done: set[tuple[str, int]] = set()

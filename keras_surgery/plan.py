@@ -159,13 +159,16 @@ class SurgeryPlan:
     old_optimizer: OptimizerLayout | None = None
     old_source: Any = field(default=None, repr=False, compare=False)
 
-    def apply(self, model: Any, *, optimizer: bool = True) -> SurgeryReport:
+    def apply(
+        self, model: Any, *, optimizer: bool = True, verbose: bool = False
+    ) -> SurgeryReport:
         """Writes the planned values into `model`'s variables, all or nothing.
 
         Args:
             model: the new model the plan was made for.
             optimizer: also carry the optimizer state (slots through the same index maps,
                 `iterations` copied) when both sides have one; the new model must be compiled.
+            verbose: show a progress bar over the weights.
 
         Raises:
             SurgeryError: the plan does not fit `model`, or the old weights cannot be read;
@@ -178,7 +181,7 @@ class SurgeryPlan:
                 "This plan has no old weights attached (it was loaded from JSON); "
                 "make it with ModelMigrator to apply it."
             )
-        return apply_plan(self, model, self.old_source, optimizer=optimizer)
+        return apply_plan(self, model, self.old_source, optimizer=optimizer, verbose=verbose)
 
     def apply_file(
         self, src: Any, out: Any, *, template: Any, verbose: bool = False
@@ -582,15 +585,30 @@ class ModelMigrator:
     ) -> SurgeryPlan:
         """Matches `new_model` against the old model and returns the SurgeryPlan.
 
+        Args:
+            new_model: the built new keras.Model, or the path of a `.keras` file of the new
+                architecture (read as data; such a plan can be applied file to file with
+                `apply_file`, using that file as the template).
+            new_features: the new model's feature spec.
+            policy: "preserve" or "random".
+
         Raises:
             SurgeryFileError, FeatureSpecError, UnsupportedLayerError: see their docs.
         """
-        from keras_surgery.graph import graph_from_model
         from keras_surgery.sources import is_path, open_graph
 
         if policy not in POLICIES:
             raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
-        new_graph = graph_from_model(new_model)
+        if new_features is None and is_path(new_model):
+            from keras_surgery.files import read_lineage
+
+            new_features = (read_lineage(new_model) or {}).get("features")
+        with open_graph(new_model) as new_graph:
+            return self._plan(new_graph, new_features, policy)
+
+    def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str) -> SurgeryPlan:
+        from keras_surgery.sources import is_path, open_graph
+
         space = LabelSpace()
         old_features = self.old_features
         if old_features is None and is_path(self.old):

@@ -52,3 +52,27 @@ def test_phi_and_errors(tmp_path, capsys):
     assert main(["phi", old, "--features", str(bad)]) == 2
     assert "cover 1 column(s)" in capsys.readouterr().err
     assert main([]) == 2
+
+
+def test_migrate_writes_a_file_keras_loads_and_that_keeps_the_old_function(tmp_path, capsys):
+    import numpy as np
+
+    old = _save(tmp_path, "old.keras", 3, 2)
+    new = _save(tmp_path, "new.keras", 4, 2)
+    out = tmp_path / "out.keras"
+    assert main(["migrate", old, new, "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    old_model = keras.saving.load_model(old)
+    migrated = keras.saving.load_model(out)
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    x4 = np.concatenate([x, np.random.default_rng(1).normal(size=(5, 1))], 1).astype("float32")
+    assert np.abs(np.asarray(old_model(x)) - np.asarray(migrated(x4))).max() <= 1e-5
+
+
+def test_migrate_require_preserve_writes_nothing(tmp_path, capsys):
+    old = _save(tmp_path, "old.keras", 3, 2, activation="softmax")
+    new = _save(tmp_path, "new.keras", 3, 3, activation="softmax")
+    out = tmp_path / "out.keras"
+    assert main(["migrate", old, new, "-o", str(out), "--require-preserve"]) == 1
+    assert not out.exists()
+    assert main(["migrate", str(tmp_path / "nope.keras"), new, "-o", str(out)]) == 2

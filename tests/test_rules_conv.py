@@ -617,3 +617,65 @@ def test_flatten_of_unknown_length_is_opaque(tmp_path):
     report = ks.migrate_weights(path, new)
     _assert_warns_about(report, "'flat'")
     _assert_same_weights(new, old, "conv")
+
+
+# -- every rule against the contract checker -----------------------------------------------------
+
+
+def _same(**kw):
+    return {"padding": "same", **kw}
+
+
+SWEEP = [
+    (L.Conv1D, (8, 3), _same(filters=3, kernel_size=3), _same(filters=5, kernel_size=5)),
+    (L.Conv2D, (6, 6, 2), _same(filters=3, kernel_size=3, strides=2),
+     _same(filters=4, kernel_size=5, strides=2)),
+    (L.Conv3D, (4, 4, 4, 2), _same(filters=2, kernel_size=3), _same(filters=3, kernel_size=3)),
+    (L.Conv1DTranspose, (5, 2), _same(filters=3, kernel_size=3, strides=2),
+     _same(filters=4, kernel_size=5, strides=2)),
+    (L.Conv2DTranspose, (3, 3, 2), dict(filters=2, kernel_size=2, strides=2, output_padding=1),
+     dict(filters=3, kernel_size=4, strides=2, output_padding=1)),
+    (L.Conv3DTranspose, (2, 2, 2, 2), dict(filters=2, kernel_size=2),
+     dict(filters=3, kernel_size=2)),
+    (L.DepthwiseConv1D, (8, 3), _same(kernel_size=3, depth_multiplier=2),
+     _same(kernel_size=5, depth_multiplier=3)),
+    (L.DepthwiseConv2D, (5, 5, 2), dict(kernel_size=3), dict(kernel_size=3, depth_multiplier=2)),
+    (L.SeparableConv1D, (8, 3), _same(filters=3, kernel_size=3, depth_multiplier=2),
+     _same(filters=4, kernel_size=5, depth_multiplier=2)),
+    (L.SeparableConv2D, (5, 5, 2), dict(filters=2, kernel_size=3), dict(filters=3, kernel_size=3)),
+    (L.MaxPooling2D, (5, 5, 3), _same(pool_size=2, strides=1), None),
+    (L.AveragePooling1D, (7, 3), _same(pool_size=3, strides=2), None),
+    (L.AveragePooling3D, (4, 4, 4, 2), dict(pool_size=2), None),
+    (L.GlobalAveragePooling3D, (3, 3, 3, 2), {}, None),
+    (L.GlobalMaxPooling1D, (5, 3), dict(keepdims=True), None),
+    (L.ZeroPadding3D, (2, 2, 2, 2), dict(padding=((1, 0), (0, 1), (1, 1))), None),
+    (L.Cropping1D, (6, 3), dict(cropping=(2, 1)), None),
+    (L.UpSampling2D, (3, 3, 2), dict(size=2, interpolation="bilinear"), None),
+    (L.Reshape, (4, 3), dict(target_shape=(4, 1, -1)), None),
+    (L.Permute, (4, 3), dict(dims=(2, 1)), None),
+    (L.RepeatVector, (3,), dict(n=2), None),
+    (L.Flatten, (3, 3, 2), {}, None),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, shape, old_kwargs, new_kwargs", SWEEP, ids=[row[0].__name__ for row in SWEEP]
+)
+def test_contract_checker_with_inserted_feature(cls, shape, old_kwargs, new_kwargs):
+    from keras_surgery.testing import check_rule
+
+    result = check_rule(
+        lambda **kw: cls(name="layer", **kw), shape, old_kwargs=old_kwargs, new_kwargs=new_kwargs
+    )
+    logger.info("%s max diff %.3e", cls.__name__, result.max_diff)
+    assert result.preserves_function and result.max_diff <= TOL
+
+
+def test_contract_checker_time_distributed():
+    from keras_surgery.testing import check_rule
+
+    result = check_rule(
+        lambda **kw: L.TimeDistributed(L.Dense(**kw), name="layer"), (4, 3),
+        old_kwargs=dict(units=3), new_kwargs=dict(units=5),
+    )
+    assert result.preserves_function and result.max_diff <= TOL
