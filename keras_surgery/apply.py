@@ -15,42 +15,78 @@ import numpy as np
 
 from keras_surgery.errors import SurgeryError
 from keras_surgery.graph import WeightSource, finalize_layers, live_variables
-from keras_surgery.plan import SurgeryPlan, WeightPlan
+from keras_surgery.plan import OUT_KINDS, SurgeryPlan, WeightPlan
 
 logger = logging.getLogger("keras_surgery")
 
 
+def _index(selections: list[np.ndarray | slice], shape: tuple[int, ...]) -> tuple:
+    """An indexing tuple selecting the outer product of per-axis selections: basic slices
+    (views, no copy) when every selection is a contiguous range, else `np.ix_` arrays."""
+    slices = []
+    for sel in selections:
+        if isinstance(sel, slice):
+            slices.append(sel)
+        elif len(sel) and np.array_equal(sel, np.arange(sel[0], sel[0] + len(sel))):
+            slices.append(slice(int(sel[0]), int(sel[0]) + len(sel)))
+        else:
+            slices.append(None)
+    if all(s is not None for s in slices):
+        return tuple(slices)
+    arrays = [np.arange(n)[sel] if isinstance(sel, slice) else sel
+              for sel, n in zip(selections, shape)]
+    return np.ix_(*arrays)
+
+
 def fill(wp: WeightPlan, old: np.ndarray, fresh: np.ndarray, policy: str) -> np.ndarray:
     """The new value of one weight: copied where every axis matched, zero where only input-side
-    indices are new (policy "preserve"), the fresh initial value elsewhere."""
+    indices are new (policy "preserve"), the fresh initial value elsewhere.
+
+    Works on per-axis index selections, never on weight-sized masks, so its extra memory is
+    the copied block.
+    """
     value = np.array(fresh, copy=True)
     if wp.axes is None:
         return value
-    copy_mask, zero_mask = wp.regions(policy)
-    value[zero_mask] = 0
+    if any(len(a.index) == 0 for a in wp.axes):
+        return value
+    shape = value.shape
+    # The zero region is every index whose out/diag axes matched; the copy region (every axis
+    # matched) is inside it and is written next.
+    out_matched: list[np.ndarray | slice] = [
+        np.nonzero(a.matched)[0] if a.kind in OUT_KINDS and not a.zero_new else slice(None)
+        for a in wp.axes
+    ]
+    if policy == "preserve" and all(not isinstance(s, np.ndarray) or len(s) for s in out_matched):
+        value[_index(out_matched, shape)] = 0
     new_idx = [np.nonzero(a.matched)[0] for a in wp.axes]
     old_idx = [a.index[a.matched] for a in wp.axes]
-    if all(len(i) for i in new_idx) or not wp.axes:
-        copied = old[np.ix_(*old_idx)]
+    if all(len(i) for i in new_idx):
+        copied = old[_index(old_idx, old.shape)]
         if wp.scale != 1.0:
             copied = copied * wp.scale
-        value[np.ix_(*new_idx)] = copied.astype(value.dtype, copy=False)
-        value = _new_lookup_rows_from_mean(wp, value, zero_mask)
+        value[_index(new_idx, shape)] = copied.astype(value.dtype, copy=False)
+        if policy == "preserve":
+            _new_lookup_rows_from_mean(wp, value, out_matched)
     return value
 
 
-def _new_lookup_rows_from_mean(wp: WeightPlan, value: np.ndarray, zero_mask: np.ndarray):
+def _new_lookup_rows_from_mean(
+    wp: WeightPlan, value: np.ndarray, out_matched: list[np.ndarray | slice]
+) -> None:
     """New rows of a "lookup" axis (new vocabulary tokens) in the zero region start as the mean
     of the copied rows, as Hugging Face does for new tokens: old inputs never select them, and
     a new token starts as an average one rather than as an all-zero vector."""
     for a, amap in enumerate(wp.axes or []):
         if amap.kind != "lookup" or amap.matched.all() or not amap.matched.any():
             continue
-        new_rows = zero_mask & ~amap.matched.reshape([-1 if i == a else 1
-                                                      for i in range(value.ndim)])
-        mean = value.take(np.nonzero(amap.matched)[0], axis=a).mean(axis=a, keepdims=True)
-        value = np.where(new_rows, mean.astype(value.dtype), value)
-    return value
+        rows_new = list(out_matched)
+        rows_new[a] = np.nonzero(~amap.matched)[0]
+        rows_old = list(out_matched)
+        rows_old[a] = np.nonzero(amap.matched)[0]
+        mean = value[_index(rows_old, value.shape)].mean(axis=a, keepdims=True)
+        target = _index(rows_new, value.shape)
+        value[target] = np.broadcast_to(mean, value[target].shape).astype(value.dtype)
 
 
 @contextlib.contextmanager

@@ -43,15 +43,27 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 
 def read_lineage(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The lineage record of a `.keras` file, or None if it has none."""
+    """The lineage record of a `.keras` file, or None if it has none.
+
+    A file that is not a readable zip has no lineage here; reading it as a model reports why.
+
+    Raises:
+        SurgeryFileError: the lineage member exists but is damaged.
+    """
     try:
-        with zipfile.ZipFile(os.fspath(path)) as archive:
-            if LINEAGE_MEMBER not in archive.namelist():
-                return None
+        archive = zipfile.ZipFile(os.fspath(path))
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    with archive:
+        if LINEAGE_MEMBER not in archive.namelist():
+            return None
+        try:
             data = json.loads(archive.read(LINEAGE_MEMBER).decode("utf-8"))
-    except (OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise SurgeryFileError(f"'{path}': unreadable {LINEAGE_MEMBER} ({exc}).") from exc
-    return data if isinstance(data, dict) else None
+        except (OSError, zipfile.BadZipFile, ValueError) as exc:
+            raise SurgeryFileError(f"'{path}': unreadable {LINEAGE_MEMBER} ({exc}).") from exc
+    if not isinstance(data, dict):
+        raise SurgeryFileError(f"'{path}': {LINEAGE_MEMBER} must hold a JSON object.")
+    return data
 
 
 def _history_entry(report: Any) -> dict[str, Any]:

@@ -117,19 +117,47 @@ class KerasFile(WeightSource):
                 "keras.Model.save()."
             )
         if os.path.isdir(self.path):
-            raise SurgeryFileError(f"Expected a .keras file, got a directory: '{self.path}'.")
+            hint = ""
+            if os.path.exists(os.path.join(self.path, "saved_model.pb")):
+                hint = " It holds a TensorFlow SavedModel, which is not supported."
+            elif os.path.exists(os.path.join(self.path, CONFIG_MEMBER)):
+                hint = " It looks like an unzipped Keras model (zipped=False): zip it or re-save."
+            raise SurgeryFileError(
+                f"Expected a .keras file, got a directory: '{self.path}'.{hint}"
+            )
         try:
             return zipfile.ZipFile(self.path)
+        except PermissionError as exc:
+            raise SurgeryFileError(f"Cannot read '{self.path}': {exc.strerror}.") from exc
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
             raise SurgeryFileError(
                 f"'{self.path}' is not a .keras file: expected a zip archive with "
-                f"{CONFIG_MEMBER} and {WEIGHTS_MEMBER} ({exc})."
+                f"{CONFIG_MEMBER} and {WEIGHTS_MEMBER} ({exc}).{self._format_hint()}"
             ) from exc
+
+    def _format_hint(self) -> str:
+        try:
+            with open(self.path, "rb") as raw:
+                head = raw.read(8)
+        except OSError:
+            return ""
+        if head == b"\x89HDF\r\n\x1a\n":
+            return (
+                " It is an HDF5 file: a legacy .h5 model or a .weights.h5 file; save the model "
+                "with keras.Model.save('model.keras')."
+            )
+        return ""
 
     def _member(self, archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
         try:
             return archive.getinfo(name)
         except KeyError:
+            if name == WEIGHTS_MEMBER and "model.weights.npz" in archive.namelist():
+                raise SurgeryFileError(
+                    f"'{self.path}' stores its weights as model.weights.npz "
+                    "(weights_format='npz'), which keras-surgery does not read; expected "
+                    f"{WEIGHTS_MEMBER}: re-save the model with the default weights format."
+                ) from None
             raise SurgeryFileError(
                 f"'{self.path}' has no {name}: expected a .keras archive with {CONFIG_MEMBER} "
                 f"and {WEIGHTS_MEMBER}. Members found: {sorted(archive.namelist())[:10]}"
@@ -399,9 +427,13 @@ def _config_entries(config: Mapping, prefix: str = "") -> Iterator[tuple[str, di
         name = entry.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
         if not isinstance(name, str):
             continue
-        if entry.get("class_name") in NESTED_MODEL_CLASSES and isinstance(
-            cfg, dict
-        ) and isinstance(cfg.get("layers"), list):
+        class_name = entry.get("class_name")
+        if (
+            isinstance(class_name, str)
+            and class_name in NESTED_MODEL_CLASSES
+            and isinstance(cfg, dict)
+            and isinstance(cfg.get("layers"), list)
+        ):
             yield from _config_entries(entry, prefix + name + "/")
         else:
             yield prefix + name, entry

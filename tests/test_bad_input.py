@@ -172,6 +172,61 @@ def test_weights_member_not_hdf5(old_path, tmp_path, new_model):
                   r"noth5\.keras': model\.weights\.h5 is not a readable HDF5 file")
 
 
+def test_legacy_h5_model(tmp_path, new_model):
+    path = tmp_path / "legacy.h5"
+    mlp().save(path)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"legacy\.h5' is not a \.keras file: .* It is an HDF5 file: a legacy \.h5 model")
+
+
+def test_unzipped_model_directory(tmp_path, new_model):
+    path = tmp_path / "unzipped"
+    mlp().save(path, zipped=False)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"got a directory: '.*unzipped'\. It looks like an unzipped Keras model")
+
+
+def test_npz_weights(tmp_path, new_model):
+    from keras.src.saving import saving_lib
+
+    path = tmp_path / "npz.keras"
+    saving_lib.save_model(mlp(), path, weights_format="npz")
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"npz\.keras' stores its weights as model\.weights\.npz")
+
+
+def test_decompression_bomb_refused(old_path, tmp_path, new_model, monkeypatch):
+    import keras_surgery.keras_file as keras_file
+
+    contents = members(old_path)
+    path = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+    # Keras's limits (4 GiB, 1000x) scaled down to this small file's h5, which is mostly zeros.
+    monkeypatch.setattr(keras_file, "BOMB_FLOOR_BYTES", 1000)
+    monkeypatch.setattr(keras_file, "MAX_EXPANSION", 2)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"bomb\.keras': model\.weights\.h5 declares \d+ bytes but stores only \d+; "
+                  "refusing a decompression bomb")
+
+
+def test_shape_bomb_refused(old_path, tmp_path, new_model, monkeypatch):
+    import keras_surgery.keras_file as keras_file
+
+    def unwritten(h5):
+        # Declared, chunked and compressed, never written: no bytes stored at all.
+        del h5["layers/dense/vars/0"]
+        h5["layers/dense/vars"].create_dataset(
+            "0", shape=(4, 5), dtype="float32", chunks=(2, 5), compression="gzip"
+        )
+
+    path = edit_weights(old_path, tmp_path / "shapebomb.keras", unwritten)
+    monkeypatch.setattr(keras_file, "BOMB_FLOOR_BYTES", 10)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"weight 'layers/dense/vars/0' declares 80 bytes but stores next to nothing")
+
+
 @pytest.mark.parametrize(
     "edit, match",
     [
@@ -254,6 +309,32 @@ def test_group_of_another_layer(old_path, tmp_path, new_model):
     migrate_fails(path, new_model, ks.SurgeryFileError,
                   r"weights group 'layers/dense' belongs to layer 'intruder', but the config "
                   r"places layer 'hidden' there")
+
+
+def test_dataset_where_a_group_belongs(old_path, tmp_path, new_model):
+    def flatten(h5):
+        del h5["layers/dense/vars"]
+        h5["layers/dense"].create_dataset("vars", data=np.ones((4, 5), "float32"))
+
+    path = edit_weights(old_path, tmp_path / "flat.keras", flatten)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"layer 'hidden' \(Dense\) do not match its config: 'layers/dense/vars/0' is "
+                  r"missing .* 'layers/dense/vars' is not a variable of this layer")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="propagate.py looks input tensors up with a bare dict index: a reference to an output "
+    "a layer does not have leaks a KeyError (fix belongs in propagate.propagate)",
+)
+def test_reference_to_missing_output(old_path, tmp_path, new_model):
+    def second_output(config):
+        args = layer_entry(config, "out")["inbound_nodes"][0]["args"]
+        args[0]["config"]["keras_history"] = ["hidden", 0, 1]
+
+    path = edit_config(old_path, tmp_path / "output1.keras", second_output)
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"output1\.keras': layer 'out' reads .*'hidden'")
 
 
 def test_file_changed_between_plan_and_apply(old_path, tmp_path, new_model):
@@ -379,8 +460,8 @@ def test_old_of_wrong_type(new_model):
 
 
 def test_new_model_of_wrong_type(old_path):
-    with pytest.raises(ks.SurgeryError, match=r"Expected a keras\.Model\. Received: str"):
-        ks.migrate_weights(old_path, "new.keras")
+    with pytest.raises(ks.SurgeryError, match=r"or a keras\.Model\. Received: float"):
+        ks.migrate_weights(old_path, 2.5)
 
 
 # -- layers whose code is not in the file ------------------------------------------------------
