@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import tempfile
-from typing import Any
 
 import keras
 
+from keras_surgery.atomic import write_json
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import restored_from_backup
 from keras_surgery.plan import ModelMigrator
@@ -103,18 +101,4 @@ class SurgeryCallback(keras.callbacks.Callback):
         for warning in self.report.warnings:
             logger.warning("keras-surgery: %s", warning)
         if self.report_path is not None:
-            write_json_atomically(self.report_path, self.report.to_dict())
-
-
-def write_json_atomically(path: str, data: Any) -> None:
-    """Writes JSON to a temporary file in the target folder, then renames it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            write_json(self.report_path, self.report.to_dict())

@@ -38,9 +38,19 @@ def _plan(args: argparse.Namespace) -> Any:
     )
 
 
+def _pictures(args: argparse.Namespace, plan: Any) -> None:
+    from keras_surgery.visual import plot, to_html
+
+    if args.html:
+        print(f"wrote {to_html(plan, args.html)}", file=sys.stderr)
+    if args.plot:
+        print(f"wrote {plot(plan, args.plot)}", file=sys.stderr)
+
+
 def _cmd_diff(args: argparse.Namespace) -> int:
     plan = _plan(args)
     print(plan.to_json(indent=2) if args.json else plan.summary())
+    _pictures(args, plan)
     return EXIT_NOT_PRESERVED if args.require_preserve and not plan.preserves_function else 0
 
 
@@ -53,6 +63,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         return EXIT_NOT_PRESERVED
     result = plan.apply_file(args.old, args.output, template=args.new, verbose=args.verbose)
     print(plan.summary())
+    _pictures(args, plan)
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(f"wrote {args.output}")
@@ -72,6 +83,12 @@ def _cmd_phi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _picture_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="draw the changed weights' regions to an image (needs matplotlib)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-surgery",
@@ -89,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true", help="print the plan as JSON")
     diff.add_argument("--require-preserve", action="store_true",
                       help="exit 1 if the old function cannot be preserved")
+    _picture_options(diff)
     diff.set_defaults(func=_cmd_diff)
 
     migrate = sub.add_parser(
@@ -102,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--policy", default="preserve", choices=("preserve", "random"))
     migrate.add_argument("--require-preserve", action="store_true",
                          help="exit 1 and write nothing if the function cannot be preserved")
+    _picture_options(migrate)
     migrate.set_defaults(func=_cmd_migrate)
 
     phi = sub.add_parser("phi", help="print the phi table (feature -> dependent weights)")

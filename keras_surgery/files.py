@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_surgery.atomic import atomic_path
 from keras_surgery.errors import SurgeryError, SurgeryFileError
 from keras_surgery.features import FeatureSpec
 from keras_surgery.keras_file import CONFIG_MEMBER, METADATA_MEMBER, WEIGHTS_MEMBER, KerasFile
@@ -83,25 +84,14 @@ def _history_entry(report: Any) -> dict[str, Any]:
 
 
 def _atomic_zip(out: str, members: Iterable[tuple[str, bytes | str]]) -> None:
-    """Writes a zip archive to a temporary name next to `out`, then renames it into place.
-
-    A member given as a `str` is the path of a file to store (streamed, uncompressed).
-    """
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".keras", dir=folder)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, data in members:
-                if isinstance(data, str):
-                    archive.write(data, name)
-                else:
-                    archive.writestr(name, data)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes a zip archive atomically; a member given as a `str` is the path of a file to
+    store (streamed, uncompressed)."""
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            if isinstance(data, str):
+                z.write(data, name)
+            else:
+                z.writestr(name, data)
 
 
 def save_with_lineage(

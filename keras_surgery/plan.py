@@ -158,6 +158,11 @@ class SurgeryPlan:
     preserves_function: bool
     old_optimizer: OptimizerLayout | None = None
     old_source: Any = field(default=None, repr=False, compare=False)
+    # (old, new) GraphLabels the plan was made from; None for a plan loaded from JSON. The
+    # verifier reads them to know which new input column / output index continues which old one.
+    labels: tuple[GraphLabels, GraphLabels] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def apply(
         self, model: Any, *, optimizer: bool = True, verbose: bool = False
@@ -637,5 +642,6 @@ class ModelMigrator:
         source = self.old if is_path(self.old) else old_graph.source
         plan = build_plan(old_labels, new_labels, policy=policy, old_source=source)
         plan.old_optimizer = old_optimizer
+        plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
         return plan

@@ -72,5 +72,18 @@ class SurgeryReport:
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    def to_html(self, path: str) -> str:
+        """Writes a self-contained HTML page: every weight, a map of its copied / zeroed /
+        fresh regions, the warnings and the dropped weights. Returns the path."""
+        from keras_surgery.visual import to_html
+
+        return to_html(self.plan, path, self.warnings)
+
+    def plot(self, path: str) -> str:
+        """Draws the region maps of the changed weights to an image (needs matplotlib)."""
+        from keras_surgery.visual import plot
+
+        return plot(self.plan, path)
+
     def __repr__(self) -> str:
         return f"SurgeryReport({self.one_line()})"

@@ -405,7 +405,6 @@ class _GradientProbe:
         self.inputs = inputs
         self.variables = [v.value for v in variables]
         self.reductions = reductions  # (variable index, axes summed over)
-        self.names = [getattr(t, "name", None) for t in keras.tree.flatten(probe.input)]
         zero = self._zero_example()
         outs = keras.tree.flatten(probe(self._pack([z[None] for z in zero]), training=False))
         rng = np.random.default_rng(seed + 1)
@@ -414,8 +413,13 @@ class _GradientProbe:
             if _is_float(str(getattr(o.dtype, "name", o.dtype))) else None
             for o in outs
         ]
+        # Gradients at the all-zero input: 0 for every entry whose input maps 0 to 0. They are
+        # subtracted, so a layer that does not (a sigmoid) still shows only what moved.
         self.base = [tf.zeros_like(v) for v in self.variables]
-        self.base = self._loop_grads([tf.constant(z) for z in zero])
+        self.base = [tf.constant(np.asarray(g)) for g in self._grads([tf.constant(z)
+                                                                       for z in zero])]
+        self.base_reduced = [np.abs(np.asarray(self.base[v])).sum(axis=axes) if axes
+                             else np.abs(np.asarray(self.base[v])) for v, axes in reductions]
         size = sum(int(np.prod(v.shape)) for v in self.variables)
         self.chunk = int(max(1, min(64, CHUNK_BUDGET // max(size, 1))))
         self._vectorised = None
@@ -433,12 +437,7 @@ class _GradientProbe:
         return examples
 
     def _pack(self, tensors: list[Any]) -> Any:
-        import keras
-
-        by_name = dict(zip([i.name for i in self.inputs], tensors))
-        if all(n in by_name for n in self.names):
-            return keras.tree.pack_sequence_as(self.probe.input, [by_name[n] for n in self.names])
-        return tensors if len(tensors) > 1 else tensors[0]
+        return pack_inputs(self.probe, [i.name for i in self.inputs], tensors)
 
     def _grads(self, example: list[Any]) -> list[Any]:
         tf = self.tf
@@ -461,9 +460,6 @@ class _GradientProbe:
         diffs = self._grads(example)
         return [tf.reduce_sum(tf.abs(diffs[v]), axis=axes) if axes else tf.abs(diffs[v])
                 for v, axes in self.reductions]
-
-    def _loop_grads(self, example: list[Any]) -> list[Any]:
-        return self.tf.function(self._grads)(example)
 
     def run(self, examples: list[np.ndarray]) -> list[np.ndarray]:
         """Reduced gradient differences for a batch of examples (one array per input)."""
@@ -609,8 +605,7 @@ def verify_mapping(
     both = [np.concatenate([a, b]) for a, b in zip(draws, negated)]
     reduced = gradients.run(both)
     n = len(keys)
-    _compare(result, table, targets, keys, reduced, n, rtol)
-    result.notes.extend(_base_notes(gradients, targets))
+    _compare(result, table, targets, keys, reduced, gradients.base_reduced, n, rtol)
     result.seconds = time.perf_counter() - start
     logger.info("%s", result.summary().splitlines()[0])
     return result
@@ -618,15 +613,27 @@ def verify_mapping(
 
 def _compare(
     result: VerificationResult, table: PhiTable, targets: list[_Target], keys: list[FeatureKey],
-    reduced: list[np.ndarray], n: int, rtol: float,
+    reduced: list[np.ndarray], base: list[np.ndarray], n: int, rtol: float,
 ) -> None:
     listed: dict[tuple[FeatureKey, str, int], np.ndarray] = {}
     for key in keys:
         for s in table.get(key, []):
             listed[(key, s.path, s.axis)] = np.asarray(s.indices, dtype=np.int64)
-    for t, values in zip(targets, reduced):
+    noted: set[str] = set()
+    for t, values, at_zero in zip(targets, reduced, base):
         strength = np.maximum(values[:n], values[n:])  # the feature's two draws
         threshold = rtol * float(strength.max()) if strength.size else 0.0
+        if t.kind == "in" and t.path not in noted and float(np.max(at_zero, initial=0.0)) > max(
+            threshold, 1e-30
+        ):
+            # What such a weight reads is not 0 when every feature is 0, so its gradient also
+            # carries the cotangent, which may depend on any feature.
+            noted.add(t.path)
+            result.notes.append(
+                f"'{t.path}' reads non-zero values when every input feature is 0 (a layer "
+                "before it does not map 0 to 0: a sigmoid, an offset, an integer input); extra "
+                "dependencies reported for it may come from that rather than from a wrong rule."
+            )
         for row, key in enumerate(keys):
             found = np.nonzero(strength[row] > threshold)[0] if threshold > 0 else np.array(
                 [], dtype=np.int64)
@@ -638,26 +645,6 @@ def _compare(
                 result.mismatches.append(
                     Mismatch(key, t.path, t.axis, only_symbolic, only_gradient)
                 )
-
-
-def _base_notes(gradients: _GradientProbe, targets: list[_Target]) -> list[str]:
-    """Weights that already have a gradient when every feature is 0 read something that does
-    not map 0 to 0 (a sigmoid, an offset, an integer input's values): extra dependencies
-    reported for them may come from that rather than from a wrong rule."""
-    notes = []
-    seen = set()
-    for t, (v, _) in zip(targets, gradients.reductions):
-        if t.path in seen or t.kind != "in":
-            continue
-        base = np.asarray(gradients.base_raw[v]) if hasattr(gradients, "base_raw") else None
-        if base is not None and np.any(base != 0):
-            seen.add(t.path)
-            notes.append(
-                f"'{t.path}' has a non-zero gradient when every input feature is 0: a layer "
-                "before it does not map 0 to 0, so the cotangent it sees can depend on other "
-                "features; extra dependencies reported for it may come from that."
-            )
-    return notes
 
 
 # -- function preservation ------------------------------------------------------------------------
@@ -703,3 +690,266 @@ class PreservationCheck:
             "outputs": [vars(o).copy() for o in self.outputs],
             "skipped": list(self.skipped),
         }
+
+
+def _input_struct(model: Any) -> Any:
+    try:
+        return model.input
+    except (AttributeError, ValueError):
+        return None
+
+
+def pack_inputs(model: Any, names: Sequence[str], tensors: Sequence[Any]) -> Any:
+    """Arranges one tensor per graph input (in `names` order) the way `model` takes them."""
+    import keras
+
+    struct = _input_struct(model)
+    if struct is not None:
+        flat = keras.tree.flatten(struct)
+        by_name = dict(zip(names, tensors))
+        wanted = [getattr(t, "name", None) for t in flat]
+        if len(flat) == len(tensors) and all(n in by_name for n in wanted):
+            return keras.tree.pack_sequence_as(struct, [by_name[n] for n in wanted])
+    return list(tensors) if len(tensors) > 1 else tensors[0]
+
+
+def _random_input(shape: tuple[int, ...], dtype: str, rng: np.random.Generator) -> np.ndarray:
+    if _is_float(dtype):
+        return rng.normal(size=shape).astype(dtype)
+    if "int" in dtype or dtype == "bool":
+        # small ids: valid rows of any table of two or more, and not the mask id 0 only
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    raise TypeError(dtype)
+
+
+def _axis_selections(old_axes: Sequence[Any], new_axes: Sequence[Any],
+                     old_shape: Sequence[int], new_shape: Sequence[int]):
+    """Per non-batch axis, (old indices, new indices) of the entries the two tensors share."""
+    from keras_surgery.plan import index_map
+
+    old_sel, new_sel = [], []
+    for a in range(len(old_shape)):
+        oa = old_axes[a] if a < len(old_axes) else None
+        na = new_axes[a] if a < len(new_axes) else None
+        if oa is not None and na is not None and oa.ids is not None and na.ids is not None:
+            idx = index_map(oa.ids, na.ids)
+            keep = np.nonzero(idx >= 0)[0]
+            new_sel.append(keep)
+            old_sel.append(idx[keep])
+        else:
+            m = min(old_shape[a], new_shape[a])
+            old_sel.append(np.arange(m))
+            new_sel.append(np.arange(m))
+    return old_sel, new_sel
+
+
+def _outputs(model: Any, inputs: Any) -> list[np.ndarray]:
+    import keras
+
+    return [np.asarray(o) for o in keras.tree.flatten(model(inputs, training=False))]
+
+
+def check_preservation(
+    old_model: Any,
+    new_model: Any,
+    plan: Any,
+    *,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    batch: int = 8,
+    seed: int = 0,
+) -> PreservationCheck:
+    """Runs the old and the new model on the same inputs and compares the old outputs.
+
+    The new model gets random inputs; the old model's input columns are taken from the new
+    columns that continue them (by the plan's input labels: the same feature, wherever it moved)
+    and are 0 where the feature was removed. Each old output is compared with the new output
+    that continues it, on the indices they share (by the plan's output labels).
+
+    Args:
+        old_model: the old keras.Model (live; a file is never deserialised).
+        new_model: the new keras.Model, after the surgery.
+        plan: the SurgeryPlan of the surgery (made by ModelMigrator, so it carries its labels).
+        atol, rtol: an output passes when max |new - old| <= atol + rtol * max |old|.
+        batch: number of random examples.
+        seed: seeds the random inputs.
+
+    Returns:
+        PreservationCheck with one OutputDiff per compared output.
+    """
+    labels = getattr(plan, "labels", None)
+    if labels is None:
+        raise SurgeryError(
+            "This plan carries no labels (it was loaded from JSON); make it with ModelMigrator "
+            "to check function preservation."
+        )
+    old_labels, new_labels = labels
+    check = PreservationCheck([], atol=atol, rtol=rtol)
+    rng = np.random.default_rng(seed)
+
+    def runtime_shape(shape: Sequence[int | None]) -> tuple[int, ...]:
+        return (batch,) + tuple(UNKNOWN_DIM if d is None else int(d) for d in shape)
+
+    old_specs = {s.name: s for s in old_labels.graph.inputs}
+    old_values = {}
+    for spec in old_labels.graph.inputs:
+        dtype = spec.dtype if (_is_float(spec.dtype) or "int" in spec.dtype) else None
+        if dtype is None:
+            check.skipped.append(f"input '{spec.name}' has dtype {spec.dtype}; outputs were not "
+                                 "compared")
+            return check
+        old_values[spec.name] = np.zeros(runtime_shape(spec.shape), dtype=dtype)
+    new_values = []
+    for spec in new_labels.graph.inputs:
+        try:
+            value = _random_input(runtime_shape(spec.shape), spec.dtype, rng)
+        except TypeError:
+            check.skipped.append(f"input '{spec.name}' has dtype {spec.dtype}; outputs were not "
+                                 "compared")
+            return check
+        new_values.append(value)
+        identity = new_labels.input_identity.get(spec.name, spec.name)
+        old_spec = old_specs.get(identity)
+        if old_spec is None:
+            continue
+        old_value = old_values[identity]
+        old_sel, new_sel = _axis_selections(
+            old_labels.tensors[(identity, 0, 0)], new_labels.tensors[(spec.name, 0, 0)],
+            old_value.shape[1:], value.shape[1:],
+        )
+        rows = np.arange(batch)
+        old_value[np.ix_(rows, *old_sel)] = value[np.ix_(rows, *new_sel)]
+
+    old_names = [s.name for s in old_labels.graph.inputs]
+    new_names = [s.name for s in new_labels.graph.inputs]
+    old_out = _outputs(old_model, pack_inputs(old_model, old_names,
+                                              [old_values[n] for n in old_names]))
+    new_out = _outputs(new_model, pack_inputs(new_model, new_names, new_values))
+
+    identity_of = {rec.identity: name for name, rec in new_labels.records.items()}
+    identity_of.update({ident: name for name, ident in new_labels.input_identity.items()})
+    new_refs = list(new_labels.graph.outputs)
+    for p, ref in enumerate(old_labels.graph.outputs):
+        new_name = identity_of.get(ref[0])
+        new_ref = (new_name, ref[1], ref[2])
+        if new_name is None or new_ref not in new_refs or p >= len(old_out):
+            check.skipped.append(f"old output '{ref[0]}' is not an output of the new model")
+            continue
+        q = new_refs.index(new_ref)
+        if q >= len(new_out):
+            check.skipped.append(f"new output '{new_name}' was not returned by the model")
+            continue
+        a, b = old_out[p], new_out[q]
+        old_sel, new_sel = _axis_selections(
+            old_labels.tensors.get(ref, ()), new_labels.tensors.get(new_ref, ()),
+            a.shape[1:], b.shape[1:],
+        )
+        rows = np.arange(a.shape[0])
+        a = a[np.ix_(rows, *old_sel)].astype(np.float64)
+        b = b[np.ix_(rows, *new_sel)].astype(np.float64)
+        max_abs = float(np.max(np.abs(a - b))) if a.size else 0.0
+        scale = float(np.max(np.abs(a))) if a.size else 0.0
+        check.outputs.append(OutputDiff(
+            name=new_name,
+            max_abs=max_abs,
+            max_rel=max_abs / scale if scale > 0 else max_abs,
+            compared=int(a.size),
+            ok=bool(max_abs <= atol + rtol * scale) and bool(np.all(np.isfinite(b))),
+        ))
+    return check
+
+
+# -- verify=True in migrate_weights ---------------------------------------------------------------
+
+
+@dataclass
+class SurgeryVerification:
+    """What `migrate_weights(..., verify=True)` checked.
+
+    Attributes:
+        mapping: the gradient verification of the new model's phi table.
+        preservation: old vs new outputs (None when the old model is a file).
+        failures: why the verification failed (empty when it passed).
+    """
+
+    mapping: VerificationResult | None
+    preservation: PreservationCheck | None
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def summary(self) -> str:
+        parts = []
+        if self.mapping is not None:
+            parts.append(self.mapping.summary())
+        if self.preservation is not None:
+            parts.append(self.preservation.summary())
+        return "\n".join(parts + [f"failure: {f}" for f in self.failures])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "mapping": None if self.mapping is None else self.mapping.to_dict(),
+            "preservation": None if self.preservation is None else self.preservation.to_dict(),
+            "failures": list(self.failures),
+        }
+
+
+VERIFY_MODES = ("raise", "warn")
+
+
+def verify_mode(verify: Any) -> str | None:
+    """`verify=` of migrate_weights as a mode: None (off), "raise" (True) or "warn"."""
+    if verify is False or verify is None:
+        return None
+    if verify is True:
+        return "raise"
+    if verify in VERIFY_MODES:
+        return str(verify)
+    raise SurgeryError(
+        f"verify must be True, False, 'raise' or 'warn'. Received: verify={verify!r}"
+    )
+
+
+def file_warning() -> str:
+    return (
+        "verify: the old model is a file, and running it would mean deserialising it (which "
+        "keras-surgery never does), so old and new outputs were not compared; only the new "
+        "model's labels were checked against gradients. Pass the old keras.Model to compare "
+        "outputs."
+    )
+
+
+def mapping_failure(result: VerificationResult) -> str:
+    shown = "; ".join(m.describe() for m in result.mismatches[:3])
+    more = f" (and {len(result.mismatches) - 3} more)" if len(result.mismatches) > 3 else ""
+    return (
+        f"verify: the labels of {result.model} disagree with its gradients, so a rule labels "
+        f"some index wrongly: {shown}{more}"
+    )
+
+
+def preservation_failure(check: PreservationCheck) -> str:
+    bad = [o for o in check.outputs if not o.ok]
+    shown = ", ".join(f"'{o.name}' max |new - old| = {o.max_abs:.3g} (relative {o.max_rel:.3g})"
+                      for o in bad)
+    return (
+        "verify: the report promised to preserve the old function, but the new model's outputs "
+        f"differ: {shown}"
+    )
+
+
+def snapshot(model: Any) -> Callable[[], None]:
+    """Saves every variable of `model` (optimizer included); the returned function restores."""
+    variables = live_variables(model)
+    saved = {p: np.array(v.numpy(), copy=True) for p, v in variables.items()
+             if hasattr(v, "assign") and hasattr(v, "numpy")}
+
+    def restore() -> None:
+        for p, value in saved.items():
+            variables[p].assign(value)
+        finalize_layers(model, [variables[p] for p in saved])
+
+    return restore

@@ -76,3 +76,28 @@ def test_migrate_require_preserve_writes_nothing(tmp_path, capsys):
     assert main(["migrate", old, new, "-o", str(out), "--require-preserve"]) == 1
     assert not out.exists()
     assert main(["migrate", str(tmp_path / "nope.keras"), new, "-o", str(out)]) == 2
+
+
+def test_html_and_plot_reports(tmp_path, capsys):
+    old = _save(tmp_path, "old.keras", 3, 2)
+    new = _save(tmp_path, "new.keras", 4, 2)
+    html, png = tmp_path / "report.html", tmp_path / "report.png"
+    assert main(["diff", old, new, "--html", str(html), "--plot", str(png)]) == 0
+    page = html.read_text()
+    assert "<svg" in page and "partial" in page and "preserves_function: <b>True" in page
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_region_map_matches_the_plan():
+    import numpy as np
+
+    from keras_surgery.plan import AxisMap, WeightPlan
+    from keras_surgery.visual import COPIED, FRESH, ZEROED, region_map
+
+    wp = WeightPlan("d", "kernel", "p", (3, 4), axes=[
+        AxisMap("in", np.array([0, -1, 1])), AxisMap("out", np.array([0, 1, -1, 2]))])
+    grid = region_map(wp, "preserve")
+    expected = np.array([[COPIED, COPIED, FRESH, COPIED],
+                         [ZEROED, ZEROED, FRESH, ZEROED],
+                         [COPIED, COPIED, FRESH, COPIED]])
+    np.testing.assert_array_equal(grid, expected)
