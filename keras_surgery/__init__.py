@@ -19,6 +19,7 @@ from keras_surgery.phi import ParamSlice, PhiTable, phi_table
 from keras_surgery.plan import ModelMigrator, SurgeryPlan
 from keras_surgery.registry import register_rule, unregister_rule
 from keras_surgery.report import SurgeryReport
+from keras_surgery.verify import VerificationResult, verify_mapping
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "SurgeryPlan",
     "SurgeryReport",
     "UnsupportedLayerError",
+    "VerificationResult",
     "migrate_folder",
     "migrate_weights",
     "phi_table",
@@ -40,4 +42,5 @@ __all__ = [
     "register_rule",
     "save_with_lineage",
     "unregister_rule",
+    "verify_mapping",
 ]

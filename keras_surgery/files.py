@@ -53,14 +53,14 @@ def read_lineage(path: str | os.PathLike) -> dict[str, Any] | None:
     """
     try:
         archive = zipfile.ZipFile(os.fspath(path))
-    except (OSError, zipfile.BadZipFile, ValueError):
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError):
         return None
     with archive:
         if LINEAGE_MEMBER not in archive.namelist():
             return None
         try:
             data = json.loads(archive.read(LINEAGE_MEMBER).decode("utf-8"))
-        except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        except (OSError, EOFError, RecursionError, zipfile.BadZipFile, ValueError) as exc:
             raise SurgeryFileError(f"'{path}': unreadable {LINEAGE_MEMBER} ({exc}).") from exc
     if not isinstance(data, dict):
         raise SurgeryFileError(f"'{path}': {LINEAGE_MEMBER} must hold a JSON object.")
@@ -203,7 +203,10 @@ def apply_file(
                     if parent not in h5:
                         h5.require_group(parent)
                         _copy_attrs(tmpl, parent, h5)
+                    # As H5IOStore writes it; the dataset's attributes (bfloat16's "dtype" tag)
+                    # come from the template.
                     h5.create_dataset(path, data=np.asarray(value).astype(fresh.dtype))
+                    _copy_attrs(tmpl, path, h5)
                     progress(i + 1)
                 _copy_empty_groups(tmpl, h5)
             with zipfile.ZipFile(template) as archive:

@@ -1,7 +1,9 @@
 """Reads `.keras` files as data: config.json parsed as JSON, weights read lazily with h5py.
 
-Nothing in the file is deserialised: no layer is instantiated, no custom class is imported,
-no code from the file runs. Keras's own loader (`saving_lib.load_model`, `H5IOStore`) streams
+The model is not deserialised: no custom class is imported and no code from the file runs.
+The only objects ever made from the config are Keras's own built-in layers, in safe mode and
+without allocating their variables, to learn which variables Keras would store for them
+(`keras_layout`). Keras's own loader (`saving_lib.load_model`, `H5IOStore`) streams
 the weights member through zipfile's reader; we open the member in place instead (a file object
 over its byte range when it is stored uncompressed, which is how Keras writes it), so reading a
 tensor costs what h5py costs, and only the tensors asked for are read.

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from keras_surgery.errors import SurgeryError
 from keras_surgery.features import FeatureSpec
 from keras_surgery.plan import ModelMigrator
 from keras_surgery.report import SurgeryReport
+from keras_surgery.sources import is_path
 
 
 def migrate_weights(
@@ -18,7 +20,7 @@ def migrate_weights(
     policy: str = "preserve",
     optimizer: bool = True,
     strict: bool = False,
-    verify: bool = False,
+    verify: bool | str = False,
 ) -> SurgeryReport:
     """Moves the weights of `old` into the modified `new_model`, in place.
 
@@ -40,7 +42,15 @@ def migrate_weights(
             migrated and why.
         strict: raise UnsupportedLayerError for a layer without a rule instead of treating it
             as opaque with a warning.
-        verify: not implemented yet; passing True raises NotImplementedError.
+        verify: check the surgery, two independent ways. First the new model's labels are
+            checked against gradients of a probe copy (`verify_mapping`), before any weight is
+            written. Then, when `old` is a live keras.Model, old and new are run on the same
+            random inputs (removed features 0 in the old input) and the old outputs compared
+            (`check_preservation`); an old *file* is never run, since that would deserialise
+            it, and a report warning says so. `True` (or "raise") raises SurgeryError when the
+            labels disagree with gradients, or when the report promised preservation and the
+            outputs differ - the new model is then left as it was; "warn" adds the failures
+            to `report.warnings` instead. What was checked is in `report.verification`.
 
     Returns:
         SurgeryReport with `preserves_function`, `warnings`, `summary()` and `to_dict()`.
@@ -53,11 +63,44 @@ def migrate_weights(
         >>> report.preserves_function
         True
     """
-    if verify:
-        raise NotImplementedError(
-            "verify=True needs the gradient verifier, which is not implemented yet."
-        )
+    from keras_surgery import verify as checks
+
+    mode = checks.verify_mode(verify)
+    mapping = None
+    if mode is not None:
+        mapping = checks.verify_mapping(new_model, features=new_features, strict=strict)
+        if not mapping.ok and mode == "raise":
+            raise SurgeryError(checks.mapping_failure(mapping) + " The new model was not changed.")
     plan = ModelMigrator(old, old_features=old_features, strict=strict).plan(
         new_model, new_features=new_features, policy=policy
     )
-    return plan.apply(new_model, optimizer=optimizer)
+    restore = checks.snapshot(new_model) if mode == "raise" and not is_path(old) else None
+    report = plan.apply(new_model, optimizer=optimizer)
+    if mode is not None:
+        _verify(old, new_model, plan, report, mapping, mode, restore)
+    return report
+
+
+def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping: Any, mode: str,
+            restore: Any) -> None:
+    from keras_surgery import verify as checks
+
+    failures = [] if mapping is None or mapping.ok else [checks.mapping_failure(mapping)]
+    preservation = None
+    if is_path(old):
+        report.warnings.append(checks.file_warning())
+    else:
+        preservation = checks.check_preservation(old, new_model, plan)
+        if report.preserves_function and not preservation.ok:
+            failures.append(checks.preservation_failure(preservation))
+    report.verification = checks.SurgeryVerification(mapping, preservation, failures)
+    if not failures:
+        return
+    if mode == "raise":
+        if restore is not None:
+            restore()
+        raise SurgeryError("\n".join(failures) + "\nThe new model was restored to its values "
+                           "before the surgery.")
+    report.warnings.extend(failures)
+    if preservation is None or not preservation.ok:
+        report.preserves_function = False

@@ -65,13 +65,14 @@ def _sorted_optimizer_paths(paths: Any) -> list[str]:
 
 def file_layout(graph: ModelGraph, config: dict, records: dict) -> OptimizerLayout | None:
     """The optimizer layout of a `.keras` file, from its compile config and weight tree."""
-    compile_config = config.get("compile_config") or {}
-    opt = compile_config.get("optimizer")
+    compile_config = config.get("compile_config")
+    opt = compile_config.get("optimizer") if isinstance(compile_config, dict) else None
     paths = graph.source.paths()
     variables = _sorted_optimizer_paths(paths)
     if not isinstance(opt, dict) or not variables:
         return None
-    lr = (opt.get("config") or {}).get("learning_rate")
+    opt_config = opt.get("config")
+    lr = opt_config.get("learning_rate") if isinstance(opt_config, dict) else None
     fixed = 1 + (1 if isinstance(lr, (int, float)) else 0)
     trainable: list[str] = []
     for name, node in graph.layers.items():

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from keras_surgery import rules as _rules  # noqa: F401 - registers the built-in rules
-from keras_surgery.errors import UnsupportedLayerError
+from keras_surgery.errors import SurgeryFileError, UnsupportedLayerError
 from keras_surgery.features import FeatureColumn, FeatureSpec, feature_columns
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, TensorRef
 from keras_surgery.labels import (
@@ -30,6 +30,8 @@ from keras_surgery.rules.api import RuleCall, RuleResult
 from keras_surgery.rules.opaque import opaque_rule
 
 logger = logging.getLogger("keras_surgery")
+
+MAX_OUTPUTS = 4096  # outputs of one layer call; a larger index in a config is damage
 
 LayerMatcher = Callable[[LayerNode, list[TensorLabels], int], "str | None"]
 InputMatcher = Callable[[InputSpec, int], "str | None"]
@@ -142,7 +144,14 @@ def propagate(
     for position, (name, call_index) in enumerate(graph.order):
         node = graph.layers[name]
         call = node.calls[call_index]
-        inputs = [labels.tensors[ref] for ref in call.inputs]
+        inputs = []
+        for ref in call.inputs:
+            if ref not in labels.tensors:
+                raise SurgeryFileError(
+                    f"{graph.description}: layer '{name}' reads output {ref[2]} of layer "
+                    f"'{ref[0]}' (call {ref[1]}), which that layer does not produce."
+                )
+            inputs.append(labels.tensors[ref])
         record = labels.records.get(name)
         if record is None:
             identity = (match_layer(node, inputs, position) if match_layer else None) or name
@@ -203,6 +212,11 @@ def _output_shapes(graph: ModelGraph, name: str, call_index: int) -> list:
              if ref[0] == name and ref[1] == call_index}
     if not known:
         return []
+    if max(known) > MAX_OUTPUTS:
+        raise SurgeryFileError(
+            f"{graph.description}: layer '{name}' is referenced with output index {max(known)};"
+            f" at most {MAX_OUTPUTS} outputs per layer are accepted."
+        )
     return [known.get(t) for t in range(max(known) + 1)]
 
 

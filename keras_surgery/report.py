@@ -39,12 +39,15 @@ class SurgeryReport:
             removed input features set to 0 in the old model's input).
         warnings: each names a layer or weight and the reason.
         plan: the SurgeryPlan that was applied.
+        verification: what `migrate_weights(..., verify=...)` checked (a
+            `keras_surgery.verify.SurgeryVerification`), or None.
     """
 
     def __init__(self, plan: SurgeryPlan, *, warnings: list[str] | None = None):
         self.plan = plan
         self.warnings = list(dict.fromkeys(warnings if warnings is not None else plan.warnings))
         self.preserves_function = plan.preserves_function
+        self.verification: Any = None
 
     @property
     def totals(self) -> dict[str, int]:
@@ -67,6 +70,8 @@ class SurgeryReport:
         data = self.plan.to_dict()
         data["warnings"] = list(self.warnings)
         data["preserves_function"] = self.preserves_function
+        if self.verification is not None:
+            data["verification"] = self.verification.to_dict()
         return data
 
     def to_json(self, **kwargs: Any) -> str:

@@ -47,7 +47,6 @@ UNKNOWN_DIM = 4  # length given to axes of unknown length (time steps, pixels) i
 ZERO_NAMES = frozenset({"bias", "beta", "moving_mean", "mean", "embeddings", "offset"})
 UNIT_NAMES = frozenset({"gamma", "moving_variance", "variance", "scale"})
 KEEP_NAMES = frozenset({"count", "iterations"})
-CHUNK_BUDGET = 2**25  # floats of per-example gradients held at once by the vectorised probe
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -220,6 +219,12 @@ def _targets(labels: GraphLabels) -> tuple[list[_Target], list[Unverified], dict
         for w, spec in zip(record.result.weights, record.node.weights):
             path = f"{name}/{w.role}"
             kinds[spec.path] = tuple(a.kind for a in w.axes)
+            if record.opaque:
+                unverified.append(Unverified(
+                    f"layer '{name}' has no rule that labels it (opaque), so phi lists none of "
+                    "its entries", path=path,
+                ))
+                continue
             for axis, waxis in enumerate(w.axes):
                 if waxis.labels.ids is None:
                     continue
@@ -326,11 +331,13 @@ def _layer_by_name(model: Any, name: str) -> Any:
     return layer
 
 
-def _gradient_reads_input(layer: Any, input_shape: Sequence[int | None], variable: Any) -> bool:
-    """Whether the gradient of `variable` (a weight of `layer`) changes with the layer's input.
+def _gradient_kind(layer: Any, input_shape: Sequence[int | None], variable: Any) -> str:
+    """How the gradient of `variable` (a weight of `layer`) relates to the layer's input.
 
-    It does not for a per-channel term that is *added* (beta, moving mean, a bias): such a
-    weight's gradient is the cotangent arriving at its channel, whatever the channel reads.
+    "reads": it changes with the input (a multiplied weight). "added": it does not - a
+    per-channel term that is added (beta, moving mean, a bias), whose gradient is the cotangent
+    arriving at its channel whatever the channel reads. "none": no gradient reaches it (a
+    layer that computes with values cached from the variable).
     """
     import tensorflow as tf
 
@@ -351,22 +358,30 @@ def _gradient_reads_input(layer: Any, input_shape: Sequence[int | None], variabl
             loss = tf.reduce_sum(tf.cast(y, "float32") * cotangent)
         grad = tape.gradient(loss, variable.value)
         grads.append(np.zeros(variable.shape) if grad is None else np.asarray(grad))
-    scale = max(float(np.max(np.abs(grads[0]))), float(np.max(np.abs(grads[1]))), 1e-30)
-    return float(np.max(np.abs(grads[0] - grads[1]))) > 1e-5 * scale
+    scale = max(float(np.max(np.abs(grads[0]))), float(np.max(np.abs(grads[1]))))
+    if scale == 0:
+        return "none"
+    return "reads" if float(np.max(np.abs(grads[0] - grads[1]))) > 1e-5 * scale else "added"
 
 
-def _added_weights(
+UNPROBED_REASONS = {
+    "added": "its gradient does not read the layer's input (a per-channel term that is added), "
+             "so gradients cannot tell which features it belongs to",
+    "none": "no gradient reaches it (the layer computes with values cached from it)",
+}
+
+
+def _unprobed_weights(
     probe: Any, graph: ModelGraph, targets: list[_Target], variables: dict[str, Any]
-) -> set[str]:
-    """Store paths of weights with only `diag` input-side axes whose gradient does not read the
-    layer's input (checked on the layer alone; layers that cannot be called alone are kept)."""
+) -> dict[str, str]:
+    """Store path -> "added" or "none", for weights with only `diag` input-side axes whose
+    gradient does not read the layer's input (checked on the layer alone; a layer that cannot
+    be called alone keeps its weights verified)."""
     kinds_by_path: dict[str, set[str]] = {}
-    owner: dict[str, str] = {}
     for t in targets:
         kinds_by_path.setdefault(t.store_path, set()).add(t.kind)
-        owner[t.store_path] = t.path.split("/")[0]
     layer_of = {spec.path: name for name, node in graph.layers.items() for spec in node.weights}
-    added = set()
+    found = {}
     for store_path, kinds in kinds_by_path.items():
         if kinds != {"diag"}:
             continue
@@ -378,14 +393,13 @@ def _added_weights(
         if shape is None:
             continue
         try:
-            layer = _layer_by_name(probe, name)
-            reads = _gradient_reads_input(layer, shape, variables[store_path])
+            kind = _gradient_kind(_layer_by_name(probe, name), shape, variables[store_path])
         except Exception:  # a layer that cannot run alone: keep the weight as verified
             logger.debug("cannot call layer %s alone", name, exc_info=True)
             continue
-        if not reads:
-            added.add(store_path)
-    return added
+        if kind != "reads":
+            found[store_path] = kind
+    return found
 
 
 # -- the gradient side --------------------------------------------------------------------------
@@ -393,10 +407,10 @@ def _added_weights(
 
 class _GradientProbe:
     """Per-example gradients of a random projection of every output, reduced onto each target
-    axis, vectorised over examples (falls back to a loop where vectorisation fails)."""
+    axis; `chunk` examples per graph call."""
 
     def __init__(self, probe: Any, inputs: list[_ProbeInput], variables: list[Any],
-                 reductions: list[tuple[int, tuple[int, ...]]], seed: int):
+                 reductions: list[tuple[int, tuple[int, ...]]], seed: int, chunk: int = 8):
         import keras
         import tensorflow as tf
 
@@ -420,9 +434,8 @@ class _GradientProbe:
                                                                        for z in zero])]
         self.base_reduced = [np.abs(np.asarray(self.base[v])).sum(axis=axes) if axes
                              else np.abs(np.asarray(self.base[v])) for v, axes in reductions]
-        size = sum(int(np.prod(v.shape)) for v in self.variables)
-        self.chunk = int(max(1, min(64, CHUNK_BUDGET // max(size, 1))))
-        self._vectorised = None
+        self.chunk = chunk
+        self._chunk_fn: Callable | None = None
 
     def _zero_example(self) -> list[np.ndarray]:
         examples = []
@@ -474,25 +487,19 @@ class _GradientProbe:
     def _run_chunk(self, part: list[np.ndarray]) -> list[np.ndarray]:
         tf = self.tf
         n = len(part[0])
-        padded = [np.concatenate([p, np.repeat(p[-1:], self.chunk - n, axis=0)]) if
-                  n < self.chunk else p for p in part]
-        tensors = [tf.constant(p) for p in padded]
-        if self._vectorised is not False:
-            try:
-                if self._vectorised is None:
-                    self._vectorised = tf.function(
-                        lambda xs: tf.vectorized_map(self._reduce, xs)
-                    )
-                out = self._vectorised(tensors)
-                return [np.asarray(o)[:n] for o in out]
-            except Exception:  # an op pfor cannot vectorise: one example at a time
-                logger.debug("vectorised gradients failed; looping", exc_info=True)
-                self._vectorised = False
-        one = getattr(self, "_one", None)
-        if one is None:
-            one = self._one = tf.function(self._reduce)
-        rows = [one([t[i] for t in tensors]) for i in range(n)]
-        return [np.stack([np.asarray(r[k]) for r in rows]) for k in range(len(self.reductions))]
+        if n < self.chunk:  # pad with copies of the last example: one traced graph only
+            part = [np.concatenate([p, np.repeat(p[-1:], self.chunk - n, axis=0)]) for p in part]
+        if self._chunk_fn is None:
+            # Unrolled in one graph (the executor runs the backward passes side by side), not
+            # tf.vectorized_map: pfor-vectorised MultiHeadAttention gradients corrupt memory
+            # with oneDNN on (TF 2.21: segfaults, malloc assertions from batch 8 up).
+            def chunk_fn(tensors: list[Any]) -> list[Any]:
+                rows = [self._reduce([t[i] for t in tensors]) for i in range(self.chunk)]
+                return [tf.stack([r[k] for r in rows]) for k in range(len(self.reductions))]
+
+            self._chunk_fn = tf.function(chunk_fn)
+        out = self._chunk_fn([tf.constant(p) for p in part])
+        return [np.asarray(o)[:n] for o in out]
 
 
 def _perturbations(
@@ -577,14 +584,11 @@ def verify_mapping(
             f"The probe copy of model '{model.name}' lacks variables {missing[:3]}; "
             "clone_model did not reproduce the architecture."
         )
-    added = _added_weights(probe, graph, targets, variables)
-    for store_path in sorted(added):
+    unprobed = _unprobed_weights(probe, graph, targets, variables)
+    for store_path, kind in unprobed.items():
         path = next(t.path for t in targets if t.store_path == store_path)
-        unverified.append(Unverified(
-            "its gradient does not read the layer's input (a per-channel term that is added), "
-            "so gradients cannot tell which features it belongs to", path=path,
-        ))
-    targets = [t for t in targets if t.store_path not in added]
+        unverified.append(Unverified(UNPROBED_REASONS[kind], path=path))
+    targets = [t for t in targets if t.store_path not in unprobed]
     result = VerificationResult(
         graph.description, keys, [], unverified, 0,
     )

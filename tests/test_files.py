@@ -98,3 +98,22 @@ def test_lineage_is_ignored_by_keras_and_read_by_the_next_surgery(tmp_path):
     rng = np.random.default_rng(1)
     x_old = rng.normal(size=(4, 3)).astype("float32")
     assert max_diff(predict(v1, x_old), predict(v2, _new_input(x_old, rng))) <= 1e-5
+
+
+def test_bfloat16_checkpoint_file_to_file(tmp_path):
+    def build(n, width, seed):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((n,), name="obs")
+        return keras.Model(x, keras.layers.Dense(width, dtype="bfloat16", name="d")(x))
+
+    old, new = build(3, 4, 0), build(4, 4, 1)
+    old.save(tmp_path / "old.keras")
+    new.save(tmp_path / "template.keras")
+    plan = ks.ModelMigrator(str(tmp_path / "old.keras")).plan(str(tmp_path / "template.keras"))
+    plan.apply_file(tmp_path / "old.keras", tmp_path / "out.keras",
+                    template=tmp_path / "template.keras")
+    loaded = keras.saving.load_model(tmp_path / "out.keras")
+    kernel = np.asarray(loaded.get_layer("d").kernel.numpy(), dtype="float32")
+    np.testing.assert_array_equal(kernel[:3], np.asarray(old.get_layer("d").kernel.numpy(),
+                                                         dtype="float32"))
+    assert np.all(kernel[3] == 0)

@@ -113,8 +113,8 @@ def _conv():
 
 def _recurrent():
     x = keras.Input((5, 3))
-    h = L.LSTM(4, return_sequences=True, name="lstm")(x)
-    return keras.Model(x, L.GRU(3)(h))
+    h = L.LSTM(4, return_sequences=True, dropout=0.1, name="lstm")(x)
+    return keras.Model(x, L.GRU(3)(L.Dropout(0.2)(h)))
 
 
 def _embedding_bidirectional():

@@ -151,6 +151,16 @@ class RuleCall:
             axis.deps,
         )
 
+    def mixed(self, x: TensorLabels, axes: Sequence[int]) -> TensorLabels:
+        """`x` after mixing every index of `axes` into each of them (a softmax, a
+        LayerNormalization): the labels stay, and each index of those axes now depends on what
+        any of them depended on."""
+        dep = self.union(*(x[a] for a in axes))
+        return tuple(
+            AxisLabels(a.ids, np.full(len(a.deps), dep, dtype=np.int64)) if i in axes else a
+            for i, a in enumerate(x)
+        )
+
     def weight_count_error(self, expected: Sequence[str]) -> ValueError:
         return ValueError(
             f"{self.describe()} has {len(self.weights)} variable(s) "

@@ -90,6 +90,9 @@ def einsum_dense_rule(call: RuleCall) -> RuleResult:
     elided = "..." in in_spec
     in_letters = in_spec.replace("...", "")
     out_letters = out_spec.replace("...", "")
+    if not elided and len(in_letters) == len(x) + 1 and out_letters[:1] == in_letters[:1]:
+        # Keras equations name the batch axis too ("ab,bc->ac"); labels have no batch axis.
+        in_letters, out_letters = in_letters[1:], out_letters[1:]
     # Letters of the input, aligned from the right when the leading axes are elided.
     offset = len(x) - len(in_letters) if elided else 0
     if offset < 0 or (not elided and len(in_letters) != len(x)):

@@ -37,13 +37,17 @@ def activation_rule(call: RuleCall) -> RuleResult:
     mixing = []
     if act in MIXING_ACTIVATIONS:
         mixing.append(_mixing_on(call, x, -1, f"'{act}' normalises over the last axis"))
+        x = call.mixed(x, [len(x) - 1])
     return RuleResult([x], check_weights(call, []), mixing)
 
 
 def softmax_rule(call: RuleCall) -> RuleResult:
     x = single_input(call)
-    mixing = _mixing_on(call, x, call.config.get("axis", -1), "softmax normalises over its axis")
-    return RuleResult([x], check_weights(call, []), [mixing])
+    axis = call.config.get("axis", -1)
+    mixing = _mixing_on(call, x, axis, "softmax normalises over its axis")
+    axes = [axis] if isinstance(axis, int) else list(axis)
+    out = call.mixed(x, [call.normalize_axis(int(a), len(x)) for a in axes])
+    return RuleResult([out], check_weights(call, []), [mixing])
 
 
 def prelu_rule(call: RuleCall) -> RuleResult:
@@ -53,6 +57,13 @@ def prelu_rule(call: RuleCall) -> RuleResult:
     broadcast = AxisLabels(np.array([call.space.intern(("broadcast",))]), np.zeros(1, np.int64))
     axes = [("struct", broadcast) if i in shared else ("diag", a) for i, a in enumerate(x)]
     return RuleResult([x], check_weights(call, [weight("alpha", *axes)]))
+
+
+def layer_scale_rule(call: RuleCall) -> RuleResult:
+    """x * gamma with one gamma per index of the last axis (ConvNeXt's LayerScale): 0 stays 0,
+    and gamma follows its channel (diag)."""
+    x = single_input(call)
+    return RuleResult([x], check_weights(call, [weight("gamma", ("diag", x[-1]))]))
 
 
 def rescaling_rule(call: RuleCall) -> RuleResult:
@@ -156,3 +167,17 @@ def _register_ops() -> None:
 
 
 _register_ops()
+
+
+def _register_application_layers() -> None:
+    # Layers that keras.applications models define for themselves (ConvNeXt). StochasticDepth
+    # drops whole examples while training and is the identity otherwise: 0 stays 0.
+    try:
+        from keras.src.applications.convnext import LayerScale, StochasticDepth
+    except ImportError:  # moved in another Keras version: such layers are then opaque, loudly
+        return
+    register_rule(LayerScale, layer_scale_rule)
+    def_passthrough(StochasticDepth)
+
+
+_register_application_layers()

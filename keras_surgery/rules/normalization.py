@@ -42,11 +42,14 @@ def layer_normalization_rule(call: RuleCall) -> RuleResult:
         ["beta"] if call.config.get("center", True) and not call.config.get("rms_scaling")
         else []
     )
-    weights = [weight(role, *(("diag", x[a]) for a in axes)) for role in roles]
+    # gamma and beta act on normalised values, each of which reads the whole axis
+    mixed = call.mixed(x, axes)
+    weights = [weight(role, *(("diag", mixed[a]) for a in axes)) for role in roles]
     if len(call.weights) != len(weights):  # rms_scaling/center combinations vary by version
-        weights = [weight(w.local, *(("diag", x[a]) for a in axes)) for w in call.weights]
+        weights = [weight(w.local, *(("diag", mixed[a]) for a in axes)) for w in call.weights]
     mixing = Mixing(tuple(x[a] for a in axes), "LayerNormalization normalises over this axis")
-    return RuleResult([_derive(call, x, axes)], check_weights(call, weights), [mixing])
+    out = call.mixed(_derive(call, x, axes), axes)
+    return RuleResult([out], check_weights(call, weights), [mixing])
 
 
 def normalization_rule(call: RuleCall) -> RuleResult:
