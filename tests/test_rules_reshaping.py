@@ -13,9 +13,9 @@ import logging
 import keras
 import numpy as np
 import pytest
-from util import assert_input_sensitive, max_diff, predict, randomize
 
 import keras_surgery as ks
+from tests.util import max_diff, predict, prepare_old
 
 TOL = 1e-5
 BATCH = 16
@@ -38,10 +38,7 @@ def _old_model(tmp_path, shape, body, rng, seed=1):
     keras.utils.set_random_seed(seed)
     old = _model(shape, body)
     batch = _normal(rng, BATCH, *shape)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, *shape))
-    path = str(tmp_path / "old.keras")
-    old.save(path)
+    path = prepare_old(old, batch, _normal(rng, BATCH, *shape), tmp_path / "old.keras")
     return old, batch, path
 
 

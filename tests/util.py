@@ -82,3 +82,12 @@ def columns_from(old_x: np.ndarray, old_names, new_names, rng) -> np.ndarray:
         if name in old_names:
             out[..., j] = old_x[..., list(old_names).index(name)]
     return out
+
+
+def prepare_old(model, batch, other_batch, path) -> str:
+    """The usual old side of a surgery test: non-trivial weights (`randomize`), outputs that
+    depend on the input, saved to `path`. Returns the path as a string."""
+    randomize(model, batch)
+    assert_input_sensitive(model, batch, other_batch)
+    model.save(path)
+    return str(path)

@@ -97,6 +97,21 @@ def multi_head_attention_rule(call: RuleCall) -> RuleResult:
     return RuleResult(outputs, check_weights(call, weights), mixing)
 
 
+def _attention_outputs(
+    call: RuleCall, query: TensorLabels, value: TensorLabels, key: TensorLabels
+) -> list[TensorLabels]:
+    """The value's features at the query's positions (each also depending on everything the
+    scores read), and the scores (query x key positions) when they are returned."""
+    dep = call.union(*query, *key)
+    v_last = value[-1]
+    out_last = AxisLabels(v_last.ids, call.deps.union_elementwise(
+        [v_last.deps, np.full(len(v_last.deps), dep, dtype=np.int64)]))
+    outputs: list[TensorLabels] = [(query[0], out_last)]
+    if len(call.output_shapes) > 1:
+        outputs.append((query[0], key[0]))
+    return outputs
+
+
 def attention_rule(call: RuleCall) -> RuleResult:
     """Attention (dot or concat scores): the scores contract query and key features, so those
     feature axes mix; the output carries the value's features at the query's positions."""
@@ -107,14 +122,8 @@ def attention_rule(call: RuleCall) -> RuleResult:
         Mixing((key[-1],), "attention scores contract the key features"),
         Mixing((key[0],), "softmax over the attended positions"),
     ]
-    dep = call.union(*query, *key)
-    v_last = value[-1]
-    out_last = AxisLabels(v_last.ids, call.deps.union_elementwise(
-        [v_last.deps, np.full(len(v_last.deps), dep, dtype=np.int64)]))
-    outputs: list[TensorLabels] = [(query[0], out_last)]
-    if len(call.output_shapes) > 1:
-        outputs.append((query[0], key[0]))
-    return RuleResult(outputs, check_weights(call, weights), mixing)
+    return RuleResult(_attention_outputs(call, query, value, key), check_weights(call, weights),
+                      mixing)
 
 
 def additive_attention_rule(call: RuleCall) -> RuleResult:
@@ -127,14 +136,8 @@ def additive_attention_rule(call: RuleCall) -> RuleResult:
     else:
         weights = []
         mixing.append(Mixing((query[-1],), "unscaled scores sum over every feature"))
-    dep = call.union(*query, *key)
-    v_last = value[-1]
-    out_last = AxisLabels(v_last.ids, call.deps.union_elementwise(
-        [v_last.deps, np.full(len(v_last.deps), dep, dtype=np.int64)]))
-    outputs: list[TensorLabels] = [(query[0], out_last)]
-    if len(call.output_shapes) > 1:
-        outputs.append((query[0], key[0]))
-    return RuleResult(outputs, check_weights(call, weights), mixing)
+    return RuleResult(_attention_outputs(call, query, value, key), check_weights(call, weights),
+                      mixing)
 
 
 register_rule(keras.layers.MultiHeadAttention, multi_head_attention_rule)
