@@ -48,6 +48,7 @@ def fill(wp: WeightPlan, old: np.ndarray, fresh: np.ndarray, policy: str) -> np.
     value = np.array(fresh, copy=True)
     if wp.axes is None:
         return value
+    policy = wp.fill_policy(policy)
     if any(len(a.index) == 0 for a in wp.axes):
         return value
     shape = value.shape

@@ -69,7 +69,7 @@ def migrate_weights(
     mapping = None
     if mode is not None:
         mapping = checks.verify_mapping(new_model, features=new_features, strict=strict)
-        if not mapping.ok and mode == "raise":
+        if mapping.missing and mode == "raise":
             raise SurgeryError(checks.mapping_failure(mapping) + " The new model was not changed.")
     plan = ModelMigrator(old, old_features=old_features, strict=strict).plan(
         new_model, new_features=new_features, policy=policy
@@ -85,7 +85,8 @@ def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping:
             restore: Any) -> None:
     from keras_surgery import verify as checks
 
-    failures = [] if mapping is None or mapping.ok else [checks.mapping_failure(mapping)]
+    failures = [checks.mapping_failure(mapping)] if mapping is not None and mapping.missing \
+        else []
     preservation = None
     if is_path(old):
         report.warnings.append(checks.file_warning())

@@ -52,6 +52,10 @@ class WeightPlan:
     old_shape: tuple[int, ...] | None = None
     axes: list[AxisMap] | None = None  # None: nothing to copy, keep the fresh value
     scale: float = 1.0  # copied values are multiplied by this
+    # False when none of an input-side axis's old indices survived and the old function is lost
+    # anyway: zeros there would only disconnect the layer from its inputs, so new input-side
+    # entries keep their fresh values (the "random" fill for this weight).
+    zero_fill: bool = True
     copied: int = 0
     zeroed: int = 0
     fresh: int = 0
@@ -68,8 +72,13 @@ class WeightPlan:
             return "copied"
         return "partial"
 
+    def fill_policy(self, policy: str) -> str:
+        """The fill rule this weight actually gets under the plan's `policy`."""
+        return policy if self.zero_fill else "random"
+
     def regions(self, policy: str) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks (copy, zero) over the weight, by the fill rule of `policy`."""
+        policy = self.fill_policy(policy)
         if self.axes is None:
             empty = np.zeros(self.shape, dtype=bool)
             return empty, empty
@@ -94,7 +103,7 @@ class WeightPlan:
         self.copied = int(np.prod(matched, dtype=np.int64))
         out_ok = int(np.prod([m if a.kind in OUT_KINDS and not a.zero_new else n
                               for a, m, n in zip(self.axes, matched, lengths)], dtype=np.int64))
-        self.zeroed = out_ok - self.copied if policy == "preserve" else 0
+        self.zeroed = out_ok - self.copied if self.fill_policy(policy) == "preserve" else 0
         self.fresh = total - self.copied - self.zeroed
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +120,7 @@ class WeightPlan:
             "zeroed": self.zeroed,
             "fresh": self.fresh,
             "scale": self.scale,
+            "zero_fill": self.zero_fill,
             "axes": None if self.axes is None
             else [{"kind": a.kind, "index": a.index.tolist(), "zero_new": a.zero_new}
                   for a in self.axes],
@@ -133,6 +143,7 @@ class WeightPlan:
                 for a in axes
             ],
             scale=float(data.get("scale", 1.0)),
+            zero_fill=bool(data.get("zero_fill", True)),
             copied=data.get("copied", 0),
             zeroed=data.get("zeroed", 0),
             fresh=data.get("fresh", 0),
@@ -468,6 +479,13 @@ def build_plan(
                         if na.kind in ("in", "struct", "lookup"):
                             lost = np.setdiff1d(o_ids, n_ids)
                             unsafe = lost[~space.zero_safe(lost)]
+                            if len(unsafe) and not np.any(wp.axes[-1].matched):
+                                wp.zero_fill = False
+                                warnings.append(
+                                    f"layer '{name}': none of the old input indices of weight "
+                                    f"'{w.role}' axis {axis} survive, so its new inputs keep "
+                                    "fresh weights instead of zeros."
+                                )
                             if len(unsafe):
                                 warnings.append(
                                     f"layer '{name}': {len(unsafe)} input index(es) of weight "

@@ -2,7 +2,9 @@
 
 `check_rule` puts the layer between an input and a Dense head, gives the old model non-trivial
 weights, inserts a new input feature near the front (and optionally changes the layer's own
-arguments, e.g. more units), migrates, and checks numerically that the old function is kept.
+arguments, e.g. more units), migrates, and checks numerically that the old function is kept;
+then it checks the new model's labels against gradients (`verify_mapping`), which catches a rule
+that puts an index in the wrong place even where the preservation check cannot see it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.report import SurgeryReport
+from keras_surgery.verify import VerificationResult, verify_mapping
 
 
 @dataclass
@@ -23,6 +26,7 @@ class RuleCheck:
     preserves_function: bool
     max_diff: float
     report: SurgeryReport
+    verification: VerificationResult | None = None
 
 
 def _model(make_layer: Callable[..., Any], shape: tuple[int, ...], kwargs: dict, seed: int):
@@ -68,8 +72,9 @@ def check_rule(
         RuleCheck with the measured difference and the surgery report.
 
     Raises:
-        AssertionError: the report promises preservation but outputs differ, or the report
-            does not promise it (the message lists its warnings).
+        AssertionError: the report promises preservation but outputs differ, the report
+            does not promise it (the message lists its warnings), or the new model's labels
+            disagree with its gradients (the message lists the mismatches).
 
     Example:
         >>> ks.register_rule(Scale, scale_rule)                          # doctest: +SKIP
@@ -110,4 +115,10 @@ def check_rule(
             f"the report promises preservation but max |new(x) - old(x)| = {diff:.3g} > {atol}; "
             "the rule labels some index wrongly."
         )
-    return RuleCheck(report.preserves_function, diff, report)
+    verification = verify_mapping(new, features={"x": new_names}, seed=seed)
+    if verification.missing:
+        raise AssertionError(
+            "the new model's gradients depend on features its labels do not list, so the rule "
+            "labels some index wrongly:\n" + verification.summary()
+        )
+    return RuleCheck(report.preserves_function, diff, report, verification)

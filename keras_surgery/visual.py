@@ -40,7 +40,7 @@ def region_map(wp: WeightPlan, policy: str, max_cells: int = 64) -> np.ndarray:
     copy = np.outer(matched[0], matched[1]) & earlier_all
     zero = np.outer(out_ok[0], out_ok[1]) & earlier_out_ok & ~copy
     grid = np.full(copy.shape, FRESH)
-    if policy == "preserve":
+    if wp.fill_policy(policy) == "preserve":
         grid[zero] = ZEROED
     grid[copy] = COPIED
     return _coarsen(grid, max_cells)

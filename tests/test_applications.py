@@ -25,9 +25,9 @@ from typing import Any
 import keras
 import numpy as np
 import pytest
-from util import assert_input_sensitive, predict, randomize
 
 import keras_surgery as ks
+from tests.util import assert_input_sensitive, predict, randomize
 
 OLD_CHANNELS, NEW_CHANNELS = 3, 4
 OLD_CLASSES, NEW_CLASSES = 10, 12

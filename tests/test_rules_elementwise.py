@@ -13,9 +13,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 from keras.src.applications.convnext import LayerScale, StochasticDepth
-from util import assert_input_sensitive, max_diff, predict, randomize
 
 import keras_surgery as ks
+from tests.util import assert_input_sensitive, max_diff, predict, randomize
 
 TOL = 1e-5
 L = keras.layers

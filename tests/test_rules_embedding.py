@@ -6,9 +6,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from util import assert_input_sensitive, max_diff, predict, randomize
 
 import keras_surgery as ks
+from tests.util import assert_input_sensitive, max_diff, predict, randomize
 
 T = 10  # tokens per sequence
 TOL = 1e-5

@@ -6,9 +6,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from util import assert_input_sensitive, columns_from, max_diff, predict, randomize
 
 import keras_surgery as ks
+from tests.util import assert_input_sensitive, columns_from, max_diff, predict, randomize
 
 T, F = 12, 5  # timesteps, input features
 TOL = 1e-5

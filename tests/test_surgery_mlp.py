@@ -19,9 +19,9 @@ import hashlib
 import keras
 import numpy as np
 import pytest
-from util import assert_input_sensitive, columns_from, max_diff, predict, randomize
 
 import keras_surgery as ks
+from tests.util import assert_input_sensitive, columns_from, max_diff, predict, randomize
 
 TOL = 1e-5
 BATCH = 64
@@ -712,3 +712,22 @@ def test_normalization_in_front_of_dense(tmp_path, new_spec):
         np.testing.assert_array_equal(got[kept_new], np.take(want, kept_old))
         np.testing.assert_array_equal(got[added], fresh[w][added])
     _assert_copied(new, old, "out")
+
+
+def test_layer_whose_inputs_all_changed_keeps_fresh_input_weights():
+    """A removed preprocessing layer changes every input label of the next layer: the function
+    is lost (reported), and zeros would disconnect the layer, so its kernel stays fresh."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((4,), name="obs")
+    norm = keras.layers.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(0).normal(size=(32, 4)))
+    old = keras.Model(x, keras.layers.Dense(3, name="d")(norm(x)))
+    x2 = keras.Input((4,), name="obs")
+    new = keras.Model(x2, keras.layers.Dense(3, name="d")(x2))
+    fresh = new.get_layer("d").kernel.numpy().copy()
+    report = ks.migrate_weights(old, new)
+    assert not report.preserves_function
+    assert any("'d'" in w and "keep fresh weights" in w for w in report.warnings)
+    np.testing.assert_array_equal(new.get_layer("d").kernel.numpy(), fresh)
+    np.testing.assert_array_equal(new.get_layer("d").bias.numpy(),
+                                  old.get_layer("d").bias.numpy())
