@@ -81,10 +81,15 @@ class PhiTable(Mapping):
                         if not bitset:
                             continue
                         idx = np.nonzero(inverse.reshape(-1) == u)[0]
+                        idx.flags.writeable = False  # shared by every feature of the group
                         for bit in _bits(bitset):
                             parts[keys[bit]][(path, axis)].append(idx)
+        # Each index of an axis belongs to exactly one dependency group, so the chunks of one
+        # (feature, weight, axis) are disjoint and sorted: one chunk (the usual case) is shared
+        # as it is between all the features of its group; several are merged by a sort.
         entries = {
-            key: [ParamSlice(p, a, np.unique(np.concatenate(chunks)))
+            key: [ParamSlice(p, a, chunks[0] if len(chunks) == 1
+                             else np.sort(np.concatenate(chunks)))
                   for (p, a), chunks in groups.items()]
             for key, groups in parts.items()
         }
