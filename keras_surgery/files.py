@@ -72,7 +72,7 @@ def _history_entry(report: Any) -> dict[str, Any]:
     source = plan.old_source
     entry: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "old": plan.old,
+        "old": os.fspath(source) if isinstance(source, (str, os.PathLike)) else plan.old,
         "policy": plan.policy,
         "preserves_function": report.preserves_function,
         **plan.totals(),

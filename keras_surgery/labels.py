@@ -45,6 +45,13 @@ def derived_key(identity: str, label_id: int) -> tuple:
     return ("via", identity, label_id)
 
 
+def zero_key(identity: str, j: int) -> tuple:
+    """Index `j` of the output of the new layer known as `identity`, started so that it is
+    exactly 0 (the last projection of a new residual branch): a sum it enters keeps the
+    meaning of its other terms (see `LabelSpace.set_of`)."""
+    return ("zero", identity, j)
+
+
 def opaque_key(identity: str, output: int, axis: int, j: int) -> tuple:
     """Index `j` of axis `axis` of output `output` of a layer without a rule."""
     return ("opaque", identity, output, axis, j)
@@ -111,6 +118,15 @@ class LabelSpace:
         """The key behind an id."""
         return self._keys[int(label_id)]
 
+    def find(self, key: Hashable) -> int | None:
+        """The id of `key` if it was interned, else None (never creates one)."""
+        return self._ids.get(key)
+
+    def kind(self, label_id: int) -> str | None:
+        """The kind of a label ("unit", "feature", "set", ...), the first entry of its key."""
+        key = self._keys[int(label_id)]
+        return key[0] if isinstance(key, tuple) and key else None
+
     def describe(self, label_id: int) -> str:
         """A short human-readable form of a label, for warnings."""
         return _describe(self, self.key(label_id))
@@ -124,8 +140,13 @@ class LabelSpace:
         table = np.asarray(self._zero_safe, dtype=bool)
         return table[np.asarray(ids, dtype=np.int64)]
 
-    def set_of(self, ids: Sequence[int]) -> int:
-        """The label of an element-wise merge of indices labelled `ids`."""
+    def set_of(self, ids: Sequence[int], *, sums: bool = False) -> int:
+        """The label of an element-wise merge of indices labelled `ids`.
+
+        With `sums=True` (the merge adds its inputs) members that are exactly 0 (`zero_key`:
+        a new branch started at zero) are dropped while another member remains: x + 0 is x,
+        so a residual stream {x_j, f_j} whose new branch f starts at zero is x_j continued.
+        """
         members: set[int] = set()
         for i in ids:
             key = self._keys[int(i)]
@@ -133,6 +154,9 @@ class LabelSpace:
                 members.update(key[1])
             else:
                 members.add(int(i))
+        if sums:
+            nonzero = {m for m in members if self._keys[m][0] != "zero"}
+            members = nonzero or members
         if len(members) == 1:
             return next(iter(members))
         return self.intern(("set", frozenset(members)))
@@ -168,6 +192,8 @@ def _describe(space: LabelSpace, key: Hashable) -> str:
         return f"token {key[1]!r}" if len(key) == 2 else f"{key[1]} id {key[2]}"
     if kind == "via":
         return f"{key[1]}({space.describe(key[2])})"
+    if kind == "zero":
+        return f"0 ({key[1]}[{key[2]}])"
     return repr(key)
 
 

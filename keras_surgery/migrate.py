@@ -21,6 +21,7 @@ def migrate_weights(
     optimizer: bool = True,
     strict: bool = False,
     verify: bool | str = False,
+    allow_unrelated: bool = False,
 ) -> SurgeryReport:
     """Moves the weights of `old` into the modified `new_model`, in place.
 
@@ -42,15 +43,21 @@ def migrate_weights(
             migrated and why.
         strict: raise UnsupportedLayerError for a layer without a rule instead of treating it
             as opaque with a warning.
-        verify: check the surgery, two independent ways. First the new model's labels are
-            checked against gradients of a probe copy (`verify_mapping`), before any weight is
-            written. Then, when `old` is a live keras.Model, old and new are run on the same
-            random inputs (removed features 0 in the old input) and the old outputs compared
-            (`check_preservation`); an old *file* is never run, since that would deserialise
-            it, and a report warning says so. `True` (or "raise") raises SurgeryError when the
-            labels disagree with gradients, or when the report promised preservation and the
-            outputs differ - the new model is then left as it was; "warn" adds the failures
-            to `report.warnings` instead. What was checked is in `report.verification`.
+        verify: check the surgery, independently of the labels it was planned with. The new
+            model's labels are checked against gradients of a probe copy (`verify_mapping`).
+            When `old` is a live keras.Model, old and new are also run on the same random
+            inputs (removed features 0 in the old input) and the old outputs compared
+            (`check_preservation`); that numeric check decides, and a label disagreement is
+            added to the warnings. An old *file* is never run, since that would deserialise
+            it: a warning says so, and then the gradient check decides. `True` (or "raise")
+            raises SurgeryError on failure - when the report promised preservation and the
+            outputs differ, or (old file) when the gradients show dependencies the labels miss;
+            the new model is left with its values from before. "warn" adds the failure to
+            `report.warnings` and sets `preserves_function` to False instead. What was checked
+            is in `report.verification`.
+        allow_unrelated: accept an old model that has nothing in common with the new one
+            (no weight value copied; the new model keeps its initial values, with a warning).
+            By default that raises SurgeryError, as it almost always means the wrong old model.
 
     Returns:
         SurgeryReport with `preserves_function`, `warnings`, `summary()` and `to_dict()`.
@@ -69,10 +76,12 @@ def migrate_weights(
     mapping = None
     if mode is not None:
         mapping = checks.verify_mapping(new_model, features=new_features, strict=strict)
-        if mapping.missing and mode == "raise":
+        if mapping.missing and mode == "raise" and is_path(old):
+            # Without the old model to run, the gradients are the only evidence: stop before
+            # any weight is written.
             raise SurgeryError(checks.mapping_failure(mapping) + " The new model was not changed.")
     plan = ModelMigrator(old, old_features=old_features, strict=strict).plan(
-        new_model, new_features=new_features, policy=policy
+        new_model, new_features=new_features, policy=policy, allow_unrelated=allow_unrelated
     )
     restore = checks.snapshot(new_model) if mode == "raise" and not is_path(old) else None
     report = plan.apply(new_model, optimizer=optimizer)
@@ -83,14 +92,22 @@ def migrate_weights(
 
 def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping: Any, mode: str,
             restore: Any) -> None:
+    """Runs the numeric check when the old model is live; decides and acts on failures."""
     from keras_surgery import verify as checks
 
-    failures = [checks.mapping_failure(mapping)] if mapping is not None and mapping.missing \
-        else []
+    failures = []
+    diagnostics = []
     preservation = None
     if is_path(old):
         report.warnings.append(checks.file_warning())
+        if mapping.missing:
+            failures.append(checks.mapping_failure(mapping))
     else:
+        # The old and new outputs decide; a label disagreement is a diagnostic that points at
+        # the layer (phi can also miss dependencies the surgery does not rely on).
+        if mapping.missing:
+            diagnostics.append(checks.mapping_failure(mapping))
+            report.warnings.extend(diagnostics)
         preservation = checks.check_preservation(old, new_model, plan)
         if report.preserves_function and not preservation.ok:
             failures.append(checks.preservation_failure(preservation))
@@ -100,8 +117,7 @@ def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping:
     if mode == "raise":
         if restore is not None:
             restore()
-        raise SurgeryError("\n".join(failures) + "\nThe new model was restored to its values "
-                           "before the surgery.")
+        raise SurgeryError("\n".join(failures + diagnostics) + "\nThe new model was left "
+                           "with its values from before the surgery.")
     report.warnings.extend(failures)
-    if preservation is None or not preservation.ok:
-        report.preserves_function = False
+    report.preserves_function = False

@@ -69,7 +69,9 @@ class PhiTable(Mapping):
             lambda: defaultdict(list)
         )
         for name, record in labels.records.items():
-            for w in record.result.weights:
+            # A shared layer's weights read the inputs of every one of its calls.
+            calls = [record.result, *record.later_calls]
+            for w in (w for result in calls for w in result.weights):
                 path = f"{name}/{w.role}"
                 for axis, waxis in enumerate(w.axes):
                     if waxis.kind not in INPUT_SIDE_KINDS or waxis.labels.ids is None:

@@ -403,8 +403,10 @@ def build_plan(
         if old_rec is None or old_rec.node.class_name != rec.node.class_name:
             if rec.node.weights or rec.node.group:
                 new_layers.append(name)
-            for spec in rec.node.weights:
-                wp = WeightPlan(name, spec.local, spec.path, spec.shape)
+            roles = [w.role for w in rec.result.weights]
+            for i, spec in enumerate(rec.node.weights):
+                role = roles[i] if len(roles) == len(rec.node.weights) else spec.local
+                wp = WeightPlan(name, role, spec.path, spec.shape)
                 wp.count(policy)
                 weights.append(wp)
             continue
@@ -560,12 +562,14 @@ def _check_outputs(old: GraphLabels, new: GraphLabels, warnings: list[str]) -> b
     identity_of = {rec.identity: name for name, rec in new.records.items()}
     identity_of.update({ident: name for name, ident in new.input_identity.items()})
     new_refs = set(new.graph.outputs)
+    kept = 0
     for ref in old.graph.outputs:
         new_name = identity_of.get(ref[0])
         new_ref = (new_name, ref[1], ref[2]) if new_name is not None else None
         if new_ref is None or new_ref not in new_refs:
             warnings.append(f"old output '{ref[0]}' is not an output of the new model.")
             continue
+        kept += 1
         old_x, new_x = old.tensors.get(ref), new.tensors.get(new_ref)
         if old_x is None or new_x is None:
             continue
@@ -579,6 +583,12 @@ def _check_outputs(old: GraphLabels, new: GraphLabels, warnings: list[str]) -> b
                     f"({_describe_missing(new.space, lost)}); those old outputs are gone."
                 )
                 breaks = True
+    if old.graph.outputs and not kept:
+        # A dropped head leaves the other outputs' promise intact; with every head gone there
+        # is nothing left that could be preserved.
+        warnings.append("no output of the old model is an output of the new model, so none of "
+                        "the old outputs is preserved.")
+        breaks = True
     return breaks
 
 
@@ -605,6 +615,7 @@ class ModelMigrator:
         *,
         new_features: FeatureSpec | None = None,
         policy: str = "preserve",
+        allow_unrelated: bool = False,
     ) -> SurgeryPlan:
         """Matches `new_model` against the old model and returns the SurgeryPlan.
 
@@ -614,9 +625,14 @@ class ModelMigrator:
                 `apply_file`, using that file as the template).
             new_features: the new model's feature spec.
             policy: "preserve" or "random".
+            allow_unrelated: accept a plan that copies nothing from an old model that has
+                weights (the new model then keeps its initial values, with a warning); by
+                default that is an error, since it almost always means the wrong old model.
 
         Raises:
             SurgeryFileError, FeatureSpecError, UnsupportedLayerError: see their docs.
+            SurgeryError: nothing of the old model continues in the new one and
+                `allow_unrelated` is False.
         """
         from keras_surgery.sources import is_path, open_graph
 
@@ -627,7 +643,9 @@ class ModelMigrator:
 
             new_features = (read_lineage(new_model) or {}).get("features")
         with open_graph(new_model) as new_graph:
-            return self._plan(new_graph, new_features, policy)
+            plan = self._plan(new_graph, new_features, policy)
+        _check_related(plan, allow_unrelated)
+        return plan
 
     def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str) -> SurgeryPlan:
         from keras_surgery.sources import is_path, open_graph
@@ -663,3 +681,28 @@ class ModelMigrator:
         plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
         return plan
+
+
+def _check_related(plan: SurgeryPlan, allow_unrelated: bool) -> None:
+    """Refuses a plan that copies nothing although both models have weights: the old model is
+    then almost surely not the one the new model was made from."""
+    old_labels = plan.labels[0] if plan.labels is not None else None
+    old_size = 0 if old_labels is None else sum(
+        int(np.prod(spec.shape, dtype=np.int64))
+        for rec in old_labels.records.values() for spec in rec.node.weights
+    )
+    if plan.totals()["copied"] or not old_size or not any(w.size for w in plan.weights):
+        return
+    matched = (f"the layer(s) that matched ({', '.join(sorted(plan.matches))}) hold no weights"
+               if plan.matches else "no layer matched")
+    what = (f"{plan.old} and {plan.new} have nothing in common: {matched} and no weight value "
+            "was copied. Layers are matched by name (auto-generated names such as 'dense_3' by "
+            "class and position) and input columns by feature name")
+    if not allow_unrelated:
+        raise SurgeryError(
+            f"{what}. Check that the old model is the one the new model was made from, or pass "
+            "allow_unrelated=True to keep the new model's initial values."
+        )
+    plan.warnings.append(f"{what}; allow_unrelated=True: the new model keeps its initial "
+                         "values.")
+    plan.preserves_function = False

@@ -80,7 +80,7 @@ def to_html(plan: SurgeryPlan, path: str | os.PathLike, warnings: list[str] | No
     )
     rows = []
     for w in plan.weights:
-        picture = _svg(region_map(w, plan.policy)) if w.status != "copied" else ""
+        picture = _svg(region_map(w, plan.policy, max_cells=32)) if w.status != "copied" else ""
         rows.append(
             f"<tr><td>{html.escape(w.layer)}</td><td>{html.escape(w.role)}</td>"
             f"<td>{'x'.join(map(str, w.shape))}</td><td>{w.status}</td><td>{w.copied}</td>"
@@ -110,11 +110,9 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}}</style></hea
 def plot(plan: SurgeryPlan, path: str | os.PathLike, max_weights: int = 24) -> str:
     """Draws the region maps of the changed weights into an image file (needs matplotlib)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object-oriented API: no pyplot state, no backend switch in the user's session.
         from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError(
             "report.plot needs matplotlib: pip install 'keras-surgery[plot]'"
@@ -122,7 +120,8 @@ def plot(plan: SurgeryPlan, path: str | os.PathLike, max_weights: int = 24) -> s
     weights = changed_weights(plan)[:max_weights] or plan.weights[:1]
     cols = min(4, len(weights))
     rows = (len(weights) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     cmap = ListedColormap([COLORS[FRESH], COLORS[ZEROED], COLORS[COPIED]])
     for ax, w in zip(axes.flat, weights):
         ax.imshow(region_map(w, plan.policy), cmap=cmap, vmin=0, vmax=2, aspect="auto",
@@ -137,9 +136,6 @@ def plot(plan: SurgeryPlan, path: str | os.PathLike, max_weights: int = 24) -> s
     from keras_surgery.atomic import atomic_path
 
     path = os.fspath(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1][1:] or "png")
-    finally:
-        plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1][1:] or "png")
     return path

@@ -64,7 +64,7 @@ def test_batch_normalization_agrees_and_added_terms_are_unverified():
     h = L.Dense(6, activation="relu", name="d")(x)
     h = L.BatchNormalization(name="bn")(h)
     model = keras.Model(x, L.Dense(2, name="head")(h))
-    randomize(model, np.random.default_rng(0).normal(size=(16, 5)).astype("float32"))
+    randomize(model, [np.random.default_rng(0).normal(size=(16, 5)).astype("float32")])
     result = _assert_agrees(model)
     unverified = {u.path: u.reason for u in result.unverified}
     assert set(unverified) == {"bn/beta", "bn/moving_mean"}
@@ -105,6 +105,28 @@ def test_layer_normalization_alone_agrees():
     x = keras.Input((5,), name="obs")
     h = L.LayerNormalization(name="ln")(x)
     _assert_agrees(keras.Model(x, L.Dense(2, name="head")(h)))
+
+
+def test_shared_layer_reads_the_features_of_every_call():
+    a = keras.Input((3, 2), name="allies")
+    b = keras.Input((2, 2), name="enemies")
+    enc = L.Dense(4, activation="relu", name="encoder")
+    h = L.Concatenate(name="cat")([L.Flatten(name="fa")(enc(a)), L.Flatten(name="fb")(enc(b))])
+    result = _assert_agrees(keras.Model([a, b], L.Dense(2, name="head")(h)))
+    assert ("enemies", 0) in result.features
+
+
+def test_cross_attention_scale_reads_query_and_key_features():
+    q = keras.Input((3, 4), name="q")
+    v = keras.Input((5, 4), name="v")
+    h = L.AdditiveAttention(name="att")([q, v])
+    model = keras.Model([q, v], L.Dense(2, name="head")(L.Flatten(name="flat")(h)))
+    result = ks.verify_mapping(model)
+    # Every dependency the gradients show is listed. (Probed alone, a query feature meets
+    # all-zero values, so its effect on the output is exactly 0: such entries can only show
+    # up as "listed by phi, not reached", never as a missed dependency.)
+    assert not result.missing, result.summary()
+    assert result.checked == 8 * 2
 
 
 def test_conv_model_agrees():
@@ -249,12 +271,29 @@ def test_verify_true_passes_on_a_good_surgery():
     assert report.to_dict()["verification"]["ok"] is True
 
 
-def test_verify_true_raises_on_a_wrong_rule_before_touching_the_model(wrong_rules):
+def test_verify_true_raises_on_a_wrong_rule_and_restores_the_model(wrong_rules):
     old, new, of, nf = _pair(Reverse(name="rev"), Reverse(name="rev"),
                              ["a", "b", "c"], ["a", "new", "b", "c"])
     before = [np.array(v.numpy()) for v in new.weights]
-    with pytest.raises(ks.SurgeryError, match="labels some index wrongly.*dense/kernel"):
+    with pytest.raises(ks.SurgeryError) as info:
         ks.migrate_weights(old, new, old_features=of, new_features=nf, verify=True)
+    message = str(info.value)
+    assert "promised to preserve" in message and "'head'" in message
+    # the gradient check points at the layer after the wrongly labelled one
+    assert "labels some index wrongly" in message and "'dense/kernel'" in message
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, new.weights))
+
+
+def test_verify_true_with_an_old_file_raises_on_a_wrong_rule_before_writing(
+    wrong_rules, tmp_path
+):
+    old, new, of, nf = _pair(Reverse(name="rev"), Reverse(name="rev"),
+                             ["a", "b", "c"], ["a", "new", "b", "c"])
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    before = [np.array(v.numpy()) for v in new.weights]
+    with pytest.raises(ks.SurgeryError, match="labels some index wrongly.*not changed"):
+        ks.migrate_weights(path, new, old_features=of, new_features=nf, verify=True)
     assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, new.weights))
 
 
@@ -264,6 +303,7 @@ def test_verify_true_raises_when_promised_outputs_differ_and_restores(wrong_rule
     # hides from the planner.
     old, new, of, nf = _pair(Offset(name="offset"), Offset(name="offset"),
                              ["a", "b", "c"], ["a", "c"])
+    assert ks.verify_mapping(new, features=nf).ok
     before = [np.array(v.numpy()) for v in new.weights]
     with pytest.raises(ks.SurgeryError, match="promised to preserve.*differ"):
         ks.migrate_weights(old, new, old_features=of, new_features=nf, verify=True)

@@ -13,6 +13,10 @@ its weight shapes and the labels of its inputs, and says (a) the labels of its o
 A rule may also declare *mixing* axes: axes whose indices all influence each output
 (LayerNormalization, a softmax). If such an axis gains or loses labels in a surgery, the old
 function cannot be preserved and the report says so, naming the layer.
+
+For growth (a layer inserted between old layers, a new residual branch) a rule may offer
+*starts*: values of the layer's weights that make it compute the identity or exactly 0, with
+the labels its outputs then carry (see `Start`); the planner picks one for new layers.
 """
 
 from __future__ import annotations
@@ -32,9 +36,12 @@ from keras_surgery.labels import (
     TokenValues,
     derived_key,
     unit_key,
+    zero_key,
 )
 
 AXIS_KINDS = ("in", "out", "diag", "struct", "lookup")
+INIT_KINDS = ("constant", "identity")
+START_KINDS = ("identity", "zero")
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,56 @@ class Mixing:
     ordered: bool = False
 
 
+@dataclass(frozen=True)
+class Init:
+    """A value a new weight is set to: "constant" (every entry `value`) or "identity" (the
+    identity matrix over the last two axes at the centre tap of any leading (kernel) axes, so
+    a Dense kernel is `eye(n)` and an odd-sized conv kernel passes each channel through)."""
+
+    kind: str
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in INIT_KINDS:
+            raise ValueError(f"Init kind must be one of {INIT_KINDS}. Received: {self.kind!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Init:
+        return cls(str(data["kind"]), float(data.get("value", 0.0)))
+
+
+ZEROS = Init("constant", 0.0)
+ONES = Init("constant", 1.0)
+IDENTITY = Init("identity")
+
+
+@dataclass(frozen=True)
+class Start:
+    """How a *new* layer can start so that the model around it keeps its old function.
+
+    `kind` "identity": with `values`, every output equals the input at the same index, so the
+    outputs carry the input's labels (`outputs`): a layer inserted between old layers
+    (Net2DeeperNet). `kind` "zero": every output is exactly 0 (`outputs` holds `zero_key`
+    labels), for the last layer of a new branch that is added to old values. A layer without
+    weights offers "zero" with no values when it maps 0 to 0 (a pass-through, a relu).
+
+    `refused` says why the layer cannot start this way (the planner reports it when it needed
+    that start); `values` and `outputs` are then empty.
+    """
+
+    kind: str
+    values: dict[str, Init] = field(default_factory=dict)
+    outputs: list[TensorLabels] = field(default_factory=list)
+    refused: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in START_KINDS:
+            raise ValueError(f"Start kind must be one of {START_KINDS}. Received: {self.kind!r}")
+
+
 @dataclass
 class RuleResult:
     outputs: list[TensorLabels]
@@ -86,6 +143,12 @@ class RuleResult:
     opaque: bool = False
     # Per output, what its integer values select (a lookup's token ids); None or missing: unknown.
     values: list[TokenValues | None] = field(default_factory=list)
+    # Per output, whether every value is known to be >= 0 (a relu's output); missing: unknown.
+    nonnegative: list[bool] = field(default_factory=list)
+    # How the layer can start when it is new (keyed by `Start.kind`).
+    starts: dict[str, Start] = field(default_factory=dict)
+    # The output is the sum of the inputs (Add): an input that is all 0 changes nothing.
+    sums: bool = False
 
 
 @dataclass
@@ -102,6 +165,8 @@ class RuleCall:
     # Per input, what its integer values select, when known (see `TokenValues`).
     input_values: list[TokenValues | None] = field(default_factory=list)
     kwarg_inputs: dict[str, list[int]] = field(default_factory=dict)  # keyword -> inputs index
+    # Per input, whether its values are known to be >= 0 (see `RuleResult.nonnegative`).
+    input_nonnegative: list[bool] = field(default_factory=list)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -161,6 +226,16 @@ class RuleCall:
             for i, a in enumerate(x)
         )
 
+    def zeros(self, n: int) -> AxisLabels:
+        """`n` indices of this (new) layer's output that are exactly 0 (see `Start`)."""
+        return AxisLabels(
+            self.space.intern_many(zero_key(self.identity, j) for j in range(n)),
+            np.zeros(n, dtype=np.int64),
+        )
+
+    def nonnegative_input(self, i: int = 0) -> bool:
+        return i < len(self.input_nonnegative) and bool(self.input_nonnegative[i])
+
     def weight_count_error(self, expected: Sequence[str]) -> ValueError:
         return ValueError(
             f"{self.describe()} has {len(self.weights)} variable(s) "
@@ -181,6 +256,11 @@ def weight(
     """Shorthand: `weight("kernel", ("in", x), ("out", units))`; an axis given as
     `(kind, labels, True)` has `zero_new` set."""
     return WeightLabels(role, tuple(WeightAxis(*axis) for axis in axes), rescale, trainable)
+
+
+def zero_passing() -> dict[str, Start]:
+    """The starts of a layer without weights that maps 0 to 0 index by index."""
+    return {"zero": Start("zero")}
 
 
 def single_input(call: RuleCall) -> TensorLabels:

@@ -132,7 +132,11 @@ def additive_attention_rule(call: RuleCall) -> RuleResult:
     query, value, key = _qkv(call, ("query", "value", "key"))
     mixing = [Mixing((key[0],), "softmax over the attended positions")]
     if call.config.get("use_scale", True):
-        weights = [weight("scale", ("in", query[-1]))]
+        q_f, k_f = query[-1], key[-1]
+        reads = q_f  # scale_f reads tanh(q_f + k_f): both features' dependencies
+        if q_f.ids is not None and k_f.ids is not None and len(q_f.deps) == len(k_f.deps):
+            reads = AxisLabels(q_f.ids, call.deps.union_elementwise([q_f.deps, k_f.deps]))
+        weights = [weight("scale", ("in", reads))]
     else:
         weights = []
         mixing.append(Mixing((query[-1],), "unscaled scores sum over every feature"))

@@ -7,18 +7,33 @@ import re
 import keras
 import numpy as np
 
-from keras_surgery.labels import AxisLabels, LabelSpace
+from keras_surgery.labels import AxisLabels, LabelSpace, TensorLabels
 from keras_surgery.registry import register_rule
 from keras_surgery.rules.api import (
+    IDENTITY,
+    ZEROS,
     Mixing,
     RuleCall,
     RuleResult,
+    Start,
     WeightLabels,
     single_input,
     weight,
 )
 
 MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
+# Activations whose every value is >= 0.
+NONNEGATIVE_ACTIVATIONS = frozenset(
+    {"relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus", "exponential"}
+)
+# Activations with f(0) = 0: a layer with them and zero weights outputs exactly 0.
+ZERO_AT_ZERO = frozenset({
+    "linear", "relu", "relu6", "tanh", "elu", "selu", "gelu", "silu", "swish", "leaky_relu",
+    "softsign", "mish", "hard_silu", "hard_swish", "celu", "hard_tanh", "tanh_shrink",
+    "soft_shrink", "hard_shrink",
+})
+# Activations with f(x) = x for x >= 0: a layer with them is the identity on nonnegative inputs.
+IDENTITY_ON_NONNEGATIVE = frozenset({"relu", "leaky_relu", "elu", "celu"})
 
 
 def activation_name(config: dict) -> str | None:
@@ -36,6 +51,50 @@ def activation_mixing(call: RuleCall, labels: AxisLabels) -> list[Mixing]:
     if act in MIXING_ACTIVATIONS:
         return [Mixing((labels,), f"'{act}' activation normalises over its units")]
     return []
+
+
+def linear_starts(
+    call: RuleCall,
+    x: TensorLabels,
+    out: TensorLabels,
+    axis: int,
+    *,
+    bias: bool,
+    refuse_identity: str | None = None,
+) -> dict[str, Start]:
+    """Starts of a new layer computing `activation(kernel . x + bias)` along `axis` (Dense,
+    a convolution): "zero" sets kernel and bias to 0 (exact when the activation is 0 at 0);
+    "identity" sets the kernel to the identity and the bias to 0, when the layer has as many
+    units as inputs and its activation is the identity (linear; relu-like on inputs >= 0).
+    `refuse_identity` is the layer's own reason it cannot be the identity (its geometry)."""
+    act = activation_name(call.config) or "linear"
+    roles = ("kernel", "bias") if bias else ("kernel",)
+    n_in, n_out = x[axis].length, out[axis].length
+    starts: dict[str, Start] = {}
+    if act in ZERO_AT_ZERO and n_out is not None:
+        zero_out = out[:axis] + (call.zeros(n_out),) + out[axis + 1:]
+        starts["zero"] = Start("zero", dict.fromkeys(roles, ZEROS), [zero_out])
+    else:
+        starts["zero"] = Start("zero", refused=f"its activation '{act}' is not 0 at 0")
+    reason = refuse_identity
+    if reason is None and n_in != n_out:
+        reason = f"it has {n_out} units for {n_in} inputs"
+    if reason is None and act != "linear":
+        if act not in IDENTITY_ON_NONNEGATIVE:
+            reason = f"its activation '{act}' is not the identity"
+        elif not call.nonnegative_input():
+            reason = (f"its activation '{act}' is the identity only on inputs >= 0, and its "
+                      "input may be negative")
+    if reason is not None:
+        starts["identity"] = Start("identity", refused=reason)
+    else:
+        values = {"kernel": IDENTITY, **({"bias": ZEROS} if bias else {})}
+        starts["identity"] = Start("identity", values, [x])
+    return starts
+
+
+def nonnegative_activation(call: RuleCall) -> bool:
+    return activation_name(call.config) in NONNEGATIVE_ACTIVATIONS
 
 
 def check_weights(call: RuleCall, weights: list[WeightLabels]) -> list[WeightLabels]:
@@ -58,13 +117,17 @@ def dense_rule(call: RuleCall) -> RuleResult:
     x = single_input(call)
     features = x[-1]
     units = call.units(int(call.config["units"]), call.union(features))
+    use_bias = call.config.get("use_bias", True)
     weights = [weight("kernel", ("in", features), ("out", units))]
-    if call.config.get("use_bias", True):
+    if use_bias:
         weights.append(weight("bias", ("out", units)))
+    out = x[:-1] + (units,)
     return RuleResult(
-        outputs=[x[:-1] + (units,)],
+        outputs=[out],
         weights=check_weights(call, weights),
         mixing=activation_mixing(call, units),
+        nonnegative=[nonnegative_activation(call)],
+        starts=linear_starts(call, x, out, len(x) - 1, bias=use_bias),
     )
 
 
