@@ -1,8 +1,8 @@
 """Benchmark: gradient verification of every feature of a ~1M-parameter model.
 
 A functional model with 500 named input features in two inputs (an observation vector and a
-small global vector), a bottleneck residual block, BatchNormalization, a concatenation and two heads;
-every feature is verified. Target: under 60 s on 2 CPU cores.
+small global vector), a bottleneck residual block, BatchNormalization, a concatenation and two
+heads; every feature is verified. Target: under 60 s on 2 CPU cores.
 
     python benchmarks/bench_verify.py
 """

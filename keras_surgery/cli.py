@@ -1,7 +1,7 @@
 """The `keras-surgery` command line: inspect a surgery and the phi table of a saved model.
 
 Exit codes: 0 success; 1 the surgery cannot preserve the function and --require-preserve was
-given; 2 errors (bad files, bad feature specs, bad arguments).
+given (or `verify` found a mismatch); 2 errors (bad files, bad feature specs, bad arguments).
 """
 
 from __future__ import annotations
@@ -89,6 +89,23 @@ def _picture_options(parser: argparse.ArgumentParser) -> None:
                         help="draw the changed weights' regions to an image (needs matplotlib)")
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """The verifier must run the model, so MODEL is loaded with Keras's safe-mode loader (no
+    Lambda bytecode); use it on files you trust, as you would `keras.saving.load_model`."""
+    import keras
+
+    from keras_surgery.errors import SurgeryFileError
+    from keras_surgery.verify import verify_mapping
+
+    try:
+        model = keras.saving.load_model(args.model, compile=False, safe_mode=True)
+    except Exception as exc:
+        raise SurgeryFileError(f"Cannot load '{args.model}' to verify it: {exc}") from exc
+    result = verify_mapping(model, features=_load_features(args.features), sample=args.sample)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return EXIT_OK if result.ok else EXIT_NOT_PRESERVED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="keras-surgery",
@@ -102,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("new", help="new .keras file")
     diff.add_argument("--old-features", help="JSON file with the old feature spec")
     diff.add_argument("--new-features", help="JSON file with the new feature spec")
-    diff.add_argument("--policy", default="preserve", choices=("preserve", "random"))
+    diff.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
     diff.add_argument("--json", action="store_true", help="print the plan as JSON")
     diff.add_argument("--require-preserve", action="store_true",
                       help="exit 1 if the old function cannot be preserved")
@@ -117,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("-o", "--output", required=True, help="the .keras file to write")
     migrate.add_argument("--old-features", help="JSON file with the old feature spec")
     migrate.add_argument("--new-features", help="JSON file with the new feature spec")
-    migrate.add_argument("--policy", default="preserve", choices=("preserve", "random"))
+    migrate.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
     migrate.add_argument("--require-preserve", action="store_true",
                          help="exit 1 and write nothing if the function cannot be preserved")
     _picture_options(migrate)
@@ -128,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     phi.add_argument("--features", help="JSON file with the feature spec")
     phi.add_argument("--json", action="store_true", help="print as JSON")
     phi.set_defaults(func=_cmd_phi)
+    verify = sub.add_parser(
+        "verify", help="check the rules' phi table against gradients (loads MODEL, safe mode)"
+    )
+    verify.add_argument("model", help=".keras file (loaded with Keras's safe-mode loader)")
+    verify.add_argument("--features", help="JSON file with the feature spec")
+    verify.add_argument("--sample", type=int, default=None,
+                        help="verify this many random features instead of all")
+    verify.add_argument("--json", action="store_true", help="print the result as JSON")
+    verify.set_defaults(func=_cmd_verify)
     return parser
 
 

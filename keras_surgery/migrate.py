@@ -35,8 +35,11 @@ def migrate_weights(
         new_model: the built new keras.Model; its variables are overwritten, all or nothing.
         old_features: names of the old model's input columns, e.g. `{"obs": ["hp", "mana"]}`.
         new_features: the same for the new model; features are matched by name.
-        policy: "preserve" (default; exact preservation where possible) or "random" (copy full
-            matches, keep fresh values everywhere else).
+        policy: "preserve" (default; exact preservation where possible), "net2net" (the same,
+            but new units of a widened layer start as copies of old units, their outgoing
+            weights split among the copies: Net2WiderNet) or "random" (copy full matches, keep
+            fresh values everywhere else). Under both preserving policies a new layer inserted
+            between old layers starts as the identity and a new residual branch at zero.
         optimizer: carry the optimizer state through the surgery: Adam's moments, momentum,
             ... follow their variables through the same index maps (zeros where new), and
             `iterations` is copied. Needs a compiled new model; the report says what was not
@@ -75,11 +78,16 @@ def migrate_weights(
     mode = checks.verify_mode(verify)
     mapping = None
     if mode is not None:
-        mapping = checks.verify_mapping(new_model, features=new_features, strict=strict)
-        if mapping.missing and mode == "raise" and is_path(old):
+        try:
+            mapping = checks.verify_mapping(new_model, features=new_features, strict=strict)
+        except SurgeryError as exc:  # no probe copy (a Lambda layer): say so, check the rest
+            mapping = checks.unprobed_mapping(new_model, exc)
+        if mode == "raise" and is_path(old) and (mapping.missing or not mapping.checked):
             # Without the old model to run, the gradients are the only evidence: stop before
             # any weight is written.
-            raise SurgeryError(checks.mapping_failure(mapping) + " The new model was not changed.")
+            problem = (checks.mapping_failure(mapping) if mapping.missing
+                       else checks.nothing_checked(mapping))
+            raise SurgeryError(problem + " The new model was not changed.")
     plan = ModelMigrator(old, old_features=old_features, strict=strict).plan(
         new_model, new_features=new_features, policy=policy, allow_unrelated=allow_unrelated
     )
@@ -95,13 +103,16 @@ def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping:
     """Runs the numeric check when the old model is live; decides and acts on failures."""
     from keras_surgery import verify as checks
 
-    failures = []
+    failures = []  # evidence that the surgery went wrong
+    unchecked = []  # no evidence either way, though verification was asked for
     diagnostics = []
     preservation = None
     if is_path(old):
         report.warnings.append(checks.file_warning())
         if mapping.missing:
             failures.append(checks.mapping_failure(mapping))
+        elif not mapping.checked:
+            unchecked.append(checks.nothing_checked(mapping))
     else:
         # The old and new outputs decide; a label disagreement is a diagnostic that points at
         # the layer (phi can also miss dependencies the surgery does not rely on).
@@ -111,13 +122,18 @@ def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping:
         preservation = checks.check_preservation(old, new_model, plan)
         if report.preserves_function and not preservation.ok:
             failures.append(checks.preservation_failure(preservation))
-    report.verification = checks.SurgeryVerification(mapping, preservation, failures)
-    if not failures:
+        elif not preservation.outputs:
+            unchecked.append("verify: no output could be compared (" +
+                             "; ".join(preservation.skipped) + ").")
+    report.verification = checks.SurgeryVerification(mapping, preservation,
+                                                     failures + unchecked)
+    if not failures and not unchecked:
         return
     if mode == "raise":
         if restore is not None:
             restore()
-        raise SurgeryError("\n".join(failures + diagnostics) + "\nThe new model was left "
-                           "with its values from before the surgery.")
-    report.warnings.extend(failures)
-    report.preserves_function = False
+        raise SurgeryError("\n".join(failures + unchecked + diagnostics) + "\nThe new model was "
+                           "left with its values from before the surgery.")
+    report.warnings.extend(failures + unchecked)
+    if failures:
+        report.preserves_function = False

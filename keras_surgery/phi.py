@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.features import FeatureSpec
-from keras_surgery.propagate import GraphLabels
+from keras_surgery.labels import AxisLabels, DepSets
+from keras_surgery.propagate import GraphLabels, LayerRecord
 
 INPUT_SIDE_KINDS = ("in", "diag", "lookup")
 
@@ -69,14 +70,12 @@ class PhiTable(Mapping):
             lambda: defaultdict(list)
         )
         for name, record in labels.records.items():
-            # A shared layer's weights read the inputs of every one of its calls.
-            calls = [record.result, *record.later_calls]
-            for w in (w for result in calls for w in result.weights):
+            for w in record.result.weights:
                 path = f"{name}/{w.role}"
                 for axis, waxis in enumerate(w.axes):
                     if waxis.kind not in INPUT_SIDE_KINDS or waxis.labels.ids is None:
                         continue
-                    dep_ids = waxis.labels.deps
+                    dep_ids = _entry_deps(labels, record, w.role, axis, waxis.labels)
                     uniq, inverse = np.unique(dep_ids, return_inverse=True)
                     for u, dep_id in enumerate(uniq):
                         bitset = labels.deps.bitsets[int(dep_id)]
@@ -98,6 +97,37 @@ class PhiTable(Mapping):
         for key in dict.fromkeys(keys):
             entries.setdefault(key, [])
         return cls(entries)
+
+
+def _entry_deps(
+    labels: GraphLabels, record: LayerRecord, role: str, axis: int, own: AxisLabels
+) -> np.ndarray:
+    """The dependency set of each index of one input-side weight axis.
+
+    Besides its own label's, an index reads (a) the same index in every other call of a shared
+    layer, and (b) everything along the other axes of the input axis it reads: a Dense kernel
+    row reads its feature at every time step, so after a Permute that puts features before
+    time, each row over time reads every feature.
+    """
+    columns = [own.deps]
+    for result in record.later_calls:
+        other = {w.role: w for w in result.weights}.get(role)
+        if other is not None and axis < len(other.axes):
+            theirs = other.axes[axis].labels
+            if theirs.ids is not None and len(theirs.deps) == len(own.deps):
+                columns.append(theirs.deps)
+    broadcast = []
+    for x in record.inputs:
+        for a, xa in enumerate(x):
+            if xa.ids is not None and np.array_equal(xa.ids, own.ids):
+                broadcast.extend(b.deps for i, b in enumerate(x) if i != a)
+    if broadcast:
+        dep = labels.deps.union(np.concatenate(broadcast))
+        if dep != DepSets.EMPTY:
+            columns.append(np.full(len(own.deps), dep, dtype=np.int64))
+    if len(columns) == 1:
+        return own.deps
+    return labels.deps.union_elementwise(columns)
 
 
 def _bits(bitset: int) -> Iterator[int]:

@@ -21,10 +21,15 @@ def format_summary(plan: SurgeryPlan, warnings: list[str] | None = None) -> str:
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     totals = plan.totals()
+    preset = f", {totals['preset']} preset by starts" if totals.get("preset") else ""
     lines.append(
-        f"total: {totals['copied']} copied, {totals['zeroed']} zeroed, {totals['fresh']} fresh; "
-        f"{len(plan.dropped)} old weight(s) dropped"
+        f"total: {totals['copied']} copied, {totals['zeroed']} zeroed, {totals['fresh']} fresh"
+        f"{preset}; {len(plan.dropped)} old weight(s) dropped"
     )
+    if plan.starts:
+        lines.append("new layers started: " + ", ".join(
+            f"{name} as the identity" if how == "identity" else f"{name} at zero"
+            for name, how in plan.starts.items()))
     lines.append(f"preserves_function: {plan.preserves_function}")
     for w in warnings if warnings is not None else plan.warnings:
         lines.append(f"warning: {w}")

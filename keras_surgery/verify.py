@@ -47,6 +47,7 @@ UNKNOWN_DIM = 4  # length given to axes of unknown length (time steps, pixels) i
 ZERO_NAMES = frozenset({"bias", "beta", "moving_mean", "mean", "embeddings", "offset"})
 UNIT_NAMES = frozenset({"gamma", "moving_variance", "variance", "scale"})
 KEEP_NAMES = frozenset({"count", "iterations"})
+GRADIENT_BUDGET = 2**26  # floats of per-example gradients one graph call may hold (256 MB)
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -111,8 +112,10 @@ class Unverified:
     def describe(self) -> str:
         if self.feature is not None:
             subject = f"feature {describe_feature(self.feature)}"
-        else:
+        elif self.path is not None:
             subject = f"'{self.path}'" + (f" axis {self.axis}" if self.axis is not None else "")
+        else:
+            subject = "model"
         return f"{subject}: {self.reason}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -464,13 +467,13 @@ class _GradientProbe:
         return pack_inputs(self.probe, [i.name for i in self.inputs], tensors)
 
     def _grads(self, example: list[Any]) -> list[Any]:
+        import keras
+
         tf = self.tf
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(self.variables)
             outs = self.probe(self._pack([tf.expand_dims(x, 0) for x in example]),
                               training=False)
-            import keras
-
             loss = tf.constant(0.0)
             for y, c in zip(keras.tree.flatten(outs), self.cotangents):
                 if c is not None:
@@ -519,7 +522,7 @@ def _perturbations(
 ) -> list[np.ndarray]:
     """One example per feature: zeros, except the feature's columns at every position."""
     batch = []
-    for index, spec in enumerate(inputs):
+    for spec in inputs:
         if spec.float_like:
             batch.append(np.zeros((len(keys),) + spec.shape, dtype=spec.dtype))
         elif "int" in spec.dtype:
@@ -551,10 +554,21 @@ def verify_mapping(
     For each feature, the probe copy (same architecture, weights redrawn so that it maps 0 to
     0 and no unit is dead; `model` itself is never touched) is run on an all-zero input with
     only that feature's columns set, and the gradient of a random projection of all outputs is
-    taken with respect to every weight. An entry of an input-side weight axis (kind "in" or
-    "diag") *reads* the feature when the sum of |gradient| over the weight's other axes exceeds
-    `rtol` times the largest such sum of that axis. Those entries must be exactly the ones
-    `phi_table(model, features=features)` lists.
+    taken with respect to every weight (twice: the feature's values, then their negation). An
+    entry of an input-side weight axis (kind "in" or "diag") *reads* the feature when the sum
+    of |gradient - gradient at the all-zero input| over the weight's other axes exceeds `rtol`
+    times the largest such sum of that axis. Those entries must be exactly the ones
+    `phi_table(model, features=features)` lists; `result.missing` holds the mismatches where
+    gradients show a dependency phi does not list (a wrong rule), the other mismatches only
+    entries phi lists that gradients never reach (structural zeros, or a feature whose effect
+    is multiplied by another input that the probe holds at 0). Entries that read non-zero
+    values at the all-zero input (after a sigmoid, say) are only checked in that second
+    direction; `result.notes` names them. Layers run in inference mode (dropout off).
+
+    Not probed, and listed in `result.unverified` with the reason: features of integer or
+    string inputs, embedding rows (selected by ids, which have no gradient), weights of
+    layers without a rule, and per-channel terms that are added (their gradient does not read
+    the layer's input).
 
     Args:
         model: a built keras.Model.
@@ -613,8 +627,10 @@ def verify_mapping(
     for t in targets:
         ndim = len(variables[t.store_path].shape)
         reductions.append((var_index[t.store_path], tuple(a for a in range(ndim) if a != t.axis)))
-    # Examples per graph call: tracing cost grows with it, so small jobs use small chunks.
-    chunk = max(1, min(8, 2 * len(keys) // 16))
+    # Examples per graph call: tracing cost grows with it, so small jobs use small chunks, and
+    # each example holds a gradient of every probed weight, so large models use small chunks.
+    size = sum(int(np.prod(variables[p].shape)) for p in store_paths)
+    chunk = max(1, min(8, 2 * len(keys) // 16, GRADIENT_BUDGET // max(size, 1)))
     gradients = _GradientProbe(probe, inputs, [variables[p] for p in store_paths], reductions,
                                seed, chunk)
     draws = _perturbations(inputs, keys, columns, rng)
@@ -938,6 +954,23 @@ def file_warning() -> str:
         "keras-surgery never does), so old and new outputs were not compared; only the new "
         "model's labels were checked against gradients. Pass the old keras.Model to compare "
         "outputs."
+    )
+
+
+def unprobed_mapping(model: Any, error: Exception) -> VerificationResult:
+    """The result of a verification that could not run at all, and why."""
+    return VerificationResult(
+        f"model '{getattr(model, 'name', model)}'", [], [],
+        [Unverified(f"gradient verification could not run: {error}")], 0,
+    )
+
+
+def nothing_checked(result: VerificationResult) -> str:
+    reasons = "; ".join(u.reason for u in result.unverified[:3]) or "no feature could be probed"
+    return (
+        f"verify: nothing could be checked - the old model is a file (never run), and the "
+        f"gradients of {result.model} could not be probed ({reasons}). Pass the old keras.Model "
+        "to compare outputs, or verify='warn'."
     )
 
 

@@ -101,3 +101,11 @@ def test_region_map_matches_the_plan():
                          [ZEROED, ZEROED, FRESH, ZEROED],
                          [COPIED, COPIED, FRESH, COPIED]])
     np.testing.assert_array_equal(grid, expected)
+
+
+def test_verify_command(tmp_path, capsys):
+    old = _save(tmp_path, "old.keras", 3, 2)
+    assert main(["verify", old]) == 0
+    assert "ok" in capsys.readouterr().out.lower()
+    assert main(["verify", old, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True

@@ -141,6 +141,15 @@ def test_conv_model_agrees():
                    features={"img": ["r", "g", "b"]})
 
 
+def test_dense_over_time_after_permute_agrees():
+    """Each kernel row over time reads every feature at that time step."""
+    pytest.importorskip("keras_surgery.rules.reshaping")
+    x = keras.Input((6, 4), name="obs")
+    h = L.Permute((2, 1), name="swap")(x)
+    h = L.Dense(5, activation="relu", name="over_time")(h)
+    _assert_agrees(keras.Model(x, L.Dense(2, name="head")(L.Flatten(name="flat")(h))))
+
+
 def test_recurrent_model_agrees():
     pytest.importorskip("keras_surgery.rules.recurrent")
     x = keras.Input((4, 5), name="seq")

@@ -22,7 +22,12 @@ import numpy as np
 from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes, positions
 from keras_surgery.registry import register_rule
 from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input, weight
-from keras_surgery.rules.core import activation_mixing, check_weights
+from keras_surgery.rules.core import (
+    activation_mixing,
+    check_weights,
+    linear_starts,
+    nonnegative_activation,
+)
 
 # -- spatial geometry helpers ------------------------------------------------------------------
 
@@ -255,8 +260,9 @@ def conv_rule(call: RuleCall) -> RuleResult:
     else:
         units, reads = _grouped(call, x, lay, channels, groups, filters)
         grouped = channels
+    use_bias = call.config.get("use_bias", True)
     weights = [weight("kernel", *(("struct", t) for t in taps), reads, ("out", units))]
-    if call.config.get("use_bias", True):
+    if use_bias:
         weights.append(weight("bias", ("out", units)))
     out = lay.assemble(units, spatial)
     mixing = [
@@ -267,7 +273,24 @@ def conv_rule(call: RuleCall) -> RuleResult:
         Mixing((grouped,), "a grouped convolution's input channels must stay as they were",
                ordered=True),
     ]
-    return RuleResult([out], check_weights(call, weights), mixing)
+    starts = linear_starts(call, x, out, lay.channel, bias=use_bias,
+                           refuse_identity=_not_identity(geo, groups))
+    return RuleResult([out], check_weights(call, weights), mixing,
+                      nonnegative=[nonnegative_activation(call)], starts=starts)
+
+
+def _not_identity(geo: _ConvGeometry, groups: int) -> str | None:
+    """Why a convolution of this geometry cannot pass every position through (None: it can,
+    with the identity at its centre tap)."""
+    if groups != 1:
+        return f"it is grouped (groups={groups})"
+    if any(s != 1 for s in geo.strides):
+        return f"its strides {geo.strides} are not 1"
+    if any(k % 2 == 0 for k in geo.kernel):
+        return f"its kernel {geo.kernel} has no centre tap"
+    if geo.padding != "same" and any(k != 1 for k in geo.kernel):
+        return f"its padding '{geo.padding}' changes the output size"
+    return None
 
 
 def _grouped(

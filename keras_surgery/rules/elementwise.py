@@ -10,13 +10,64 @@ import numpy as np
 
 from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input, weight
-from keras_surgery.rules.core import MIXING_ACTIVATIONS, activation_name, check_weights
+from keras_surgery.rules.api import (
+    ONES,
+    ZEROS,
+    Mixing,
+    RuleCall,
+    RuleResult,
+    Start,
+    single_input,
+    weight,
+    zero_passing,
+)
+from keras_surgery.rules.core import (
+    IDENTITY_ON_NONNEGATIVE,
+    MIXING_ACTIVATIONS,
+    NONNEGATIVE_ACTIVATIONS,
+    ZERO_AT_ZERO,
+    activation_name,
+    check_weights,
+)
+
+# Activations that map values >= 0 to values >= 0 (besides the always-nonnegative ones).
+_KEEP_NONNEGATIVE = IDENTITY_ON_NONNEGATIVE | {"linear", "tanh"}
 
 
 def passthrough_rule(call: RuleCall) -> RuleResult:
     """Output labels are the input labels (Dropout, ReLU, Identity, ...): 0 stays 0."""
-    return RuleResult(outputs=[single_input(call)], weights=check_weights(call, []))
+    # Only the built-in pass-throughs are known to keep signs (a custom one may negate).
+    x = single_input(call)
+    builtin = call.layer.class_name in _PASSTHROUGH
+    nonnegative = (call.nonnegative_input() and builtin) or _relu_layer_nonnegative(call.config)
+    starts = zero_passing()
+    if builtin:
+        starts["identity"] = _passthrough_identity(call, x)
+    return RuleResult(outputs=[x], weights=check_weights(call, []),
+                      nonnegative=[nonnegative], starts=starts)
+
+
+def _passthrough_identity(call: RuleCall, x: TensorLabels) -> Start:
+    """Built-in pass-throughs are the identity in inference, except the relu-like ones, which
+    are only on inputs >= 0 (and a ReLU with a cap or threshold not even then)."""
+    cfg = call.config
+    if call.layer.class_name not in _RELU_LIKE:
+        return Start("identity", outputs=[x])
+    if cfg.get("max_value") is not None or float(cfg.get("threshold") or 0.0) != 0.0:
+        return Start("identity", refused="its max_value / threshold clip its input")
+    if not call.nonnegative_input():
+        return Start("identity", refused="it is the identity only on inputs >= 0, and its "
+                     "input may be negative")
+    return Start("identity", outputs=[x])
+
+
+def _relu_layer_nonnegative(config: dict) -> bool:
+    """A ReLU layer without a negative slope and with a threshold >= 0 outputs values >= 0
+    (other pass-through layers have no such keys)."""
+    if "negative_slope" not in config or "threshold" not in config or "max_value" not in config:
+        return False
+    return float(config.get("negative_slope") or 0.0) == 0.0 and float(
+        config.get("threshold") or 0.0) >= 0.0
 
 
 def def_passthrough(*classes: type) -> None:
@@ -38,7 +89,16 @@ def activation_rule(call: RuleCall) -> RuleResult:
     if act in MIXING_ACTIVATIONS:
         mixing.append(_mixing_on(call, x, -1, f"'{act}' normalises over the last axis"))
         x = call.mixed(x, [len(x) - 1])
-    return RuleResult([x], check_weights(call, []), mixing)
+    act = act or "linear"
+    nonnegative = act in NONNEGATIVE_ACTIVATIONS or (
+        act in _KEEP_NONNEGATIVE and call.nonnegative_input())
+    starts = zero_passing() if act in ZERO_AT_ZERO else {}
+    if act == "linear" or (act in IDENTITY_ON_NONNEGATIVE and call.nonnegative_input()):
+        starts["identity"] = Start("identity", outputs=[x])
+    else:
+        starts["identity"] = Start("identity", refused=f"its activation '{act}' changes values")
+    return RuleResult([x], check_weights(call, []), mixing, nonnegative=[nonnegative],
+                      starts=starts)
 
 
 def softmax_rule(call: RuleCall) -> RuleResult:
@@ -56,26 +116,36 @@ def prelu_rule(call: RuleCall) -> RuleResult:
     shared = {call.normalize_axis(a, len(x)) for a in (call.config.get("shared_axes") or [])}
     broadcast = AxisLabels(np.array([call.space.intern(("broadcast",))]), np.zeros(1, np.int64))
     axes = [("struct", broadcast) if i in shared else ("diag", a) for i, a in enumerate(x)]
-    return RuleResult([x], check_weights(call, [weight("alpha", *axes)]))
+    # alpha = 1 makes it the identity on every input
+    starts = {"identity": Start("identity", {"alpha": ONES}, [x])}
+    return RuleResult([x], check_weights(call, [weight("alpha", *axes)]), starts=starts)
 
 
 def layer_scale_rule(call: RuleCall) -> RuleResult:
     """x * gamma with one gamma per index of the last axis (ConvNeXt's LayerScale): 0 stays 0,
     and gamma follows its channel (diag)."""
     x = single_input(call)
-    return RuleResult([x], check_weights(call, [weight("gamma", ("diag", x[-1]))]))
+    starts = {"identity": Start("identity", {"gamma": ONES}, [x]),
+              "zero": Start("zero", {"gamma": ZEROS}, [x[:-1] + (call.zeros(x[-1].length),)])}
+    return RuleResult([x], check_weights(call, [weight("gamma", ("diag", x[-1]))]),
+                      starts=starts)
 
 
 def rescaling_rule(call: RuleCall) -> RuleResult:
     """x * scale + offset: labels keep their meaning; a non-zero offset moves their zero."""
     x = single_input(call)
     offset = call.config.get("offset", 0.0)
+    scale = call.config.get("scale", 1.0)
     if np.any(np.asarray(offset, dtype=float) != 0):
         x = x[:-1] + (call.derived(x[-1]),)
-    return RuleResult([x], check_weights(call, []))
+    if np.all(np.asarray(scale, dtype=float) == 1) and np.all(np.asarray(offset, dtype=float) == 0):
+        identity = Start("identity", outputs=[x])
+    else:
+        identity = Start("identity", refused="it scales or shifts its input")
+    return RuleResult([x], check_weights(call, []), starts={"identity": identity})
 
 
-def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels]) -> AxisLabels:
+def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels], sums: bool = False) -> AxisLabels:
     """Element-wise merge of one axis of several inputs (broadcasting length-1 axes)."""
     known = [a for a in axes if a.ids is not None]
     if len(known) < len(axes):
@@ -87,13 +157,13 @@ def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels]) -> AxisLabels:
         merged_ids = ids[0]
     else:
         rows, inverse = np.unique(np.stack(ids, axis=1), axis=0, return_inverse=True)
-        merged_ids = np.array([call.space.set_of(r) for r in rows], dtype=np.int64)[
+        merged_ids = np.array([call.space.set_of(r, sums=sums) for r in rows], dtype=np.int64)[
             inverse.reshape(-1)
         ]
     return AxisLabels(merged_ids, call.deps.union_elementwise(deps))
 
 
-def merge_rule(call: RuleCall) -> RuleResult:
+def merge_rule(call: RuleCall, *, sums: bool = False) -> RuleResult:
     """Add, Subtract, Multiply, Average, Maximum, Minimum (layers or keras.ops).
 
     An index whose inputs carry different labels gets the *set* of them: a residual stream
@@ -106,8 +176,15 @@ def merge_rule(call: RuleCall) -> RuleResult:
     if len(ranks) != 1:
         raise ValueError(f"{call.describe()}: inputs of different ranks {sorted(ranks)}")
     rank = ranks.pop()
-    out = tuple(_merge_axes(call, [x[a] for x in call.inputs]) for a in range(rank))
-    return RuleResult([out], check_weights(call, []))
+    out = tuple(_merge_axes(call, [x[a] for x in call.inputs], sums) for a in range(rank))
+    nonnegative = sums and all(call.nonnegative_input(i) for i in range(len(call.inputs)))
+    return RuleResult([out], check_weights(call, []), nonnegative=[nonnegative], sums=sums)
+
+
+def add_rule(call: RuleCall) -> RuleResult:
+    """Add (layer or keras.ops): a merge whose output is the sum of its inputs, so an input
+    that is exactly 0 (a new branch started at zero) leaves the others' labels as they are."""
+    return merge_rule(call, sums=True)
 
 
 def concatenate_rule(call: RuleCall) -> RuleResult:
@@ -119,9 +196,11 @@ def concatenate_rule(call: RuleCall) -> RuleResult:
     first = call.inputs[0]
     joined = concat_axes([x[axis] for x in call.inputs])
     out = tuple(joined if a == axis else first[a] for a in range(rank))
-    return RuleResult([out], check_weights(call, []))
+    nonnegative = all(call.nonnegative_input(i) for i in range(len(call.inputs)))
+    return RuleResult([out], check_weights(call, []), nonnegative=[nonnegative])
 
 
+_RELU_LIKE = ("ReLU", "LeakyReLU", "ELU")
 _PASSTHROUGH = (
     "Dropout",
     "SpatialDropout1D",
@@ -143,8 +222,8 @@ register_rule(keras.layers.Softmax, softmax_rule)
 register_rule(keras.layers.PReLU, prelu_rule)
 register_rule(keras.layers.Rescaling, rescaling_rule)
 register_rule(keras.layers.Concatenate, concatenate_rule)
+register_rule(keras.layers.Add, add_rule)
 for _merge in (
-    keras.layers.Add,
     keras.layers.Subtract,
     keras.layers.Multiply,
     keras.layers.Average,
@@ -161,7 +240,7 @@ def _register_ops() -> None:
     for name in ("Add", "Subtract", "Multiply", "Maximum", "Minimum"):
         op = getattr(knp, name, None)
         if op is not None:
-            register_rule(op, merge_rule)
+            register_rule(op, add_rule if name == "Add" else merge_rule)
     if getattr(knp, "Concatenate", None) is not None:
         register_rule(knp.Concatenate, concatenate_rule)
 

@@ -6,7 +6,17 @@ import keras
 
 from keras_surgery.labels import TensorLabels
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input, weight
+from keras_surgery.rules.api import (
+    ONES,
+    ZEROS,
+    Init,
+    Mixing,
+    RuleCall,
+    RuleResult,
+    Start,
+    single_input,
+    weight,
+)
 from keras_surgery.rules.core import check_weights
 
 
@@ -31,7 +41,27 @@ def batch_normalization_rule(call: RuleCall) -> RuleResult:
     ) + ["moving_mean", "moving_variance"]
     weights = [weight(role, ("diag", channel), trainable=not role.startswith("moving_"))
                for role in roles]
-    return RuleResult([_derive(call, x, [axis])], check_weights(call, weights))
+    return RuleResult([_derive(call, x, [axis])], check_weights(call, weights),
+                      starts=_batch_normalization_starts(call, x, axis, roles))
+
+
+def _batch_normalization_starts(
+    call: RuleCall, x: TensorLabels, axis: int, roles: list[str]
+) -> dict[str, Start]:
+    """A new BatchNormalization is the identity (in inference) with gamma 1, beta 0, moving
+    mean 0 and moving variance 1 - epsilon: it divides by sqrt(variance + epsilon) = 1. It
+    outputs exactly 0 with gamma 0 and beta 0 (the zero-gamma start of a residual branch)."""
+    epsilon = float(call.config.get("epsilon", 1e-3))
+    identity = {"gamma": ONES, "beta": ZEROS, "moving_mean": ZEROS,
+                "moving_variance": Init("constant", 1.0 - epsilon)}
+    starts = {"identity": Start("identity", {r: identity[r] for r in roles}, [x])}
+    if "gamma" in roles:
+        zero_out = tuple(call.zeros(a.length) if i == axis else a for i, a in enumerate(x))
+        starts["zero"] = Start("zero", {r: ZEROS for r in roles if r in ("gamma", "beta")},
+                               [zero_out])
+    else:
+        starts["zero"] = Start("zero", refused="it has no scale (gamma) to set to 0")
+    return starts
 
 
 def layer_normalization_rule(call: RuleCall) -> RuleResult:

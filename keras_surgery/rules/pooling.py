@@ -40,7 +40,8 @@ def pooling_rule(call: RuleCall) -> RuleResult:
         geometry_mixing(call, pool_size=pool_size, strides=strides, padding=padding),
         spatial_mixing(call, x, lay),
     ]
-    return RuleResult([out], check_weights(call, []), mixing)
+    return RuleResult([out], check_weights(call, []), mixing,
+                      nonnegative=[call.nonnegative_input()])
 
 
 def global_pooling_rule(call: RuleCall) -> RuleResult:
@@ -56,7 +57,8 @@ def global_pooling_rule(call: RuleCall) -> RuleResult:
     mixing = Mixing(
         tuple(x[a] for a in lay.spatial), "global pooling reduces over its spatial axes"
     )
-    return RuleResult([out], check_weights(call, []), [mixing])
+    return RuleResult([out], check_weights(call, []), [mixing],
+                      nonnegative=[call.nonnegative_input()])
 
 
 for _name in (
