@@ -15,7 +15,7 @@ import numpy as np
 
 from keras_surgery.errors import SurgeryError
 from keras_surgery.graph import WeightSource, finalize_layers, live_variables
-from keras_surgery.plan import OUT_KINDS, SurgeryPlan, WeightPlan
+from keras_surgery.plan import OUT_KINDS, SurgeryPlan, WeightPlan, init_value
 
 logger = logging.getLogger("keras_surgery")
 
@@ -38,13 +38,17 @@ def _index(selections: list[np.ndarray | slice], shape: tuple[int, ...]) -> tupl
     return np.ix_(*arrays)
 
 
-def fill(wp: WeightPlan, old: np.ndarray, fresh: np.ndarray, policy: str) -> np.ndarray:
+def fill(wp: WeightPlan, old: np.ndarray | None, fresh: np.ndarray, policy: str) -> np.ndarray:
     """The new value of one weight: copied where every axis matched, zero where only input-side
-    indices are new (policy "preserve"), the fresh initial value elsewhere.
+    indices are new (policy "preserve"), the fresh initial value elsewhere; a new layer's start
+    value when it has one (`old` is then not read and may be None).
 
     Works on per-axis index selections, never on weight-sized masks, so its extra memory is
-    the copied block.
+    the copied block. Split units (policy "net2net") copy from their source index, times
+    their share on input-side axes.
     """
+    if wp.init is not None:
+        return init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
     value = np.array(fresh, copy=True)
     if wp.axes is None:
         return value
@@ -61,11 +65,15 @@ def fill(wp: WeightPlan, old: np.ndarray, fresh: np.ndarray, policy: str) -> np.
     if policy == "preserve" and all(not isinstance(s, np.ndarray) or len(s) for s in out_matched):
         value[_index(out_matched, shape)] = 0
     new_idx = [np.nonzero(a.matched)[0] for a in wp.axes]
-    old_idx = [a.index[a.matched] for a in wp.axes]
+    old_idx = [a.old_index[a.matched] for a in wp.axes]
     if all(len(i) for i in new_idx):
         copied = old[_index(old_idx, old.shape)]
         if wp.scale != 1.0:
             copied = copied * wp.scale
+        for a, amap in enumerate(wp.axes):
+            if amap.share is not None:
+                share = amap.share[new_idx[a]]
+                copied = copied * share.reshape([-1 if i == a else 1 for i in range(copied.ndim)])
         value[_index(new_idx, shape)] = copied.astype(value.dtype, copy=False)
         if policy == "preserve":
             _new_lookup_rows_from_mean(wp, value, out_matched)
@@ -129,6 +137,10 @@ def apply_plan(
                     f"The plan was made for another model: '{wp.path}' has shape "
                     f"{tuple(var.shape)}, the plan expects {wp.shape}."
                 )
+            if wp.init is not None:
+                fresh = np.asarray(var.numpy())
+                staged.append((var, fill(wp, None, fresh, plan.policy), fresh))
+                continue
             if wp.axes is None:
                 continue
             fresh = np.asarray(var.numpy())

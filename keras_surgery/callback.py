@@ -31,7 +31,7 @@ class SurgeryCallback(keras.callbacks.Callback):
         old_path: the old `.keras` file (read as data, never deserialised or written).
         old_features: the old model's feature spec, e.g. `{"obs": ["hp", "mana"]}`.
         new_features: the new model's feature spec.
-        policy: "preserve" (default) or "random".
+        policy: "preserve" (default), "net2net" or "random" (see `migrate_weights`).
         optimizer: carry the optimizer state (the model is compiled inside `fit`).
         verify: passed to the verifier when available (see `migrate_weights`).
         report_path: write the report there as JSON (atomically).

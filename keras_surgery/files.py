@@ -195,7 +195,9 @@ def apply_file(
                 for i, path in enumerate(sorted(new_paths)):
                     fresh = tmpl.read(path)
                     wp = by_path.get(path)
-                    if wp is not None and wp.axes is not None:
+                    if wp is not None and wp.init is not None:  # a new layer's start
+                        value = fill(wp, None, fresh, plan.policy)
+                    elif wp is not None and wp.axes is not None:
                         value = fill(wp, old.read(wp.old_path), fresh, plan.policy)
                     else:
                         value = fresh

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError, SurgeryFileError
+from keras_surgery.labels import MAX_AXIS_LENGTH
 
 TensorRef = tuple[str, int, int]
 """(layer name, call index, output index): one tensor of the graph."""
@@ -396,6 +397,11 @@ class _Builder:
             self.alias[ref] = bound_inputs[index]
             return self.canonical(ref)
         shape = tuple(None if d is None else int(d) for d in list(batch_shape)[1:])
+        if any(d is not None and not 0 <= d <= MAX_AXIS_LENGTH for d in shape):
+            raise SurgeryFileError(
+                f"{self.description}: input '{name}' declares shape {shape}; at most "
+                f"{MAX_AXIS_LENGTH} indices per axis are accepted."
+            )
         self.shapes[ref] = shape
         self.inputs.append(InputSpec(name, shape, "float32"))
         return ref
@@ -514,7 +520,8 @@ def build_graph(
         raise SurgeryFileError(f"{description}: config is not a serialized Keras model.")
     class_name = config.get("class_name")
     inner = config["config"]
-    if class_name not in NESTED_MODEL_CLASSES or not isinstance(inner, dict):
+    known = isinstance(class_name, str) and class_name in NESTED_MODEL_CLASSES  # may be a list
+    if not known or not isinstance(inner, dict):
         raise SurgeryFileError(
             f"{description}: expected a Functional or Sequential model config. "
             f"Received: class_name={class_name!r}"

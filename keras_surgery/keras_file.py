@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import mmap
 import os
 import struct
 import warnings
@@ -53,6 +54,14 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 BOMB_FLOOR_BYTES = 1 << 32
 MAX_EXPANSION = 1000
 BFLOAT16 = "bfloat16"
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"  # signature and version 1, the only version HDF5 reads
+# More global heap objects than any Keras file holds (one per layer name or dtype tag); also
+# bounds the time the check below takes on a hostile file.
+MAX_GLOBAL_HEAP_OBJECTS = 1 << 20
+# HDF5 classes of the datasets a weight can be stored as: h5py writes numpy bools as an enum,
+# and Keras's bfloat16 as 2-byte opaque values.
+_NUMBER_CLASSES = (0, 1, 4, 5, 8)  # H5T_INTEGER, FLOAT, BITFIELD, OPAQUE, ENUM
 
 
 class _MemberReader(io.RawIOBase):
@@ -219,6 +228,7 @@ class KerasFile(WeightSource):
                     raise SurgeryFileError(
                         f"'{self.path}': cannot decompress {WEIGHTS_MEMBER} ({exc})."
                     ) from exc
+        self._check_global_heaps()
         try:
             self._h5 = h5py.File(self._reader, "r")
         except Exception as exc:
@@ -227,6 +237,25 @@ class KerasFile(WeightSource):
                 f"'{self.path}': {WEIGHTS_MEMBER} is not a readable HDF5 file ({exc})."
             ) from exc
         return self._h5
+
+    def _check_global_heaps(self) -> None:
+        reader = self._reader
+        if isinstance(reader, _MemberReader):
+            if reader._size == 0:
+                return
+            with open(self.path, "rb") as raw, mmap.mmap(
+                raw.fileno(), 0, access=mmap.ACCESS_READ
+            ) as data:
+                problem = endless_global_heap(data, reader._start, reader._start + reader._size)
+        else:
+            data = reader.getvalue()  # type: ignore[union-attr]
+            problem = endless_global_heap(data, 0, len(data))
+        if problem is not None:
+            self.close()
+            raise SurgeryFileError(
+                f"'{self.path}': {WEIGHTS_MEMBER} is damaged: {problem}; HDF5 would never finish "
+                "reading it."
+            )
 
     def _stored_member(self, info: zipfile.ZipInfo) -> _MemberReader:
         """A file object over the bytes of an uncompressed member, read in place."""
@@ -294,6 +323,12 @@ class KerasFile(WeightSource):
         shape, dtype = self.paths()[path]
         try:
             dataset = h5[path]
+            if dataset.id.get_type().get_class() not in _NUMBER_CLASSES:
+                # Read nothing else: HDF5 can crash converting a damaged variable-length type.
+                raise SurgeryFileError(
+                    f"'{self.path}': weight '{path}' is stored as {dataset.dtype}, not as "
+                    "numbers; the file is damaged."
+                )
             declared = math.prod(shape) * dataset.dtype.itemsize
             if declared > BOMB_FLOOR_BYTES and (
                 declared > MAX_EXPANSION * dataset.id.get_storage_size()
@@ -315,6 +350,13 @@ class KerasFile(WeightSource):
             import ml_dtypes
 
             value = value.view(ml_dtypes.bfloat16)
+        elif value.dtype.kind not in "biuf":
+            # Strings, records, complex numbers: no variable holds these, and casting them to
+            # the new variable's dtype would fail or silently drop parts.
+            raise SurgeryFileError(
+                f"'{self.path}': weight '{path}' holds values of type {value.dtype}, not real "
+                "numbers; the file is damaged."
+            )
         return value
 
     def group_name(self, group: str) -> str | None:
@@ -323,12 +365,7 @@ class KerasFile(WeightSource):
             vars_group = self._open_h5().get(f"{group}/vars")
         except Exception:
             return None
-        try:
-            name = vars_group.attrs.get("name") if vars_group is not None else None
-        except Exception:
-            return None
-        name = name.decode() if isinstance(name, bytes) else name
-        return name if isinstance(name, str) else None
+        return _string_attr(vars_group, "name") if vars_group is not None else None
 
     def graph(self) -> ModelGraph:
         """The model graph described by this file.
@@ -408,10 +445,87 @@ class KerasFile(WeightSource):
             pass
 
 
+def endless_global_heap(data: Any, start: int, end: int) -> str | None:
+    """Why HDF5 would loop forever on a global heap collection in `data[start:end]`, or None.
+
+    HDF5 (1.14.6 at least) reads a global heap collection, where variable-length strings such
+    as Keras's layer-name attributes live, by walking its objects and advancing by each one's
+    size until the collection ends (`H5HG__cache_heap_deserialize`). A free-space object of
+    size 0, or a size that wraps the pointer around, never advances: h5py then hangs in C on
+    the first attribute read, and no timeout can interrupt it. One damaged byte is enough. So
+    every collection is walked here first, the same way, with the file's size of lengths.
+    Bytes of weight data that happen to spell the signature are walked too; only a walk that
+    would not end is refused, which a real collection never is.
+
+    Args:
+        data: bytes or a memory map holding the HDF5 file at `data[start:end]`.
+    """
+    lengths = _sizeof_lengths(data, start, end)
+    if lengths is None:
+        return None  # no superblock: h5py refuses the file by itself
+    header = 8 + lengths  # signature, version, reserved, collection size
+    object_header = 8 + lengths  # index, reference count, reserved, object size
+    wrap = 1 << 64
+    steps = 0
+    pos = data.find(GLOBAL_HEAP_SIGNATURE, start, end)
+    while pos >= 0:
+        size = int.from_bytes(data[pos + 8:pos + 8 + lengths], "little") % wrap
+        # HDF5 cannot read a collection past the end of the file, so the walk stops there.
+        stop = min(end, pos + size)
+        p = pos + header
+        while p + object_header <= stop:  # a smaller tail is free space, as HDF5 takes it
+            steps += 1
+            if steps > MAX_GLOBAL_HEAP_OBJECTS:
+                return f"it holds more than {MAX_GLOBAL_HEAP_OBJECTS} global heap objects"
+            index = int.from_bytes(data[p:p + 2], "little")
+            length = int.from_bytes(data[p + 8:p + 8 + lengths], "little") % wrap
+            need = (object_header + (length + 7) % wrap // 8 * 8) % wrap if index else length
+            if need == 0 or need >= wrap // 2:
+                return (f"the global heap collection at byte {pos - start} holds an object of "
+                        f"size {length} at byte {p - start}")
+            p += need
+        pos = data.find(GLOBAL_HEAP_SIGNATURE, pos + 1, end)
+    return None
+
+
+def _sizeof_lengths(data: Any, start: int, end: int) -> int | None:
+    """The size of lengths of the HDF5 superblock, found where HDF5 looks for it."""
+    base = 0
+    while start + base + 16 <= end:
+        if data[start + base:start + base + 8] == HDF5_SIGNATURE:
+            version = data[start + base + 8]
+            lengths = data[start + base + (14 if version < 2 else 10)]
+            return lengths if lengths in (2, 4, 8, 16) else None
+        base = 512 if base == 0 else base * 2
+    return None
+
+
+def _string_attr(obj: Any, name: str) -> str | None:
+    """A scalar string attribute (how H5IOStore writes them), or None.
+
+    An attribute of any other type is not read: one damaged byte can turn a string's datatype
+    into a variable-length sequence of garbage, and HDF5 crashes the process converting it.
+    """
+    import h5py
+
+    try:
+        if name not in obj.attrs:
+            return None
+        attr = h5py.h5a.open(obj.id, name.encode())
+        if (
+            attr.get_type().get_class() != h5py.h5t.STRING
+            or attr.get_space().get_simple_extent_type() != h5py.h5s.SCALAR
+        ):
+            return None
+        value = obj.attrs[name]
+    except Exception:
+        return None
+    value = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return value if isinstance(value, str) else None
+
+
 def _dataset_dtype(dataset: Any) -> str:
-    tag = dataset.attrs.get("dtype") if "dtype" in dataset.attrs else None
-    if isinstance(tag, bytes):
-        tag = tag.decode(errors="replace")
+    tag = _string_attr(dataset, "dtype")
     if tag == BFLOAT16 and dataset.dtype.itemsize == 2:
         return BFLOAT16
     return str(dataset.dtype)

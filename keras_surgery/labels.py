@@ -17,6 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from keras_surgery.errors import SurgeryError
+
+# Every index of every axis gets a label. A damaged config can declare sizes no model has
+# (units=1e308, an input 10**12 wide) and labelling them would never end; real axes stay far
+# below this (a 16M-token vocabulary, a 1M-sample waveform).
+MAX_AXIS_LENGTH = 1 << 26
+
 # -- label keys --------------------------------------------------------------------------------
 
 
@@ -279,10 +286,26 @@ def concat_axes(parts: Sequence[AxisLabels]) -> AxisLabels:
     )
 
 
+def axis_length(n: int, what: str) -> int:
+    """`n` as the length of a labelled axis of `what`.
+
+    Raises:
+        SurgeryError: `n` is negative or above MAX_AXIS_LENGTH.
+    """
+    n = int(n)
+    if not 0 <= n <= MAX_AXIS_LENGTH:
+        raise SurgeryError(
+            f"{what} declares {n} indices on one axis; at most {MAX_AXIS_LENGTH} are accepted "
+            "(is the config damaged?)."
+        )
+    return n
+
+
 def positions(space: LabelSpace, axis: int, length: int | None, dep: int = 0) -> AxisLabels:
     """Labels of a positional axis (time steps, pixels): `pos_key(axis, i)`."""
     if length is None:
         return AxisLabels.unknown(dep)
+    length = axis_length(length, f"positional axis {axis}")
     return AxisLabels(
         space.intern_many(pos_key(axis, i) for i in range(length)),
         np.full(length, dep, dtype=np.int64),

@@ -159,8 +159,14 @@ def stage_optimizer(
     opt_vars = list(optimizer.variables)
     iterations = opt_vars[0]
     current = np.asarray(iterations.numpy())
-    staged.append((iterations, np.asarray(old_weights.read(old.variables[0])).astype(
-        current.dtype).reshape(current.shape), current))
+    old_iterations = np.asarray(old_weights.read(old.variables[0]))
+    if old_iterations.size != current.size:  # a damaged file; the weights are still migrated
+        return [], [
+            f"optimizer state was not migrated: the old iteration count '{old.variables[0]}' "
+            f"has shape {old_iterations.shape}, expected {current.shape}."
+        ]
+    staged.append((iterations, old_iterations.astype(current.dtype).reshape(current.shape),
+                   current))
     old_index = {p: t for t, p in enumerate(old.trainable)}
     by_path = {wp.path: wp for wp in plan.weights}
     for t, path in enumerate(new.trainable):
@@ -174,8 +180,9 @@ def stage_optimizer(
                 staged.append((var, zeros, current))
                 continue
             old_value = old_weights.read(old.variables[old_slots[t_old][s]])
-            # Slots are copied as they are (no value rescaling) and are zero wherever new.
-            exact = dataclasses.replace(wp, scale=1.0)
+            # Slots are copied as they are (no value rescaling, no net2net shares) and are zero
+            # wherever new, split units included.
+            exact = dataclasses.replace(wp, scale=1.0, axes=[a.without_splits() for a in wp.axes])
             value = fill(exact, old_value, zeros, "preserve")
             value[~exact.regions("preserve")[0]] = 0
             staged.append((var, value, current))

@@ -12,31 +12,75 @@ import numpy as np
 from keras_surgery.errors import SurgeryError
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, is_auto_name
+from keras_surgery.growth import Growth, plan_starts
 from keras_surgery.labels import LabelSpace, TensorLabels
+from keras_surgery.net2net import split_units
 from keras_surgery.optimizer import OptimizerLayout, file_layout, live_layout
 from keras_surgery.propagate import GraphLabels, LayerRecord, propagate
-from keras_surgery.rules.api import WeightLabels
+from keras_surgery.rules.api import Init, WeightLabels
 
 if TYPE_CHECKING:
     from keras_surgery.report import SurgeryReport
 
 logger = logging.getLogger("keras_surgery")
 
-POLICIES = ("preserve", "random")
+POLICIES = ("preserve", "random", "net2net")
+# Policies that promise the old function: "net2net" fills like "preserve", except that new
+# units start as copies of old ones (see `keras_surgery.net2net`).
+PRESERVING_POLICIES = ("preserve", "net2net")
 OUT_KINDS = ("out", "diag")
 
 
 @dataclass
 class AxisMap:
-    """For each index of a new weight axis, the old index it continues, or -1."""
+    """For each index of a new weight axis, the old index it continues, or -1.
+
+    Policy "net2net" adds `source`: for a new index (-1 in `index`), the old index whose values
+    it copies (a split unit), else -1; and `share`: per index, the factor copied values are
+    multiplied by (on an input-side axis, each copy of a split unit gets a share of the unit's
+    outgoing weights, the shares of one unit summing to 1).
+    """
 
     kind: str
     index: np.ndarray
     zero_new: bool = False
+    source: np.ndarray | None = None
+    share: np.ndarray | None = None
+
+    @property
+    def old_index(self) -> np.ndarray:
+        """For each new index, the old index its values come from (continued or split), or -1."""
+        if self.source is None:
+            return self.index
+        return np.where(self.index >= 0, self.index, self.source)
 
     @property
     def matched(self) -> np.ndarray:
-        return self.index >= 0
+        return self.old_index >= 0
+
+    def without_splits(self) -> AxisMap:
+        """This map as policy "preserve" sees it: only continued indices."""
+        return AxisMap(self.kind, self.index, self.zero_new)
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"kind": self.kind, "index": self.index.tolist(),
+                                "zero_new": self.zero_new}
+        if self.source is not None:
+            data["source"] = self.source.tolist()
+        if self.share is not None:
+            data["share"] = self.share.tolist()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AxisMap:
+        source, share = data.get("source"), data.get("share")
+        return cls(
+            data["kind"],
+            np.asarray(data["index"], dtype=np.int64),
+            bool(data.get("zero_new", False)),
+            None if source is None else np.asarray(source, dtype=np.int64),
+            None if share is None else np.asarray(share, dtype=np.float64),
+        )
 
 
 @dataclass
@@ -56,9 +100,12 @@ class WeightPlan:
     # anyway: zeros there would only disconnect the layer from its inputs, so new input-side
     # entries keep their fresh values (the "random" fill for this weight).
     zero_fill: bool = True
+    # A new layer's start (see `keras_surgery.growth`): the value this weight is set to.
+    init: Init | None = None
     copied: int = 0
     zeroed: int = 0
     fresh: int = 0
+    preset: int = 0  # entries a start sets to a value other than 0 (identity ones, gamma 1)
 
     @property
     def size(self) -> int:
@@ -66,6 +113,8 @@ class WeightPlan:
 
     @property
     def status(self) -> str:
+        if self.init is not None:
+            return "start"
         if self.axes is None:
             return "new"
         if self.copied == self.size and self.shape == self.old_shape:
@@ -73,8 +122,11 @@ class WeightPlan:
         return "partial"
 
     def fill_policy(self, policy: str) -> str:
-        """The fill rule this weight actually gets under the plan's `policy`."""
-        return policy if self.zero_fill else "random"
+        """The fill rule this weight actually gets under the plan's `policy` ("net2net" fills
+        by the "preserve" rule; its split units are in the axis maps)."""
+        if not self.zero_fill:
+            return "random"
+        return "preserve" if policy in PRESERVING_POLICIES else policy
 
     def regions(self, policy: str) -> tuple[np.ndarray, np.ndarray]:
         """Boolean masks (copy, zero) over the weight, by the fill rule of `policy`."""
@@ -95,6 +147,11 @@ class WeightPlan:
 
     def count(self, policy: str) -> None:
         total = self.size
+        self.preset = 0
+        if self.init is not None:
+            nonzero = int(np.count_nonzero(init_value(self.init, self.shape)))
+            self.copied, self.zeroed, self.fresh, self.preset = 0, total - nonzero, 0, nonzero
+            return
         if self.axes is None:
             self.copied, self.zeroed, self.fresh = 0, 0, total
             return
@@ -119,16 +176,16 @@ class WeightPlan:
             "copied": self.copied,
             "zeroed": self.zeroed,
             "fresh": self.fresh,
+            "preset": self.preset,
             "scale": self.scale,
             "zero_fill": self.zero_fill,
-            "axes": None if self.axes is None
-            else [{"kind": a.kind, "index": a.index.tolist(), "zero_new": a.zero_new}
-                  for a in self.axes],
+            "init": None if self.init is None else self.init.to_dict(),
+            "axes": None if self.axes is None else [a.to_dict() for a in self.axes],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeightPlan:
-        axes = data.get("axes")
+        axes, init = data.get("axes"), data.get("init")
         return cls(
             layer=data["layer"],
             role=data["role"],
@@ -137,17 +194,28 @@ class WeightPlan:
             old_layer=data.get("old_layer"),
             old_path=data.get("old_path"),
             old_shape=None if data.get("old_shape") is None else tuple(data["old_shape"]),
-            axes=None if axes is None else [
-                AxisMap(a["kind"], np.asarray(a["index"], dtype=np.int64),
-                        bool(a.get("zero_new", False)))
-                for a in axes
-            ],
+            axes=None if axes is None else [AxisMap.from_dict(a) for a in axes],
             scale=float(data.get("scale", 1.0)),
             zero_fill=bool(data.get("zero_fill", True)),
+            init=None if init is None else Init.from_dict(init),
             copied=data.get("copied", 0),
             zeroed=data.get("zeroed", 0),
             fresh=data.get("fresh", 0),
+            preset=data.get("preset", 0),
         )
+
+
+def init_value(init: Init, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """The value of a start's `Init` for a weight of `shape`: a constant, or the identity over
+    the last two axes at the centre of the leading (kernel tap) axes."""
+    if init.kind == "constant":
+        return np.full(shape, init.value, dtype=dtype)
+    if len(shape) < 2 or shape[-1] != shape[-2] or any(k % 2 == 0 for k in shape[:-2]):
+        raise SurgeryError(f"An identity start needs a square last pair of axes and odd kernel "
+                           f"axes before them. Received: shape={shape}")
+    value = np.zeros(shape, dtype=dtype)
+    value[tuple(k // 2 for k in shape[:-2])] = np.eye(shape[-1], dtype=dtype)
+    return value
 
 
 @dataclass
@@ -168,6 +236,8 @@ class SurgeryPlan:
     warnings: list[str]
     preserves_function: bool
     old_optimizer: OptimizerLayout | None = None
+    # New layers started so that the old function is kept: layer -> "identity" | "zero".
+    starts: dict[str, str] = field(default_factory=dict)
     old_source: Any = field(default=None, repr=False, compare=False)
     # (old, new) GraphLabels the plan was made from; None for a plan loaded from JSON. The
     # verifier reads them to know which new input column / output index continues which old one.
@@ -214,6 +284,7 @@ class SurgeryPlan:
             "copied": sum(w.copied for w in self.weights),
             "zeroed": sum(w.zeroed for w in self.weights),
             "fresh": sum(w.fresh for w in self.weights),
+            "preset": sum(w.preset for w in self.weights),
         }
 
     def summary(self) -> str:
@@ -230,6 +301,7 @@ class SurgeryPlan:
             "warnings": list(self.warnings),
             "matches": dict(self.matches),
             "new_layers": list(self.new_layers),
+            "starts": dict(self.starts),
             "dropped": list(self.dropped),
             "totals": self.totals(),
             "weights": [w.to_dict() for w in self.weights],
@@ -252,6 +324,7 @@ class SurgeryPlan:
             warnings=list(data["warnings"]),
             preserves_function=bool(data["preserves_function"]),
             old_optimizer=_layout_from_dict(data.get("old_optimizer")),
+            starts=dict(data.get("starts") or {}),
         )
 
 
@@ -385,15 +458,26 @@ def _describe_missing(space: LabelSpace, ids: np.ndarray, limit: int = 3) -> str
 
 
 def build_plan(
-    old: GraphLabels, new: GraphLabels, *, policy: str, old_source: Any = None
+    old: GraphLabels,
+    new: GraphLabels,
+    *,
+    policy: str,
+    old_source: Any = None,
+    growth: Growth | None = None,
 ) -> SurgeryPlan:
-    """Matches the two labelled graphs weight by weight and axis by axis."""
+    """Matches the two labelled graphs weight by weight and axis by axis.
+
+    `growth` holds the starts of new layers (`new` must have been labelled with them) and
+    what could not be started; under policy "net2net" new units are split off old ones.
+    """
     if policy not in POLICIES:
         raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
+    growth = Growth() if growth is None else growth
     space = new.space
-    warnings: list[str] = list(new.warnings)
-    breaks = False
+    warnings: list[str] = list(new.warnings) + list(growth.warnings)
+    breaks = growth.breaks
     weights: list[WeightPlan] = []
+    splittable: list[tuple[WeightPlan, WeightLabels, WeightLabels]] = []
     matches: dict[str, str] = {}
     new_layers: list[str] = []
     continued_old: set[str] = set()
@@ -404,9 +488,12 @@ def build_plan(
             if rec.node.weights or rec.node.group:
                 new_layers.append(name)
             roles = [w.role for w in rec.result.weights]
+            start = rec.result.starts.get(rec.start) if rec.start is not None else None
             for i, spec in enumerate(rec.node.weights):
                 role = roles[i] if len(roles) == len(rec.node.weights) else spec.local
                 wp = WeightPlan(name, role, spec.path, spec.shape)
+                if start is not None:
+                    wp.init = start.values.get(role)
                 wp.count(policy)
                 weights.append(wp)
             continue
@@ -503,6 +590,13 @@ def build_plan(
                 wp.scale = float((spec.shape[axis] / wp.old_shape[axis]) ** power)
             wp.count(policy)
             weights.append(wp)
+            if wp.axes is not None and found is not None:
+                splittable.append((wp, w, found[0]))
+
+    if policy == "net2net":
+        split_units(old, new, splittable)
+        for wp, _, _ in splittable:
+            wp.count(policy)
 
     dropped = [
         spec.path for rec in old.records.values() for spec in rec.node.weights
@@ -510,7 +604,9 @@ def build_plan(
     ]
 
     breaks |= _check_outputs(old, new, warnings)
-    if policy != "preserve" and any(w.zeroed or (w.axes is not None and w.fresh) for w in weights):
+    if policy not in PRESERVING_POLICIES and any(
+        w.zeroed or (w.axes is not None and w.fresh) for w in weights
+    ):
         breaks = True
     return SurgeryPlan(
         old=old.graph.description,
@@ -523,6 +619,7 @@ def build_plan(
         warnings=_unique(warnings),
         preserves_function=not breaks,
         old_source=old_source,
+        starts=_starts_of(new),
     )
 
 
@@ -624,7 +721,7 @@ class ModelMigrator:
                 architecture (read as data; such a plan can be applied file to file with
                 `apply_file`, using that file as the template).
             new_features: the new model's feature spec.
-            policy: "preserve" or "random".
+            policy: "preserve", "net2net" or "random" (see `migrate_weights`).
             allow_unrelated: accept a plan that copies nothing from an old model that has
                 weights (the new model then keeps its initial values, with a warning); by
                 default that is an error, since it almost always means the wrong old model.
@@ -675,12 +772,44 @@ class ModelMigrator:
             strict=self.strict,
             where="the new model",
         )
+        growth = None
+        if policy in PRESERVING_POLICIES:
+            new_labels, growth = self._grow(new_graph, new_features, old_labels, new_labels)
         source = self.old if is_path(self.old) else old_graph.source
-        plan = build_plan(old_labels, new_labels, policy=policy, old_source=source)
+        plan = build_plan(old_labels, new_labels, policy=policy, old_source=source,
+                          growth=growth)
         plan.old_optimizer = old_optimizer
         plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
         return plan
+
+    def _grow(
+        self, new_graph: ModelGraph, new_features: Any, old: GraphLabels, new: GraphLabels
+    ) -> tuple[GraphLabels, Growth]:
+        """Chooses the starts of new layers (`keras_surgery.growth`), labelling the new model
+        again with them until no start is added; each layer keeps continuing the old layer it
+        was matched to first."""
+        first = new
+        growth = plan_starts(old, new)
+        # Terminates: starts are only ever added, and there are finitely many layers.
+        while growth.starts != _starts_of(new):
+            new = propagate(
+                new_graph,
+                features=new_features,
+                space=new.space,
+                match_layer=lambda node, inputs, position: first.records[node.name].identity,
+                match_input=lambda spec, index: first.input_identity[spec.name],
+                strict=self.strict,
+                where="the new model",
+                starts=growth.starts,
+            )
+            growth = plan_starts(old, new, growth.starts)
+        return new, growth
+
+
+def _starts_of(labels: GraphLabels) -> dict[str, str]:
+    """The starts a labelling was made with."""
+    return {name: rec.start for name, rec in labels.records.items() if rec.start is not None}
 
 
 def _check_related(plan: SurgeryPlan, allow_unrelated: bool) -> None:

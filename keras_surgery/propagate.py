@@ -6,14 +6,15 @@ topological order, each handled by its layer's rule (or the opaque fallback, lou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from keras_surgery import rules as _rules  # noqa: F401 - registers the built-in rules
-from keras_surgery.errors import SurgeryFileError, UnsupportedLayerError
+from keras_surgery.errors import SurgeryError, SurgeryFileError, UnsupportedLayerError
 from keras_surgery.features import FeatureColumn, FeatureSpec, feature_columns
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, TensorRef
 from keras_surgery.labels import (
@@ -47,6 +48,7 @@ class LayerRecord:
     result: RuleResult
     position: int  # index of the layer's first call in topological order
     later_calls: list[RuleResult] = field(default_factory=list)  # shared layers' other calls
+    start: str | None = None  # how this new layer starts ("identity", "zero"), if it was told
 
     @property
     def opaque(self) -> bool:
@@ -64,6 +66,7 @@ class GraphLabels:
     input_identity: dict[str, str]  # input name -> the name its feature labels are built from
     tensors: dict[TensorRef, TensorLabels] = field(default_factory=dict)
     values: dict[TensorRef, TokenValues] = field(default_factory=dict)  # token ids' meaning
+    nonnegative: set[TensorRef] = field(default_factory=set)  # tensors known to be >= 0
     records: dict[str, LayerRecord] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -105,6 +108,7 @@ def propagate(
     match_input: InputMatcher | None = None,
     strict: bool = False,
     where: str | None = None,
+    starts: Mapping[str, str] | None = None,
 ) -> GraphLabels:
     """Labels every tensor and weight of `graph`.
 
@@ -119,6 +123,8 @@ def propagate(
         strict: raise UnsupportedLayerError for a layer without a rule instead of treating it
             as opaque with a warning.
         where: how to name the model in messages.
+        starts: layer name -> the `Start` kind ("identity", "zero") it takes: its outputs
+            then carry that start's labels (see `keras_surgery.growth`).
 
     Returns:
         GraphLabels.
@@ -168,8 +174,23 @@ def propagate(
             output_shapes=output_shapes,
             kwarg_inputs=call.kwarg_inputs,
             input_values=[labels.values.get(ref) for ref in call.inputs],
+            input_nonnegative=[ref in labels.nonnegative for ref in call.inputs],
         )
         result = _run_rule(rule_call, strict)
+        start = (starts or {}).get(name)
+        if start is not None:
+            chosen = result.starts.get(start)
+            if chosen is None or chosen.refused is not None:
+                raise SurgeryError(
+                    f"layer '{name}' ({node.class_name}) cannot start as '{start}'"
+                    + (f": {chosen.refused}" if chosen is not None else ".")
+                )
+            # The identity passes on what is known of its input's sign.
+            kept = start == "identity" and all(rule_call.input_nonnegative)
+            nonnegative = [kept or (t < len(result.nonnegative) and result.nonnegative[t])
+                           for t in range(len(chosen.outputs))]
+            result = dataclasses.replace(result, outputs=list(chosen.outputs),
+                                         nonnegative=nonnegative)
         outputs = result.outputs
         if record is not None:
             outputs = [_per_call(space, inputs, out, len(record.later_calls) + 1)
@@ -179,8 +200,12 @@ def propagate(
         for t, meaning in enumerate(result.values):
             if meaning is not None:
                 labels.values[(name, call_index, t)] = meaning
+        for t, known in enumerate(result.nonnegative):
+            if known:
+                labels.nonnegative.add((name, call_index, t))
         if record is None:
-            labels.records[name] = LayerRecord(node, identity, inputs, result, position)
+            labels.records[name] = LayerRecord(node, identity, inputs, result, position,
+                                               start=start)
             labels.warnings.extend(result.warnings)
         else:
             record.later_calls.append(result)

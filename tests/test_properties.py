@@ -2,8 +2,8 @@
 
 Hypothesis draws surgeries of small models: named input features inserted, deleted, permuted
 and widened, hidden widths grown or shrunk, with or without a residual Add and a Concatenate of
-two inputs, explicit or Keras auto-generated layer names. For every drawn case the old live
-model is migrated into the new one and
+two inputs, explicit or Keras auto-generated layer names. For every drawn case the old
+model (live, or read from its saved file) is migrated into the new one and
 
 * the promise is checked against the truth: when `report.preserves_function` is True, the new
   model's outputs equal the old model's (new features random, removed features 0 in the old
@@ -81,6 +81,7 @@ class Surgery:
     new_out: int
     residual: bool
     named: bool
+    via_file: bool  # the old model is read from its .keras file instead of live
 
     @property
     def shrinks(self) -> bool:
@@ -127,7 +128,7 @@ def surgeries(draw) -> Surgery:
     old_out = draw(st.integers(1, 3))
     new_out = old_out + draw(st.sampled_from((0, 0, 0, 1, -1)))
     return Surgery(inputs, old_widths, new_widths, old_out, max(1, new_out), residual,
-                   named=draw(st.booleans()))
+                   named=draw(st.booleans()), via_file=draw(st.booleans()))
 
 
 def build(case: Surgery, *, new: bool) -> keras.Model:
@@ -198,13 +199,17 @@ def _first_layer_oracle(case: Surgery, old_model, new_model) -> None:
 
 @SETTINGS
 @given(case=surgeries(), seed=st.integers(0, 2**16))
-def test_drawn_surgeries_keep_their_promise(case, seed):
+def test_drawn_surgeries_keep_their_promise(tmp_path, case, seed):
     rng = np.random.default_rng(seed)
     old_model = build(case, new=False)
     randomize(old_model, None, seed=seed)
     new_model = build(case, new=True)
+    old = old_model
+    if case.via_file:
+        old = tmp_path / "old.keras"
+        old_model.save(old)
 
-    migrator = ks.ModelMigrator(old_model, old_features=_specs(case, new=False))
+    migrator = ks.ModelMigrator(old, old_features=_specs(case, new=False))
     plan = migrator.plan(new_model, new_features=_specs(case, new=True), allow_unrelated=True)
     if not plan.totals()["copied"]:
         # Auto-named layers are matched by what they read: with no feature in common nothing

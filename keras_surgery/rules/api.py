@@ -34,6 +34,7 @@ from keras_surgery.labels import (
     LabelSpace,
     TensorLabels,
     TokenValues,
+    axis_length,
     derived_key,
     unit_key,
     zero_key,
@@ -191,8 +192,21 @@ class RuleCall:
 
     # -- helpers -------------------------------------------------------------------------
 
+    def weight_backed(self, n: int, what: str) -> int:
+        """`n`, a size read from the config that one of the layer's weights must have: checked
+        before anything is labelled, since a damaged config can declare any size."""
+        n = axis_length(n, self.describe())
+        largest = max((max(w.shape, default=1) for w in self.weights), default=None)
+        if largest is not None and n > largest:
+            raise ValueError(
+                f"{self.describe()} declares {what}={n}, more than any of its weights holds "
+                f"({[w.shape for w in self.weights]})"
+            )
+        return n
+
     def units(self, n: int, dep: int, role: str = "") -> AxisLabels:
         """`n` fresh output units of this layer, each depending on `dep`."""
+        n = self.weight_backed(n, f"{role or 'units'}")
         return AxisLabels(
             self.space.intern_many(unit_key(self.identity, role, j) for j in range(n)),
             np.full(n, dep, dtype=np.int64),

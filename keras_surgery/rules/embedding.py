@@ -93,7 +93,8 @@ def embedding_rule(call: RuleCall) -> RuleResult:
     if meaning is None:
         meaning = TokenValues(call.identity)  # ids computed inside the model: by id
     dep = call.union(*x)
-    input_dim, output_dim = int(call.config["input_dim"]), int(call.config["output_dim"])
+    input_dim = call.weight_backed(int(call.config["input_dim"]), "input_dim")
+    output_dim = int(call.config["output_dim"])
     rows = AxisLabels(
         call.space.intern_many(meaning.keys(input_dim)), np.full(input_dim, dep, np.int64)
     )

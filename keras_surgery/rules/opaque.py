@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_surgery.labels import AxisLabels, opaque_key
+from keras_surgery.labels import AxisLabels, axis_length, opaque_key
 from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, weight
 
 
@@ -22,6 +22,7 @@ def opaque_rule(call: RuleCall, reason: str) -> RuleResult:
             if n is None:
                 axes.append(AxisLabels.unknown(dep))
             else:
+                n = axis_length(n, f"{call.describe()} output {t}")
                 keys = (opaque_key(call.identity, t, axis, j) for j in range(n))
                 axes.append(AxisLabels(call.space.intern_many(keys), np.full(n, dep, np.int64)))
         outputs.append(tuple(axes))
@@ -29,6 +30,7 @@ def opaque_rule(call: RuleCall, reason: str) -> RuleResult:
     for w in call.weights:
         axes = []
         for axis, n in enumerate(w.shape):
+            n = axis_length(n, f"{call.describe()} weight '{w.local}'")
             keys = (("weight-index", call.identity, w.local, axis, j) for j in range(n))
             axes.append(("struct", AxisLabels(call.space.intern_many(keys), np.zeros(n, np.int64))))
         weights.append(weight(w.local, *axes))

@@ -1,0 +1,510 @@
+"""Bounded fuzzing of everything that reads a `.keras` file.
+
+Mutants of one valid file (bytes flipped, spliced or cut at the zip level; config.json text
+and JSON values, model.weights.h5 bytes and h5 structure changed and re-zipped; zip members
+renamed, dropped, duplicated or compressed) go through `ks.migrate_weights`, `ks.phi_table`
+and `SurgeryPlan.apply_file`. Every outcome must be a success or a `ks.SurgeryError`: never
+another exception, a hang or a crash. After a failed migration the new model's variables
+(optimizer included) must be bit for bit what they were, and a failed file-to-file migration
+must leave nothing in its output folder.
+
+The fuzzing runs in a child process, so that a crash in a C library (HDF5) fails this test
+instead of ending the test session, on a time budget (the whole test stays under 60 s), with
+deterministic seeds: mutant i is always `mutate(base, i)`. To replay mutant I with its full
+traceback:
+
+    KERAS_BACKEND=tensorflow .venv/bin/python tests/test_fuzz.py --replay I
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import faulthandler
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUDGET_S = float(os.environ.get("KS_FUZZ_SECONDS", "40"))  # from the child's start
+HANG_S = 10.0  # one mutant taking longer than this is a hang
+TIMEOUT_S = 58.0  # the parent's hard limit on the child
+MIN_MUTANTS = 50
+SEED = int(os.environ.get("KS_FUZZ_SEED", "20240601"))  # another seed explores new mutants
+CONFIG, WEIGHTS, METADATA = "config.json", "model.weights.h5", "metadata.json"
+KINDS = ("flip", "truncate", "splice", "config_text", "config_json", "h5_bytes", "h5_struct",
+         "members")
+
+
+# -- the test (parent side) ------------------------------------------------------------------
+
+
+def test_fuzzed_files_fail_cleanly(tmp_path):
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--work", str(tmp_path), "--budget", str(BUDGET_S)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the fuzz run did not end within {TIMEOUT_S} s; last mutant: "
+                             f"{_last_started(tmp_path)}") from exc
+    results_path = tmp_path / "results.json"
+    if proc.returncode != 0 or not results_path.exists():
+        raise AssertionError(
+            f"the fuzz child died (exit {proc.returncode}) on {_last_started(tmp_path)}; "
+            f"a hang or a crash. stderr tail:\n{proc.stderr[-3000:]}"
+        )
+    results = json.loads(results_path.read_text())
+    leaks = results["leaks"]
+    assert not leaks, "mutants escaped as something other than a SurgeryError:\n" + "\n\n".join(
+        f"mutant {leak['index']} ({leak['kind']}), {leak['call']}: {leak['error']}\n"
+        f"{leak['where']}\nreplay: python tests/test_fuzz.py --replay {leak['index']}"
+        for leak in leaks
+    )
+    assert results["mutants"] >= MIN_MUTANTS, results
+    assert set(results["kinds"]) == set(KINDS), results["kinds"]
+    assert results["outcomes"].get("SurgeryError", 0) > 0, results["outcomes"]
+
+
+def _last_started(work: Path) -> str:
+    log = work / "progress.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return lines[-1] if lines else "(none started)"
+
+
+# -- mutants ---------------------------------------------------------------------------------
+
+HOSTILE = (
+    None, True, False, 0, -1, 1, 7, 2**31, 2**64, -(2**63), 10**12, 1e308, -1e308, 0.5,
+    float("nan"), float("inf"), "", "x", "../../etc/passwd", "keras.layers", "keras.src.ops",
+    "__keras_tensor__", "Functional", "Sequential", "Dense", [], {}, [[]], [None, 4],
+    [None, 10**9], [0, 0, 0], [-1, -1, -1], ["hidden", 0, 0], {"class_name": "Dense"},
+    {"class_name": "__keras_tensor__", "config": {"keras_history": ["obs", 0, 0]}},
+)
+KEYS = ("batch_shape", "units", "keras_history", "shape", "class_name", "module", "name",
+        "inbound_nodes", "build_config", "input_shape", "layers", "input_layers",
+        "output_layers", "axis", "args", "kwargs", "config", "registered_name", "dtype",
+        "optimizer", "learning_rate", "compile_config", "trainable")
+
+
+def zip_members(members: list[tuple[str, bytes]], compress: int = zipfile.ZIP_STORED) -> bytes:
+    """A zip archive of `members`, byte-for-byte the same on every run."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in members:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = compress
+            archive.writestr(info, data)
+    return out.getvalue()
+
+
+def read_members(data: bytes) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return [(info.filename, archive.read(info)) for info in archive.infolist()]
+
+
+def replace_member(data: bytes, name: str, value: bytes) -> bytes:
+    return zip_members([(n, value if n == name else d) for n, d in read_members(data)])
+
+
+def _flip(rng, data: bytes, count: int, region: int | None = None) -> bytes:
+    out = bytearray(data)
+    if not out:
+        return bytes(out)
+    limit = min(len(out), region) if region else len(out)
+    for _ in range(count):
+        pos = int(rng.integers(0, limit))
+        if rng.random() < 0.5:
+            out[pos] ^= 1 << int(rng.integers(0, 8))
+        else:
+            out[pos] = int(rng.integers(0, 256))
+    return bytes(out)
+
+
+def _splice(rng, data: bytes) -> bytes:
+    pos = int(rng.integers(0, len(data)))
+    size = int(rng.integers(1, 64))
+    choice = rng.integers(0, 3)
+    if choice == 0:
+        return data[:pos] + data[pos + size:]
+    if choice == 1:
+        return data[:pos] + rng.bytes(size) + data[pos:]
+    return data[:pos] + data[pos:pos + size] * 2 + data[pos + size:]
+
+
+def _json_paths(node, path=()):
+    """Every (path, key) inside a JSON tree; a path is the keys and indices leading to it."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path + (key,)
+            yield from _json_paths(value, path + (key,))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield path + (i,)
+            yield from _json_paths(value, path + (i,))
+
+
+def _mutate_json(rng, config: dict) -> dict:
+    config = copy.deepcopy(config)
+    paths = list(_json_paths(config))
+    for _ in range(int(rng.integers(1, 4))):
+        keyed = [p for p in paths if isinstance(p[-1], str) and p[-1] in KEYS]
+        pool = keyed if keyed and rng.random() < 0.6 else paths
+        path = pool[int(rng.integers(0, len(pool)))]
+        parent = config
+        try:
+            for step in path[:-1]:
+                parent = parent[step]
+            current = parent[path[-1]]
+        except (KeyError, IndexError, TypeError):
+            continue  # an earlier edit of this mutant removed it
+        op = rng.integers(0, 5)
+        if op == 0 or op == 1:
+            value = copy.deepcopy(HOSTILE[int(rng.integers(0, len(HOSTILE)))])
+        elif op == 2:  # another part of the tree, in the wrong place
+            other = paths[int(rng.integers(0, len(paths)))]
+            value = config
+            try:
+                for step in other:
+                    value = value[step]
+            except (KeyError, IndexError, TypeError):
+                value = None
+            value = copy.deepcopy(value)
+        elif op == 3:
+            value = [copy.deepcopy(current)]
+        else:
+            if isinstance(parent, dict):
+                del parent[path[-1]]
+            else:
+                parent.pop(path[-1])
+            continue
+        parent[path[-1]] = value
+    return config
+
+
+def _mutate_text(rng, text: bytes) -> bytes:
+    out = bytearray(text)
+    alphabet = b'{}[]",:0123456789-.eE null true abc\\u00'
+    for _ in range(int(rng.integers(1, 5))):
+        pos = int(rng.integers(0, len(out)))
+        size = int(rng.integers(1, 12))
+        op = rng.integers(0, 3)
+        if op == 0:
+            out[pos:pos + size] = bytes(alphabet[int(i)] for i in
+                                        rng.integers(0, len(alphabet), size))
+        elif op == 1:
+            del out[pos:pos + size]
+        else:
+            out[pos:pos] = out[pos:pos + size]
+    return bytes(out)
+
+
+def _mutate_h5(rng, blob: bytes) -> bytes:
+    """A structural edit of the weights file, made with h5py."""
+    import h5py
+    import numpy as np
+
+    buffer = io.BytesIO(blob)
+    with h5py.File(buffer, "a") as h5:
+        datasets: list[str] = []
+        groups: list[str] = []
+        h5.visititems(lambda name, obj: (datasets if isinstance(obj, h5py.Dataset)
+                                         else groups).append(name))
+        path = datasets[int(rng.integers(0, len(datasets)))]
+        data = h5[path][()]
+        parent, _, key = path.rpartition("/")
+        op = int(rng.integers(0, 10))
+        del h5[path]
+        target = h5[parent] if parent else h5
+        if op == 0:  # another dtype
+            dtypes = ("int8", "int64", "uint8", "float16", "float64", "complex64", "bool")
+            dtype = dtypes[int(rng.integers(0, len(dtypes)))]
+            target.create_dataset(key, data=np.asarray(data).astype(dtype))
+        elif op == 1:  # strings or records where numbers belong
+            if rng.random() < 0.5:
+                target.create_dataset(key, data=np.array([b"abc"] * max(1, data.size)))
+            else:
+                record = np.zeros(max(1, data.size), dtype=[("a", "f4"), ("b", "i4")])
+                target.create_dataset(key, data=record)
+        elif op == 2:  # another shape
+            shapes = ((), (0,), (1,), (3, 0), (2, 2, 2), (data.size + 1,))
+            shape = shapes[int(rng.integers(0, len(shapes)))]
+            target.create_dataset(key, data=np.ones(shape, "float32"))
+        elif op == 3:  # a bfloat16 tag on data of another width
+            target.create_dataset(key, data=data)
+            target[key].attrs["dtype"] = "bfloat16"
+        elif op == 4:  # a group where a dataset belongs
+            target.create_group(key)
+        elif op == 5:  # links Keras refuses
+            if rng.random() < 0.5:
+                target[key] = h5py.SoftLink("/" + datasets[0])
+            else:
+                target[key] = h5py.ExternalLink("missing.h5", "/x")
+        elif op == 6:  # a layer name attribute of another layer, or of another type
+            target.create_dataset(key, data=data)
+            group = groups[int(rng.integers(0, len(groups)))] if groups else ""
+            h5[group or "/"].attrs["name"] = [b"x", 3][int(rng.integers(0, 2))]
+        elif op == 7:  # gone
+            pass
+        elif op == 8:  # an extra variable next to it
+            target.create_dataset(key, data=data)
+            extra = str(int(rng.integers(2, 20))) + "x"[: int(rng.integers(0, 2))]
+            if extra not in target:
+                target.create_dataset(extra, data=np.ones(3, "float32"))
+        else:  # NaN and Inf values
+            bad = np.array(data, dtype="float32", copy=True)
+            if bad.size:
+                bad.flat[int(rng.integers(0, bad.size))] = [np.nan, np.inf][int(rng.integers(0, 2))]
+            target.create_dataset(key, data=bad)
+    return buffer.getvalue()
+
+
+def mutate(base: bytes, index: int) -> tuple[str, bytes]:
+    """Mutant `index` of the valid file `base`: (kind, bytes). Deterministic."""
+    import numpy as np
+
+    rng = np.random.default_rng([SEED, index])
+    kind = KINDS[index % len(KINDS)]
+    members = dict(read_members(base))
+    if kind == "flip":
+        return kind, _flip(rng, base, int(rng.integers(1, 17)))
+    if kind == "truncate":
+        return kind, base[: int(rng.integers(0, len(base)))]
+    if kind == "splice":
+        return kind, _splice(rng, base)
+    if kind == "config_text":
+        return kind, replace_member(base, CONFIG, _mutate_text(rng, members[CONFIG]))
+    if kind == "config_json":
+        config = _mutate_json(rng, json.loads(members[CONFIG]))
+        return kind, replace_member(base, CONFIG, json.dumps(config).encode())
+    if kind == "h5_bytes":
+        blob = members[WEIGHTS]
+        op = rng.integers(0, 3)
+        if op == 0:  # the superblock and first object headers hold most of the structure
+            blob = _flip(rng, blob, int(rng.integers(1, 9)), region=4096)
+        elif op == 1:
+            blob = _flip(rng, blob, int(rng.integers(1, 9)))
+        else:
+            blob = blob[: int(rng.integers(0, len(blob)))]
+        return kind, replace_member(base, WEIGHTS, blob)
+    if kind == "h5_struct":
+        return kind, replace_member(base, WEIGHTS, _mutate_h5(rng, members[WEIGHTS]))
+    # members: renamed, dropped, duplicated, extra, or compressed
+    items = list(members.items())
+    op = int(rng.integers(0, 6))
+    if op == 0:
+        name = items[int(rng.integers(0, len(items)))][0]
+        new_name = ["../" + name, "/" + name, name.upper(), name + "/", "a/../" + name][
+            int(rng.integers(0, 5))]
+        items = [(new_name if n == name else n, d) for n, d in items]
+    elif op == 1:
+        items.pop(int(rng.integers(0, len(items))))
+    elif op == 2:  # a second member of the same name, holding another member's bytes
+        name = items[int(rng.integers(0, len(items)))][0]
+        items.append((name, items[int(rng.integers(0, len(items)))][1]))
+    elif op == 3:
+        name = ["../escaped.txt", "../../x/y.keras", "/etc/evil", "keras_surgery.json"][
+            int(rng.integers(0, 4))]
+        items.append((name, b"{}" if rng.random() < 0.5 else b"\x00\xff"))
+    elif op == 4:
+        return kind, zip_members(items, zipfile.ZIP_DEFLATED)
+    else:
+        items.reverse()
+    return kind, zip_members(items)
+
+
+# -- the fuzz run (child side) ---------------------------------------------------------------
+
+
+def _build(width: int):
+    import keras
+
+    layers = keras.layers
+    obs = keras.Input((6,), name="obs")
+    seq = keras.Input((4, 3), name="seq")
+    h = layers.Dense(width, activation="relu", name="hidden")(obs)
+    r = layers.LSTM(4, name="lstm")(seq)
+    h = layers.Concatenate(name="cat")([h, r])
+    h = layers.BatchNormalization(name="bn")(h)
+    model = keras.Model([obs, seq], layers.Dense(3, name="out")(h))
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    return model
+
+
+def _normalized(path: Path) -> bytes:
+    """The saved file with what changes from run to run (save date, object ids) made fixed."""
+    members = read_members(path.read_bytes())
+    ids: dict[int, int] = {}
+
+    def renumber(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "shared_object_id" and isinstance(value, int):
+                    node[key] = ids.setdefault(value, len(ids) + 1)
+                else:
+                    renumber(value)
+        elif isinstance(node, list):
+            for value in node:
+                renumber(value)
+
+    fixed = []
+    for name, data in members:
+        if name == CONFIG:
+            config = json.loads(data)
+            renumber(config)
+            data = json.dumps(config).encode()
+        elif name == METADATA:
+            data = json.dumps({"keras_version": "3", "date_saved": "2000-01-01@00:00:00"}).encode()
+        fixed.append((name, data))
+    return zip_members(fixed)
+
+
+class Fuzzer:
+    """Runs mutants through the readers and records every outcome."""
+
+    def __init__(self, work: Path):
+        import keras
+        import numpy as np
+
+        import keras_surgery as ks
+
+        self.ks, self.np = ks, np
+        self.work = work
+        keras.utils.set_random_seed(0)
+        old = _build(8)
+        rng = np.random.default_rng(0)
+        old.fit([rng.normal(size=(8, 6)), rng.normal(size=(8, 4, 3))], rng.normal(size=(8, 3)),
+                epochs=1, verbose=0)
+        old.save(work / "saved.keras")
+        self.base = _normalized(work / "saved.keras")
+        self.valid = work / "valid.keras"
+        self.valid.write_bytes(self.base)
+        self.new = _build(10)
+        self.new.optimizer.build(self.new.trainable_variables)
+        self.new.save(work / "template.keras")
+        self.plan = ks.ModelMigrator(self.valid).plan(self.new)
+        ks.migrate_weights(self.valid, self.new)  # the unmutated file must migrate
+        self.mutant = work / "mutant.keras"
+        self.out_dir = work / "out"
+        self.out_dir.mkdir()
+        self.outcomes: Counter = Counter()
+        self.kinds: Counter = Counter()
+        self.leaks: list[dict] = []
+        self.seen: set[tuple] = set()
+        self.progress = open(work / "progress.log", "a")  # noqa: SIM115 - closed at exit
+
+    def _state(self) -> list[bytes]:
+        variables = list(self.new.weights) + list(self.new.optimizer.variables)
+        return [self.np.asarray(v.numpy()).tobytes() for v in variables]
+
+    def _call(self, index: int, kind: str, name: str, fn, replay: bool) -> bool:
+        try:
+            fn()
+        except self.ks.SurgeryError:
+            self.outcomes["SurgeryError"] += 1
+            if replay:
+                traceback.print_exc()
+            return False
+        except Exception as exc:
+            self.outcomes[type(exc).__name__] += 1
+            frames = traceback.extract_tb(exc.__traceback__)
+            inside = [f for f in frames if "keras_surgery" in f.filename] or frames
+            where = f"{inside[-1].filename}:{inside[-1].lineno} in {inside[-1].name}"
+            key = (name, type(exc).__name__, where)
+            if replay:
+                traceback.print_exc()
+            if key not in self.seen:
+                self.seen.add(key)
+                self.leaks.append({
+                    "index": index, "kind": kind, "call": name,
+                    "error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                    "where": "".join(traceback.format_list(frames[-4:])),
+                })
+            return False
+        self.outcomes["ok"] += 1
+        return True
+
+    def run_one(self, index: int, replay: bool = False) -> None:
+        kind, data = mutate(self.base, index)
+        self.kinds[kind] += 1
+        self.progress.write(f"mutant {index} ({kind})\n")
+        self.progress.flush()
+        self.mutant.write_bytes(data)
+        ks = self.ks
+        before = self._state()
+        if not self._call(index, kind, "migrate_weights",
+                          lambda: ks.migrate_weights(self.mutant, self.new), replay):
+            if self._state() != before:
+                self._leak(index, kind, "migrate_weights",
+                           "the new model changed although the migration failed")
+        self._call(index, kind, "phi_table", lambda: ks.phi_table(self.mutant), replay)
+        if index % 3 == 0:
+            out = self.out_dir / "out.keras"
+            ok = self._call(index, kind, "apply_file", lambda: self.plan.apply_file(
+                self.mutant, out, template=self.work / "template.keras"), replay)
+            left = sorted(os.listdir(self.out_dir))
+            if left != (["out.keras"] if ok else []):
+                self._leak(index, kind, "apply_file", f"output folder holds {left} after "
+                           f"{'success' if ok else 'failure'}")
+            for name in left:
+                os.unlink(self.out_dir / name)
+
+    def _leak(self, index: int, kind: str, call: str, error: str) -> None:
+        key = (call, error[:40], "")
+        if key not in self.seen:
+            self.seen.add(key)
+            self.leaks.append({"index": index, "kind": kind, "call": call, "error": error,
+                               "where": ""})
+
+
+def _child(work: Path, budget: float, replay: int | None) -> None:
+    started = time.monotonic()
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("keras_surgery").setLevel(logging.ERROR)
+    fuzzer = Fuzzer(work)
+    if replay is not None:
+        fuzzer.run_one(replay, replay=True)
+        print(json.dumps({"outcomes": fuzzer.outcomes, "leaks": fuzzer.leaks}, indent=2))
+        return
+    index = 0
+    while time.monotonic() - started < budget:
+        # A mutant still running after HANG_S is a hang: dump every thread and exit non-zero.
+        faulthandler.dump_traceback_later(HANG_S, exit=True)
+        fuzzer.run_one(index)
+        faulthandler.cancel_dump_traceback_later()
+        index += 1
+    (work / "results.json").write_text(json.dumps({
+        "mutants": index, "seconds": round(time.monotonic() - started, 1),
+        "kinds": fuzzer.kinds, "outcomes": fuzzer.outcomes, "leaks": fuzzer.leaks,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", help="folder for the files (default: a temporary folder)")
+    parser.add_argument("--budget", type=float, default=BUDGET_S)
+    parser.add_argument("--replay", type=int, help="run mutant REPLAY only, with tracebacks")
+    args = parser.parse_args()
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.path.insert(0, str(ROOT))
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
+        _child(Path(args.work), args.budget, args.replay)
+    else:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            _child(Path(folder), args.budget, args.replay)
