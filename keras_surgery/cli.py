@@ -29,6 +29,12 @@ def _load_features(path: str | None) -> Any:
         raise FeatureSpecError(f"Cannot read feature spec '{path}': {exc}") from exc
 
 
+def print_summary(plan: Any) -> None:
+    from keras_surgery.report import print_summary as print_rich
+
+    print_rich(plan)
+
+
 def _plan(args: argparse.Namespace) -> Any:
     """Both files are read as data; neither model is deserialised."""
     from keras_surgery.plan import ModelMigrator
@@ -49,7 +55,10 @@ def _pictures(args: argparse.Namespace, plan: Any) -> None:
 
 def _cmd_diff(args: argparse.Namespace) -> int:
     plan = _plan(args)
-    print(plan.to_json(indent=2) if args.json else plan.summary())
+    if args.json:
+        print(plan.to_json(indent=2))
+    else:
+        print_summary(plan)
     _pictures(args, plan)
     return EXIT_NOT_PRESERVED if args.require_preserve and not plan.preserves_function else 0
 
@@ -57,12 +66,12 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     plan = _plan(args)
     if args.require_preserve and not plan.preserves_function:
-        print(plan.summary())
+        print_summary(plan)
         print("keras-surgery: the old function cannot be preserved; nothing written.",
               file=sys.stderr)
         return EXIT_NOT_PRESERVED
     result = plan.apply_file(args.old, args.output, template=args.new, verbose=args.verbose)
-    print(plan.summary())
+    print_summary(plan)
     _pictures(args, plan)
     for warning in result["warnings"]:
         print(f"warning: {warning}")

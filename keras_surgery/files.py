@@ -28,7 +28,13 @@ import numpy as np
 from keras_surgery.atomic import atomic_path
 from keras_surgery.errors import SurgeryError, SurgeryFileError
 from keras_surgery.features import FeatureSpec
-from keras_surgery.keras_file import CONFIG_MEMBER, METADATA_MEMBER, WEIGHTS_MEMBER, KerasFile
+from keras_surgery.keras_file import (
+    CONFIG_MEMBER,
+    METADATA_MEMBER,
+    WEIGHTS_MEMBER,
+    ZIP_ERRORS,
+    KerasFile,
+)
 
 logger = logging.getLogger("keras_surgery")
 
@@ -53,14 +59,14 @@ def read_lineage(path: str | os.PathLike) -> dict[str, Any] | None:
     """
     try:
         archive = zipfile.ZipFile(os.fspath(path))
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError):
+    except ZIP_ERRORS:
         return None
     with archive:
         if LINEAGE_MEMBER not in archive.namelist():
             return None
         try:
             data = json.loads(archive.read(LINEAGE_MEMBER).decode("utf-8"))
-        except (OSError, EOFError, RecursionError, zipfile.BadZipFile, ValueError) as exc:
+        except (*ZIP_ERRORS, RuntimeError, RecursionError) as exc:  # RuntimeError: encrypted
             raise SurgeryFileError(f"'{path}': unreadable {LINEAGE_MEMBER} ({exc}).") from exc
     if not isinstance(data, dict):
         raise SurgeryFileError(f"'{path}': {LINEAGE_MEMBER} must hold a JSON object.")

@@ -540,7 +540,10 @@ def build_graph(
                 raise SurgeryFileError(
                     f"{description}: model output {list(ref)} is not a tensor of the model."
                 )
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError, RecursionError) as exc:
+    except (
+        AttributeError, IndexError, KeyError, TypeError, ValueError, ArithmeticError,
+        RecursionError,
+    ) as exc:
         # The config is data from a file: a field of the wrong type or shape is a malformed
         # file, not a bug to surface as a bare Python error.
         raise SurgeryFileError(

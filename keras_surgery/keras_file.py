@@ -27,6 +27,7 @@ import os
 import struct
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -54,6 +55,15 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 BOMB_FLOOR_BYTES = 1 << 32
 MAX_EXPANSION = 1000
 BFLOAT16 = "bfloat16"
+try:
+    from lzma import LZMAError as _LZMAError
+except ImportError:  # a Python without lzma: zipfile cannot decompress such members either
+    _LZMAError = zlib.error  # type: ignore[misc,assignment]
+# What zipfile raises on a damaged archive: besides BadZipFile, its decompressors' errors and
+# NotImplementedError for a compression method or zip version it does not know.
+ZIP_ERRORS = (
+    zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error, _LZMAError,
+)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"  # signature and version 1, the only version HDF5 reads
 # More global heap objects than any Keras file holds (one per layer name or dtype tag); also
@@ -140,7 +150,7 @@ class KerasFile(WeightSource):
             return zipfile.ZipFile(self.path)
         except PermissionError as exc:
             raise SurgeryFileError(f"Cannot read '{self.path}': {exc.strerror}.") from exc
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        except ZIP_ERRORS as exc:
             raise SurgeryFileError(
                 f"'{self.path}' is not a .keras file: expected a zip archive with "
                 f"{CONFIG_MEMBER} and {WEIGHTS_MEMBER} ({exc}).{self._format_hint()}"
@@ -177,6 +187,8 @@ class KerasFile(WeightSource):
     def _read_config(self) -> dict:
         with self._zip() as archive:
             info = self._member(archive, CONFIG_MEMBER)
+            if info.flag_bits & 0x1:  # zipfile would raise RuntimeError asking for a password
+                raise SurgeryFileError(f"'{self.path}': {CONFIG_MEMBER} is encrypted.")
             if info.file_size > MAX_CONFIG_BYTES:
                 raise SurgeryFileError(
                     f"'{self.path}': {CONFIG_MEMBER} is {info.file_size} bytes, more than the "
@@ -186,10 +198,7 @@ class KerasFile(WeightSource):
                 with archive.open(info) as member:
                     raw = member.read(MAX_CONFIG_BYTES + 1)
                 config = json.loads(raw.decode("utf-8"))
-            except (
-                zipfile.BadZipFile, OSError, EOFError, UnicodeDecodeError, ValueError,
-                RecursionError,
-            ) as exc:
+            except (*ZIP_ERRORS, UnicodeDecodeError, RecursionError) as exc:
                 raise SurgeryFileError(
                     f"'{self.path}': {CONFIG_MEMBER} is not valid JSON ({exc})."
                 ) from exc
@@ -224,7 +233,7 @@ class KerasFile(WeightSource):
                 try:
                     with archive.open(info) as member:
                         self._reader = io.BytesIO(member.read())  # type: ignore[assignment]
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+                except ZIP_ERRORS as exc:
                     raise SurgeryFileError(
                         f"'{self.path}': cannot decompress {WEIGHTS_MEMBER} ({exc})."
                     ) from exc

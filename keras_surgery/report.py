@@ -7,19 +7,31 @@ from typing import Any
 
 from keras_surgery.plan import SurgeryPlan
 
+COLUMNS = ("layer", "weight", "shape", "status", "copied", "zeroed", "fresh")
+
+
+def weight_rows(plan: SurgeryPlan) -> list[tuple[str, ...]]:
+    """One row of `COLUMNS` per weight of the new model."""
+    return [(w.layer, w.role, "x".join(map(str, w.shape)) or "()", w.status,
+             str(w.copied), str(w.zeroed), str(w.fresh)) for w in plan.weights]
+
 
 def format_summary(plan: SurgeryPlan, warnings: list[str] | None = None) -> str:
-    """A plain-text table of every weight of the new model."""
-    rows = [("layer", "weight", "shape", "status", "copied", "zeroed", "fresh")]
-    for w in plan.weights:
-        rows.append((w.layer, w.role, "x".join(map(str, w.shape)) or "()", w.status,
-                     str(w.copied), str(w.zeroed), str(w.fresh)))
+    """A plain-text table of every weight of the new model, totals and warnings."""
+    rows = [COLUMNS, *weight_rows(plan)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"Surgery {plan.old} -> {plan.new} (policy '{plan.policy}')"]
     for i, row in enumerate(rows):
         lines.append("  ".join(c.ljust(widths[j]) for j, c in enumerate(row)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines.extend(summary_footer(plan, warnings))
+    return "\n".join(lines)
+
+
+def summary_footer(plan: SurgeryPlan, warnings: list[str] | None = None) -> list[str]:
+    """Totals, started layers, the preservation verdict and the warnings, one per line."""
+    lines = []
     totals = plan.totals()
     preset = f", {totals['preset']} preset by starts" if totals.get("preset") else ""
     lines.append(
@@ -33,7 +45,24 @@ def format_summary(plan: SurgeryPlan, warnings: list[str] | None = None) -> str:
     lines.append(f"preserves_function: {plan.preserves_function}")
     for w in warnings if warnings is not None else plan.warnings:
         lines.append(f"warning: {w}")
-    return "\n".join(lines)
+    return lines
+
+
+def print_summary(plan: SurgeryPlan, warnings: list[str] | None = None) -> None:
+    """Prints the summary as a rich table (Keras already depends on rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    styles = {"copied": "green", "partial": "yellow", "new": "cyan", "start": "magenta"}
+    table = Table(title=f"Surgery {plan.old} -> {plan.new} (policy '{plan.policy}')")
+    for i, name in enumerate(COLUMNS):
+        table.add_column(name, justify="right" if i >= 4 else "left")
+    for row in weight_rows(plan):
+        table.add_row(*row[:3], f"[{styles.get(row[3], 'white')}]{row[3]}[/]", *row[4:])
+    console = Console(soft_wrap=True)
+    console.print(table)
+    for line in summary_footer(plan, warnings):
+        console.print(line, markup=False, highlight=False)
 
 
 class SurgeryReport:

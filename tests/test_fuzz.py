@@ -116,6 +116,21 @@ def replace_member(data: bytes, name: str, value: bytes) -> bytes:
     return zip_members([(n, value if n == name else d) for n, d in read_members(data)])
 
 
+def _encrypted(data: bytes, name: str) -> bytes:
+    """The archive with member `name` flagged as encrypted (zipfile then asks for a password)."""
+    out = bytearray(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        local = archive.getinfo(name).header_offset
+    out[local + 6] |= 1
+    central = out.find(b"PK\x01\x02")
+    while central >= 0:
+        length = int.from_bytes(out[central + 28:central + 30], "little")
+        if out[central + 46:central + 46 + length] == name.encode():
+            out[central + 8] |= 1
+        central = out.find(b"PK\x01\x02", central + 1)
+    return bytes(out)
+
+
 def _flip(rng, data: bytes, count: int, region: int | None = None) -> bytes:
     out = bytearray(data)
     if not out:
@@ -273,7 +288,7 @@ def mutate(base: bytes, index: int) -> tuple[str, bytes]:
     import numpy as np
 
     rng = np.random.default_rng([SEED, index])
-    kind = KINDS[index % len(KINDS)]
+    kind = KINDS[index // len(MODELS) % len(KINDS)]
     members = dict(read_members(base))
     if kind == "flip":
         return kind, _flip(rng, base, int(rng.integers(1, 17)))
@@ -300,7 +315,7 @@ def mutate(base: bytes, index: int) -> tuple[str, bytes]:
         return kind, replace_member(base, WEIGHTS, _mutate_h5(rng, members[WEIGHTS]))
     # members: renamed, dropped, duplicated, extra, or compressed
     items = list(members.items())
-    op = int(rng.integers(0, 6))
+    op = int(rng.integers(0, 7))
     if op == 0:
         name = items[int(rng.integers(0, len(items)))][0]
         new_name = ["../" + name, "/" + name, name.upper(), name + "/", "a/../" + name][
@@ -317,6 +332,8 @@ def mutate(base: bytes, index: int) -> tuple[str, bytes]:
         items.append((name, b"{}" if rng.random() < 0.5 else b"\x00\xff"))
     elif op == 4:
         return kind, zip_members(items, zipfile.ZIP_DEFLATED)
+    elif op == 5:
+        return kind, _encrypted(base, items[int(rng.integers(0, len(items)))][0])
     else:
         items.reverse()
     return kind, zip_members(items)
@@ -325,8 +342,10 @@ def mutate(base: bytes, index: int) -> tuple[str, bytes]:
 # -- the fuzz run (child side) ---------------------------------------------------------------
 
 
-def _build(width: int):
+def _two_inputs(width: int):
+    """Dense, LSTM (nested cell variables), Concatenate, BatchNormalization; Adam."""
     import keras
+    import numpy as np
 
     layers = keras.layers
     obs = keras.Input((6,), name="obs")
@@ -337,7 +356,27 @@ def _build(width: int):
     h = layers.BatchNormalization(name="bn")(h)
     model = keras.Model([obs, seq], layers.Dense(3, name="out")(h))
     model.compile(keras.optimizers.Adam(1e-2), "mse")
-    return model
+    rng = np.random.default_rng(0)
+    return model, ([rng.normal(size=(8, 6)), rng.normal(size=(8, 4, 3))], rng.normal(size=(8, 3)))
+
+
+def _tokens(width: int):
+    """Embedding, then a nested Sequential (Conv1D, pooling); SGD with momentum."""
+    import keras
+    import numpy as np
+
+    layers = keras.layers
+    inner = keras.Sequential([keras.Input((10, 4)), layers.Conv1D(width, 3, padding="same"),
+                              layers.GlobalAveragePooling1D()], name="inner")
+    tokens = keras.Input((10,), dtype="int32", name="tokens")
+    h = inner(layers.Embedding(50, 4, name="embed")(tokens))
+    model = keras.Model(tokens, layers.Dense(2, name="head")(h))
+    model.compile(keras.optimizers.SGD(0.1, momentum=0.9), "mse")
+    rng = np.random.default_rng(0)
+    return model, (rng.integers(0, 50, size=(8, 10)), rng.normal(size=(8, 2)))
+
+
+MODELS = (_two_inputs, _tokens)  # mutant i mutates a file of MODELS[i % len(MODELS)]
 
 
 def _normalized(path: Path) -> bytes:
@@ -368,31 +407,41 @@ def _normalized(path: Path) -> bytes:
     return zip_members(fixed)
 
 
+class Target:
+    """One trained old model saved as the valid file, and a wider new model to migrate into."""
+
+    def __init__(self, build, work: Path):
+        import keras
+
+        import keras_surgery as ks
+
+        keras.utils.set_random_seed(0)
+        old, (x, y) = build(8)
+        old.fit(x, y, epochs=1, verbose=0)
+        name = build.__name__.strip("_")
+        old.save(work / f"{name}-saved.keras")
+        self.base = _normalized(work / f"{name}-saved.keras")
+        self.valid = work / f"{name}.keras"
+        self.valid.write_bytes(self.base)
+        self.new, _ = build(10)
+        self.new.optimizer.build(self.new.trainable_variables)
+        self.template = work / f"{name}-template.keras"
+        self.new.save(self.template)
+        self.plan = ks.ModelMigrator(self.valid).plan(self.new)
+        ks.migrate_weights(self.valid, self.new)  # the unmutated file must migrate
+
+
 class Fuzzer:
     """Runs mutants through the readers and records every outcome."""
 
     def __init__(self, work: Path):
-        import keras
         import numpy as np
 
         import keras_surgery as ks
 
         self.ks, self.np = ks, np
         self.work = work
-        keras.utils.set_random_seed(0)
-        old = _build(8)
-        rng = np.random.default_rng(0)
-        old.fit([rng.normal(size=(8, 6)), rng.normal(size=(8, 4, 3))], rng.normal(size=(8, 3)),
-                epochs=1, verbose=0)
-        old.save(work / "saved.keras")
-        self.base = _normalized(work / "saved.keras")
-        self.valid = work / "valid.keras"
-        self.valid.write_bytes(self.base)
-        self.new = _build(10)
-        self.new.optimizer.build(self.new.trainable_variables)
-        self.new.save(work / "template.keras")
-        self.plan = ks.ModelMigrator(self.valid).plan(self.new)
-        ks.migrate_weights(self.valid, self.new)  # the unmutated file must migrate
+        self.targets = [Target(build, work) for build in MODELS]
         self.mutant = work / "mutant.keras"
         self.out_dir = work / "out"
         self.out_dir.mkdir()
@@ -402,8 +451,8 @@ class Fuzzer:
         self.seen: set[tuple] = set()
         self.progress = open(work / "progress.log", "a")  # noqa: SIM115 - closed at exit
 
-    def _state(self) -> list[bytes]:
-        variables = list(self.new.weights) + list(self.new.optimizer.variables)
+    def _state(self, model) -> list[bytes]:
+        variables = list(model.weights) + list(model.optimizer.variables)
         return [self.np.asarray(v.numpy()).tobytes() for v in variables]
 
     def _call(self, index: int, kind: str, name: str, fn, replay: bool) -> bool:
@@ -434,23 +483,24 @@ class Fuzzer:
         return True
 
     def run_one(self, index: int, replay: bool = False) -> None:
-        kind, data = mutate(self.base, index)
+        target = self.targets[index % len(self.targets)]
+        kind, data = mutate(target.base, index)
         self.kinds[kind] += 1
         self.progress.write(f"mutant {index} ({kind})\n")
         self.progress.flush()
         self.mutant.write_bytes(data)
         ks = self.ks
-        before = self._state()
+        before = self._state(target.new)
         if not self._call(index, kind, "migrate_weights",
-                          lambda: ks.migrate_weights(self.mutant, self.new), replay):
-            if self._state() != before:
+                          lambda: ks.migrate_weights(self.mutant, target.new), replay):
+            if self._state(target.new) != before:
                 self._leak(index, kind, "migrate_weights",
                            "the new model changed although the migration failed")
         self._call(index, kind, "phi_table", lambda: ks.phi_table(self.mutant), replay)
-        if index % 3 == 0:
+        if index % 5 < 2:  # file to file for a share of the mutants of each model
             out = self.out_dir / "out.keras"
-            ok = self._call(index, kind, "apply_file", lambda: self.plan.apply_file(
-                self.mutant, out, template=self.work / "template.keras"), replay)
+            ok = self._call(index, kind, "apply_file", lambda: target.plan.apply_file(
+                self.mutant, out, template=target.template), replay)
             left = sorted(os.listdir(self.out_dir))
             if left != (["out.keras"] if ok else []):
                 self._leak(index, kind, "apply_file", f"output folder holds {left} after "
