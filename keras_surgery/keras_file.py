@@ -126,6 +126,7 @@ class KerasFile(WeightSource):
         self.path = os.fspath(path)
         self._h5: Any = None
         self._reader: io.RawIOBase | None = None
+        self._mmap: mmap.mmap | None = None
         self._paths: dict[str, tuple[tuple[int, ...], str]] | None = None
         self.config = self._read_config()
 
@@ -346,7 +347,9 @@ class KerasFile(WeightSource):
                     f"'{self.path}': weight '{path}' declares {declared} bytes but stores "
                     "next to nothing; refusing a shape bomb."
                 )
-            value = np.asarray(dataset[()])
+            value = self._mapped(dataset, shape)
+            if value is None:
+                value = np.asarray(dataset[()])
         except SurgeryFileError:
             raise
         except Exception as exc:
@@ -367,6 +370,31 @@ class KerasFile(WeightSource):
                 "numbers; the file is damaged."
             )
         return value
+
+    def _mapped(self, dataset: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A read-only view of a contiguous, uncompressed dataset straight from the memory-mapped
+        archive (how Keras writes weights): no copy and no trip through h5py's reader. None
+        where that does not apply; the caller then reads through h5py."""
+        reader = self._reader
+        if not isinstance(reader, _MemberReader) or dataset.chunks is not None:
+            return None
+        if dataset.dtype.kind not in "biuf" or dataset.compression is not None:
+            return None
+        offset = dataset.id.get_offset()
+        nbytes = math.prod(shape) * dataset.dtype.itemsize
+        if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
+            return None
+        if offset + nbytes > reader._size:
+            raise SurgeryFileError(
+                f"'{self.path}': weight '{dataset.name}' points past the end of {WEIGHTS_MEMBER}."
+            )
+        if self._mmap is None:
+            with open(self.path, "rb") as raw:
+                self._mmap = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(
+            self._mmap, dtype=dataset.dtype, count=math.prod(shape),
+            offset=reader._start + offset,
+        ).reshape(shape)
 
     def group_name(self, group: str) -> str | None:
         """The layer name Keras >= 3.6 stores on `<group>/vars`, if any."""
@@ -440,6 +468,12 @@ class KerasFile(WeightSource):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # arrays read from it are still in use; the map closes when they go
+            self._mmap = None
 
     def __enter__(self) -> KerasFile:
         return self
