@@ -98,6 +98,15 @@ def _new_lookup_rows_from_mean(
         value[target] = np.broadcast_to(mean, value[target].shape).astype(value.dtype)
 
 
+def nonfinite_warning(wp: WeightPlan, old: np.ndarray) -> str | None:
+    """A warning when the old value of a planned weight holds NaN or Inf."""
+    # dtype kind "V": bfloat16 (ml_dtypes), which is no np.floating but has NaN and Inf too.
+    if old.dtype.kind in "fV" and not np.all(np.isfinite(old)):
+        return (f"layer '{wp.old_layer}': old weight '{wp.role}' holds NaN or Inf values; "
+                "they were copied as they are.")
+    return None
+
+
 @contextlib.contextmanager
 def _opened(source: Any) -> Iterator[WeightSource]:
     from keras_surgery.keras_file import KerasFile
@@ -150,11 +159,9 @@ def apply_plan(
                     f"Old weight '{wp.old_path}' of layer '{wp.old_layer}' has shape "
                     f"{tuple(old.shape)}; expected {wp.old_shape}."
                 )
-            if np.issubdtype(old.dtype, np.floating) and not np.all(np.isfinite(old)):
-                warnings.append(
-                    f"layer '{wp.old_layer}': old weight '{wp.role}' holds NaN or Inf values; "
-                    "they were copied as they are."
-                )
+            note = nonfinite_warning(wp, old)
+            if note:
+                warnings.append(note)
             staged.append((var, fill(wp, old, fresh, plan.policy), fresh))
         if optimizer:
             slots, notes = stage_optimizer(plan, model, old_weights, variables)

@@ -13,6 +13,7 @@ next surgery reads the old feature layout from it when none is given.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -20,7 +21,7 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -160,12 +161,12 @@ def apply_file(
         A summary dict: counts and warnings.
 
     Raises:
-        SurgeryFileError: `src` is not a checkpoint of the plan's old architecture, or a file
-            cannot be read; nothing is written then.
+        SurgeryFileError: `src` is not a checkpoint of the plan's old architecture, a file
+            cannot be read, or `out` cannot be written; nothing is left in `out`'s folder then.
     """
     import h5py
 
-    from keras_surgery.apply import fill
+    from keras_surgery.apply import fill, nonfinite_warning
 
     src, out, template = os.fspath(src), os.fspath(out), os.fspath(template)
     if os.path.abspath(src) == os.path.abspath(out):
@@ -194,7 +195,7 @@ def apply_file(
                             "template's optimizer variables (if any) are written as they are.")
         progress = progress_bar(len(new_paths), verbose)
         folder = os.path.dirname(os.path.abspath(out))
-        with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmpdir:
+        with _writing(out), tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmpdir:
             weights_path = os.path.join(tmpdir, WEIGHTS_MEMBER)
             with h5py.File(weights_path, "w") as h5:
                 _copy_attrs(tmpl, "", h5)
@@ -204,7 +205,11 @@ def apply_file(
                     if wp is not None and wp.init is not None:  # a new layer's start
                         value = fill(wp, None, fresh, plan.policy)
                     elif wp is not None and wp.axes is not None:
-                        value = fill(wp, old.read(wp.old_path), fresh, plan.policy)
+                        old_value = old.read(wp.old_path)
+                        note = nonfinite_warning(wp, old_value)
+                        if note:
+                            warnings.append(note)
+                        value = fill(wp, old_value, fresh, plan.policy)
                     else:
                         value = fresh
                     parent = path.rsplit("/", 1)[0]
@@ -229,6 +234,19 @@ def apply_file(
     totals = plan.totals()
     logger.info("migrated %s -> %s: %s", src, out, totals)
     return {"src": src, "out": out, **totals, "warnings": warnings}
+
+
+@contextlib.contextmanager
+def _writing(out: str) -> Iterator[None]:
+    """An OSError while `out` is written (a missing folder, a full disk) as a SurgeryFileError;
+    the temporary files are gone by then, so the message can say nothing was left behind."""
+    try:
+        yield
+    except OSError as exc:
+        raise SurgeryFileError(
+            f"Writing '{out}' failed: {exc}. Nothing was written: the target folder holds no "
+            "partial file."
+        ) from exc
 
 
 def progress_bar(total: int, verbose: bool):

@@ -530,3 +530,274 @@ def test_custom_class_is_never_imported(tmp_path, monkeypatch, module):
         ks.migrate_weights(path, gain_model(), strict=True)
     assert module not in sys.modules
     assert not marker.exists(), "the file's module was imported"
+
+
+# -- old weights of other dtypes, NaN and Inf --------------------------------------------------
+
+
+def typed_mlp(dtype, width=4):
+    x = keras.Input((width,), name="obs")
+    h = L.Dense(5, activation="relu", name="hidden", dtype=dtype)(x)
+    return keras.Model(x, L.Dense(2, name="out", dtype=dtype)(h))
+
+
+def _values(model):
+    return {(layer.name, v.path.rsplit("/", 1)[-1]): np.asarray(v.numpy())
+            for layer in model.layers for v in layer.weights}
+
+
+@pytest.mark.parametrize("source", ["file", "live"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_old_weights_of_another_float_dtype_are_cast(tmp_path, dtype, source):
+    old = typed_mlp(dtype)
+    rng = np.random.default_rng(0)
+    for v in old.weights:
+        v.assign(rng.normal(size=v.shape))
+    expected = {key: value.astype("float32") for key, value in _values(old).items()}
+    if source == "file":
+        old.save(tmp_path / f"{dtype}.keras")
+        old = tmp_path / f"{dtype}.keras"
+    new = mlp(width=5)  # float32, one more input column
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    got = _values(new)
+    assert all(v.dtype == np.float32 for v in got.values())
+    np.testing.assert_array_equal(got[("hidden", "kernel")][:4], expected[("hidden", "kernel")])
+    np.testing.assert_array_equal(got[("hidden", "kernel")][4], np.zeros(5, "float32"))
+    for key in [("hidden", "bias"), ("out", "kernel"), ("out", "bias")]:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=str(key))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int32", "int64", "uint16", "bool"])
+def test_integer_old_weights_are_cast(old_path, tmp_path, new_model, dtype):
+    values = np.arange(20).reshape(4, 5) % 7 - 3  # -3 .. 3
+    kernel = (values > 0 if dtype == "bool" else values % 7 if dtype[0] == "u" else values)
+    kernel = kernel.astype(dtype)
+    path = edit_weights(old_path, tmp_path / f"{dtype}.keras",
+                        lambda h5: _replace(h5, "layers/dense/vars/0", kernel))
+    report = ks.migrate_weights(path, new_model)
+    assert report.preserves_function
+    got = new_model.get_layer("hidden").kernel.numpy()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, kernel.astype("float32"))
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        (np.array([[b"abc"] * 5] * 4), r"is stored as \|S3, not as numbers"),
+        (np.ones((4, 5), "complex64"), r"is stored as complex64, not as numbers"),
+        (np.zeros((4, 5), [("a", "<f4"), ("b", "<i4")]), r"is stored as \[\('a', '<f4'\), "),
+        (np.zeros((4, 5), "V4"), r"holds values of type \|V4, not real numbers"),
+    ],
+    ids=["strings", "complex", "records", "opaque"],
+)
+def test_old_weights_that_are_not_numbers(old_path, tmp_path, new_model, value, match):
+    path = edit_weights(old_path, tmp_path / "typed.keras",
+                        lambda h5: _replace(h5, "layers/dense/vars/0", value))
+    migrate_fails(path, new_model, ks.SurgeryFileError,
+                  r"typed\.keras': weight 'layers/dense/vars/0' " + match)
+
+
+def test_nan_and_inf_old_weights_are_copied_with_a_warning(old_path, tmp_path, new_model):
+    kernel = np.ones((4, 5), "float32")
+    kernel[1, 2] = np.nan
+    bias = np.ones(2, "float32")
+    bias[0] = -np.inf
+
+    def poison(h5):
+        _replace(h5, "layers/dense/vars/0", kernel)
+        _replace(h5, "layers/dense_1/vars/1", bias)
+
+    path = edit_weights(old_path, tmp_path / "nan.keras", poison)
+    report = ks.migrate_weights(path, new_model)
+    assert report.warnings == [
+        "layer 'hidden': old weight 'kernel' holds NaN or Inf values; they were copied as they "
+        "are.",
+        "layer 'out': old weight 'bias' holds NaN or Inf values; they were copied as they are.",
+    ]
+    np.testing.assert_array_equal(new_model.get_layer("hidden").kernel.numpy(), kernel)
+    np.testing.assert_array_equal(new_model.get_layer("out").bias.numpy(), bias)
+
+
+@pytest.mark.parametrize("source", ["file", "live"])
+def test_nan_in_bfloat16_old_weights_is_reported(tmp_path, source):
+    old = typed_mlp("bfloat16")
+    kernel = np.ones((4, 5), "float32")
+    kernel[0, 0] = np.nan
+    old.get_layer("hidden").kernel.assign(kernel)
+    if source == "file":
+        old.save(tmp_path / "bf16.keras")
+        old = tmp_path / "bf16.keras"
+    report = ks.migrate_weights(old, mlp())
+    assert "layer 'hidden': old weight 'kernel' holds NaN or Inf values; they were copied as " \
+        "they are." in report.warnings
+
+
+def test_nan_old_weights_are_reported_file_to_file(old_path, tmp_path):
+    kernel = np.ones((4, 5), "float32")
+    kernel[3, 4] = np.inf
+    src = edit_weights(old_path, tmp_path / "inf.keras",
+                       lambda h5: _replace(h5, "layers/dense/vars/0", kernel))
+    new = mlp()
+    new.save(tmp_path / "template.keras")
+    plan = ks.ModelMigrator(old_path).plan(new)
+    result = plan.apply_file(src, tmp_path / "out.keras", template=tmp_path / "template.keras")
+    assert "layer 'hidden': old weight 'kernel' holds NaN or Inf values; they were copied as " \
+        "they are." in result["warnings"]
+
+
+# -- zip members that point outside the archive ------------------------------------------------
+
+
+def _all_files(root):
+    return {p for p in Path(root).rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["../escaped.txt"], ["../../escaped.txt", "sub/../../escaped.txt"], ["..\\escaped.txt"],
+     ["ABSOLUTE"], ["../config.json", "../model.weights.h5"]],
+    ids=["parent", "grandparent", "backslash", "absolute", "shadowing-members"],
+)
+def test_member_names_that_climb_out_are_never_extracted(old_path, tmp_path, monkeypatch, names):
+    # Nothing is ever extracted: members are read in memory (config.json) or in place (the
+    # weights). Run from a nested folder so that `..` and `../..` land inside tmp_path.
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    absolute = tmp_path / "absolute-escaped.txt"
+    contents = members(old_path)
+    for name in names:
+        contents[os.fspath(absolute) if name == "ABSOLUTE" else name] = b"payload"
+    path = write_zip(work / "climb.keras", contents)
+    new = mlp()
+    new.save(work / "template.keras")
+    before = _all_files(tmp_path)
+
+    report = ks.migrate_weights(path, new)
+    assert report.preserves_function
+    ks.phi_table(path)
+    plan = ks.ModelMigrator(path).plan(new)
+    plan.apply_file(path, work / "out.keras", template=work / "template.keras")
+
+    assert _all_files(tmp_path) - before == {work / "out.keras"}
+    assert not absolute.exists()
+    with zipfile.ZipFile(work / "out.keras") as archive:  # nor copied into the new file
+        assert sorted(archive.namelist()) == [CONFIG_MEMBER, "metadata.json", WEIGHTS_MEMBER]
+
+
+# -- an old model that has nothing to do with the new one --------------------------------------
+
+
+def unrelated_model():
+    x = keras.Input((3,), name="state")
+    h = L.Dense(7, activation="tanh", name="policy")(x)
+    return keras.Model(x, L.Dense(2, name="value")(h))
+
+
+@pytest.mark.parametrize("source", ["file", "live"])
+def test_unrelated_old_model_is_refused(tmp_path, new_model, source):
+    old = unrelated_model()
+    what = r"model 'functional.*'"
+    if source == "file":
+        old.save(tmp_path / "other.keras")
+        old, what = tmp_path / "other.keras", r"'.*other\.keras'"
+    migrate_fails(
+        old, new_model, ks.SurgeryError,
+        what + r" and model '.*' have nothing in common: no layer matched and no weight value "
+        r"was copied\. Layers are matched by name \(auto-generated names such as 'dense_3' by "
+        r"class and position\) and input columns by feature name\. Check that the old model is "
+        r"the one the new model was made from, or pass allow_unrelated=True to keep the new "
+        r"model's initial values\.",
+    )
+    with pytest.raises(ks.SurgeryError, match="have nothing in common"):
+        ks.ModelMigrator(old).plan(new_model)
+
+    before = weights_of(new_model)
+    report = ks.migrate_weights(old, new_model, allow_unrelated=True)
+    assert not report.preserves_function
+    assert any("have nothing in common" in w and "allow_unrelated=True: the new model keeps its "
+               "initial values." in w for w in report.warnings), report.warnings
+    assert report.totals["copied"] == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, weights_of(new_model)))
+
+
+def test_related_model_with_nothing_to_copy_is_not_unrelated(tmp_path):
+    # An old model without weights has nothing to copy, but nothing contradicts the new one.
+    x = keras.Input((4,), name="obs")
+    old = keras.Model(x, L.Activation("relu", name="act")(x))
+    report = ks.migrate_weights(old, mlp())
+    assert report.totals["copied"] == 0
+
+
+# -- a failed file-to-file migration leaves nothing behind -------------------------------------
+
+
+def _corrupt_chunk(src, dst, dataset):
+    """A copy of `src` whose `dataset` is stored compressed, with its stored bytes damaged:
+    the file lists fine, and reading that one weight fails."""
+    def recompress(h5):
+        value = h5[dataset][()]
+        group, _, name = dataset.rpartition("/")
+        del h5[dataset]
+        h5[group].create_dataset(name, data=value, chunks=value.shape, compression="gzip",
+                                 fletcher32=True)
+
+    edit_weights(src, dst, recompress)
+    contents = members(dst)
+    blob = bytearray(contents[WEIGHTS_MEMBER])
+    with h5py.File(io.BytesIO(bytes(blob)), "r") as h5:
+        chunk = h5[dataset].id.get_chunk_info(0)
+    for k in range(chunk.size // 4, chunk.size // 2):
+        blob[chunk.byte_offset + k] ^= 0xFF
+    contents[WEIGHTS_MEMBER] = bytes(blob)
+    return write_zip(dst, contents)
+
+
+def test_failed_file_to_file_migration_leaves_no_stray_files(old_path, tmp_path):
+    new = mlp(width=6)
+    template = tmp_path / "template.keras"
+    new.save(template)
+    plan = ks.ModelMigrator(old_path).plan(new)
+    # The last weight written is damaged, so the temporary h5 holds the others when it fails.
+    src = _corrupt_chunk(old_path, tmp_path / "damaged.keras", "layers/dense_1/vars/1")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "ckpt.keras").write_bytes(b"the previous checkpoint")
+
+    with pytest.raises(ks.SurgeryFileError,
+                       match=r"damaged\.keras': could not read weight 'layers/dense_1/vars/1'"):
+        plan.apply_file(src, out_dir / "ckpt.keras", template=template)
+    assert os.listdir(out_dir) == ["ckpt.keras"]
+    assert (out_dir / "ckpt.keras").read_bytes() == b"the previous checkpoint"
+
+    with pytest.raises(ks.SurgeryFileError, match="could not read weight"):
+        ks.migrate_folder(plan, tmp_path, out_dir, template=template, pattern="damaged.keras",
+                          verbose=False)
+    assert os.listdir(out_dir) == ["ckpt.keras"]
+
+
+@pytest.mark.parametrize("where", ["missing-folder", "disk-full"])
+def test_unwritable_output_is_a_clean_error(old_path, tmp_path, monkeypatch, where):
+    new = mlp()
+    template = tmp_path / "template.keras"
+    new.save(template)
+    plan = ks.ModelMigrator(old_path).plan(new)
+    out_dir = tmp_path / "out"
+    out = out_dir / "nowhere" / "ckpt.keras"
+    if where == "disk-full":
+        import errno
+
+        out_dir.mkdir()
+        out = out_dir / "ckpt.keras"
+
+        def no_space(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(zipfile.ZipFile, "write", no_space)
+    with pytest.raises(ks.SurgeryFileError,
+                       match=r"Writing '.*ckpt\.keras' failed: .*\. Nothing was written"):
+        plan.apply_file(old_path, out, template=template)
+    if out_dir.exists():
+        assert os.listdir(out_dir) == []

@@ -1,12 +1,12 @@
 """Bounded fuzzing of everything that reads a `.keras` file.
 
-Mutants of one valid file (bytes flipped, spliced or cut at the zip level; config.json text
-and JSON values, model.weights.h5 bytes and h5 structure changed and re-zipped; zip members
-renamed, dropped, duplicated or compressed) go through `ks.migrate_weights`, `ks.phi_table`
-and `SurgeryPlan.apply_file`. Every outcome must be a success or a `ks.SurgeryError`: never
-another exception, a hang or a crash. After a failed migration the new model's variables
-(optimizer included) must be bit for bit what they were, and a failed file-to-file migration
-must leave nothing in its output folder.
+Mutants of valid files of two small trained models (bytes flipped, spliced or cut at the zip
+level; config.json text and JSON values, model.weights.h5 bytes and h5 structure changed and
+re-zipped; zip members renamed, dropped, duplicated, compressed or flagged encrypted) go
+through `ks.migrate_weights`, `ks.phi_table` and `SurgeryPlan.apply_file`. Every outcome
+must be a success or a `ks.SurgeryError`: never another exception, a hang or a crash. After a
+failed migration the new model's variables (optimizer included) must be bit for bit what they
+were, and a failed file-to-file migration must leave nothing in its output folder.
 
 The fuzzing runs in a child process, so that a crash in a C library (HDF5) fails this test
 instead of ending the test session, on a time budget (the whole test stays under 60 s), with
@@ -14,6 +14,8 @@ deterministic seeds: mutant i is always `mutate(base, i)`. To replay mutant I wi
 traceback:
 
     KERAS_BACKEND=tensorflow .venv/bin/python tests/test_fuzz.py --replay I
+
+KS_FUZZ_SEED=N draws other mutants and KS_FUZZ_SECONDS=S runs longer, to explore off CI.
 """
 
 from __future__ import annotations
