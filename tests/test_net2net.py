@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from tests.util import assert_input_sensitive, max_diff, predict, randomize
+from tests.util import max_diff, predict, randomized_old
 
 TOL = 1e-5
 BATCH = 32
@@ -22,13 +22,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWa
 
 
 def _old(build, shape, seed=0):
-    rng = np.random.default_rng(seed)
-    batch = rng.normal(size=(BATCH, *shape)).astype("float32")
-    keras.utils.set_random_seed(seed + 1)
-    model = build()
-    randomize(model, batch)
-    assert_input_sensitive(model, batch, rng.normal(size=batch.shape).astype("float32"))
-    return model, batch
+    return randomized_old(build, shape, seed, BATCH)
 
 
 def _w(model, layer, name):

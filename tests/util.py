@@ -91,3 +91,17 @@ def prepare_old(model, batch, other_batch, path) -> str:
     assert_input_sensitive(model, batch, other_batch)
     model.save(path)
     return str(path)
+
+
+def randomized_old(build, shape, seed: int = 0, batch_size: int = 32):
+    """`build()` an old model with non-trivial weights that depends on its input; returns
+    (model, the batch its BatchNorm statistics came from)."""
+    import keras
+
+    rng = np.random.default_rng(seed)
+    batch = rng.normal(size=(batch_size, *shape)).astype("float32")
+    keras.utils.set_random_seed(seed + 1)
+    model = build()
+    randomize(model, batch)
+    assert_input_sensitive(model, batch, rng.normal(size=batch.shape).astype("float32"))
+    return model, batch
