@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from tests.util import assert_input_sensitive, max_diff, predict, prepare_old, randomize
+from tests.util import (
+    assert_input_sensitive,
+    max_diff,
+    model_of,
+    normal,
+    predict,
+    randomize,
+    saved_old_model,
+)
 
 TOL = 1e-5
 BATCH = 16
@@ -30,12 +38,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWa
 
 
 def _model(shape, body, name="img"):
-    inp = keras.Input(shape, name=name)
-    return keras.Model(inp, body(inp))
+    return model_of(shape, body, name)
 
 
-def _normal(rng, *shape) -> np.ndarray:
-    return rng.normal(size=shape).astype("float32")
+_normal = normal
 
 
 def _w(model, layer, name="kernel") -> np.ndarray:
@@ -43,11 +49,7 @@ def _w(model, layer, name="kernel") -> np.ndarray:
 
 
 def _old_model(tmp_path, shape, body, rng, seed=1):
-    keras.utils.set_random_seed(seed)
-    old = _model(shape, body)
-    batch = _normal(rng, BATCH, *shape)
-    path = prepare_old(old, batch, _normal(rng, BATCH, *shape), tmp_path / "old.keras")
-    return old, batch, path
+    return saved_old_model(tmp_path, shape, body, rng, seed=seed, batch_size=BATCH, name="img")
 
 
 def _new_model(shape, body, seed=2):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from tests.util import max_diff, predict, prepare_old
+from tests.util import max_diff, model_of, normal, predict, saved_old_model
 
 TOL = 1e-5
 BATCH = 16
@@ -25,21 +25,12 @@ logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWarning")
 
 
-def _normal(rng, *shape) -> np.ndarray:
-    return rng.normal(size=shape).astype("float32")
-
-
-def _model(shape, body):
-    inp = keras.Input(shape, name="obs")
-    return keras.Model(inp, body(inp))
+_normal = normal
+_model = model_of
 
 
 def _old_model(tmp_path, shape, body, rng, seed=1):
-    keras.utils.set_random_seed(seed)
-    old = _model(shape, body)
-    batch = _normal(rng, BATCH, *shape)
-    path = prepare_old(old, batch, _normal(rng, BATCH, *shape), tmp_path / "old.keras")
-    return old, batch, path
+    return saved_old_model(tmp_path, shape, body, rng, seed=seed, batch_size=BATCH)
 
 
 def _new_model(shape, body, seed=2):

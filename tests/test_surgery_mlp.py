@@ -473,19 +473,23 @@ def test_rebuilt_model_with_new_auto_names_matches(tmp_path, kind):
 # -- 8. the old file is never written; a failed migration changes nothing ------------------------
 
 
-def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
-    rng = np.random.default_rng(10)
-    keras.utils.set_random_seed(19)
+def _failure_setup(tmp_path, seed):
+    """An old MLP saved to a file (and its hash) and a widened new MLP with a snapshot of its
+    weights, for tests of failures half-way through a migration."""
+    rng = np.random.default_rng(seed)
+    keras.utils.set_random_seed(2 * seed - 1)
     old = _mlp(8, (32, 16), 4)
     batch = _normal(rng, BATCH, 8)
     randomize(old, batch)
     assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
     path = _save(old, tmp_path)
-    digest = _sha256(path)
-
-    keras.utils.set_random_seed(20)
+    keras.utils.set_random_seed(2 * seed)
     new = _mlp(8, (48, 16), 4)
-    before = _snapshot(new)
+    return old, batch, path, _sha256(path), new, _snapshot(new)
+
+
+def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
+    old, batch, path, digest, new, before = _failure_setup(tmp_path, 10)
 
     # The last variable to be assigned fails on its first call; earlier ones were written.
     victim = new.get_layer("out").bias
@@ -522,18 +526,7 @@ def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
 def test_unreadable_old_weight_changes_nothing(tmp_path, monkeypatch):
     from keras_surgery.keras_file import KerasFile
 
-    rng = np.random.default_rng(11)
-    keras.utils.set_random_seed(21)
-    old = _mlp(8, (32, 16), 4)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
-    digest = _sha256(path)
-
-    keras.utils.set_random_seed(22)
-    new = _mlp(8, (48, 16), 4)
-    before = _snapshot(new)
+    old, batch, path, digest, new, before = _failure_setup(tmp_path, 11)
     real_read = KerasFile.read
     reads = []
 

@@ -105,3 +105,27 @@ def randomized_old(build, shape, seed: int = 0, batch_size: int = 32):
     randomize(model, batch)
     assert_input_sensitive(model, batch, rng.normal(size=batch.shape).astype("float32"))
     return model, batch
+
+
+def normal(rng, *shape) -> np.ndarray:
+    return rng.normal(size=shape).astype("float32")
+
+
+def model_of(shape, body, name: str = "obs"):
+    """A functional model `body(Input(shape, name=name))`."""
+    import keras
+
+    inp = keras.Input(shape, name=name)
+    return keras.Model(inp, body(inp))
+
+
+def saved_old_model(tmp_path, shape, body, rng, *, seed=1, batch_size=16, name="obs"):
+    """`model_of(shape, body)` prepared as an old model (see `prepare_old`) and saved in
+    `tmp_path`; returns (model, batch, path)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    old = model_of(shape, body, name)
+    batch = normal(rng, batch_size, *shape)
+    path = prepare_old(old, batch, normal(rng, batch_size, *shape), tmp_path / "old.keras")
+    return old, batch, path
