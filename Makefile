@@ -12,8 +12,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 
-$(STAMP): $(BIN)/python setup.cfg pyproject.toml
+# keras-hub for its tests, without its dependencies: they would replace tensorflow-cpu with the
+# full tensorflow and add tensorflow-text (600+ MB), neither of which keras-hub needs to build
+# and run GPT2Backbone / BertBackbone. Its other requirements come in the second line. Users get
+# everything with `pip install keras-surgery[hub]`.
+$(STAMP): $(BIN)/python setup.cfg pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps keras-hub==0.32.0
+	$(BIN)/python -m pip install --quiet regex "kagglehub!=1.0.1" kagglesdk==0.1.28 sentencepiece \
+		tokenizers
 	touch $(STAMP)
 
 install: $(STAMP)

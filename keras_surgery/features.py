@@ -7,17 +7,28 @@ A spec maps an input name to a list of entries, each a feature name (one column)
 
 Inputs left out of the spec get unnamed columns, so column i of input "obs" is the feature
 `("obs", i)`: appending columns to an unnamed input still keeps the old ones.
+
+An input of token ids can name what its ids stand for instead, with a mapping holding its
+tokenizer's vocabulary (a list: the token of id 0, of id 1, ...; or a mapping token -> id) and,
+optionally, its columns::
+
+    {"token_ids": {"vocabulary": word_piece_tokenizer.get_vocabulary()}}
+    {"token_ids": {"vocabulary": byte_pair_tokenizer.vocabulary}}
+
+Tables its ids index (embedding rows, the logits of a tied output projection) are then
+labelled by token, so a grown or reordered vocabulary keeps each token's row.
 """
 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from keras_surgery.errors import FeatureSpecError
 
-FeatureSpec = Mapping[str, Sequence["str | tuple[str, int]"]]
+FeatureSpec = Mapping[str, "Sequence[str | tuple[str, int]] | Mapping[str, Sequence]"]
+VOCABULARY_KEYS = frozenset({"vocabulary", "columns"})
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,12 @@ def feature_columns(
         )
     columns: dict[str, list[FeatureColumn]] = {}
     for input_name, width in inputs.items():
+        if isinstance(spec.get(input_name), Mapping):
+            _vocabulary(input_name, spec[input_name], where)  # validated here, read apart
+            if "columns" in spec[input_name]:
+                spec[input_name] = spec[input_name]["columns"]
+            else:
+                del spec[input_name]
         if input_name not in spec:
             columns[input_name] = (
                 [FeatureColumn(input_name, None, i) for i in range(width)] if width else []
@@ -125,3 +142,70 @@ def feature_columns(
             FeatureColumn(input_name, name, k) for name, w in entries for k in range(w)
         ]
     return columns
+
+
+def vocabularies(spec: FeatureSpec | None, *, where: str = "model") -> dict[str, tuple]:
+    """Input name -> the token of each id, for the inputs whose spec gives a vocabulary.
+
+    Raises:
+        FeatureSpecError: a vocabulary that is not a list of distinct strings or integers.
+    """
+    if not isinstance(spec, Mapping):
+        return {}
+    return {
+        name: _vocabulary(name, entry, where)
+        for name, entry in spec.items()
+        if isinstance(entry, Mapping)
+    }
+
+
+def _vocabulary(input_name: str, entry: Mapping, where: str) -> tuple[Hashable, ...]:
+    of = f"input '{input_name}' of {where}"
+    unknown = sorted(set(entry) - VOCABULARY_KEYS, key=str)
+    if unknown or "vocabulary" not in entry:
+        raise FeatureSpecError(
+            f"The spec of {of} is a mapping, so it must hold a 'vocabulary' (the token of each "
+            f"id) and optionally 'columns'. Received keys: {sorted(entry, key=str)}"
+        )
+    terms = entry["vocabulary"]
+    if isinstance(terms, Mapping):  # token -> id, as BPE tokenizers keep it
+        terms = _by_id(terms, of)
+    if isinstance(terms, (str, bytes)) or not isinstance(terms, Sequence):
+        raise FeatureSpecError(
+            f"The vocabulary of {of} must be a list of tokens (strings or integers; the token "
+            f"of id 0 first) or a mapping token -> id. Received: {type(terms).__name__}"
+        )
+    tokens: list[Hashable] = []
+    seen: set[Hashable] = set()
+    for term in terms:
+        if isinstance(term, bytes):
+            term = term.decode("utf-8")
+        if isinstance(term, bool) or not isinstance(term, (str, numbers.Integral)):
+            raise FeatureSpecError(
+                f"The vocabulary of {of} must hold strings or integers. Received: {term!r}"
+            )
+        token = term if isinstance(term, str) else int(term)
+        if token in seen:
+            raise FeatureSpecError(
+                f"Token {token!r} appears twice in the vocabulary of {of}: its rows would be "
+                "ambiguous."
+            )
+        seen.add(token)
+        tokens.append(token)
+    return tuple(tokens)
+
+
+def _by_id(token_ids: Mapping, of: str) -> list:
+    """The tokens of a token -> id mapping in id order; the ids must be 0, 1, ..., n-1."""
+    ids = list(token_ids.values())
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids) or (
+        sorted(int(i) for i in ids) != list(range(len(ids)))
+    ):
+        raise FeatureSpecError(
+            f"The vocabulary mapping of {of} must map tokens to the ids 0..{len(ids) - 1}, "
+            "each once."
+        )
+    tokens: list = [None] * len(ids)
+    for token, i in token_ids.items():
+        tokens[int(i)] = token
+    return tokens

@@ -8,8 +8,11 @@ attributes lives in this module, so a Keras upgrade touches one file.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +45,9 @@ class Call:
     inputs: list[TensorRef]  # tensors of the positional arguments, then of the keywords
     kwargs: dict[str, Any] = field(default_factory=dict)  # non-tensor keyword arguments
     kwarg_inputs: dict[str, list[int]] = field(default_factory=dict)  # keyword -> inputs index
+    # The positional arguments as serialized (tensors as `__keras_tensor__` entries), for
+    # operations whose other arguments say what they do (the key of a GetItem).
+    args: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -53,7 +59,9 @@ class LayerNode:
     module: str | None
     registered_name: str | None
     config: dict[str, Any]
-    cls: type | None  # the resolved class; never imported from outside Keras for files
+    # The resolved class; for files never imported from outside Keras (a registered model's
+    # layers: classes of the package that registered it, see `model_from_registered_config`).
+    cls: type | None
     group: str | None  # store group, e.g. "layers/dense_1"; None for operations
     weights: list[WeightSpec] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
@@ -189,7 +197,12 @@ def _live_operations(model: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def graph_from_model(model: Any) -> ModelGraph:
-    """Builds the IR of a live, built keras.Model (Functional, Sequential or nested models)."""
+    """Builds the IR of a live, built keras.Model (Functional, Sequential or nested models).
+
+    Functional subclasses whose `get_config()` returns their constructor arguments (keras-hub
+    backbones such as GPT2Backbone) are described by their functional graph, serialized the
+    way Keras serializes a plain Functional model (`functional_graph_config`).
+    """
     import keras
 
     if not isinstance(model, keras.Model):
@@ -202,7 +215,7 @@ def graph_from_model(model: Any) -> ModelGraph:
         config = {
             "class_name": type(model).__name__ if isinstance(model, keras.Sequential)
             else "Functional",
-            "config": model.get_config(),
+            "config": _graph_config(model),
         }
     except Exception as exc:  # a layer without get_config
         raise SurgeryError(
@@ -210,17 +223,165 @@ def graph_from_model(model: Any) -> ModelGraph:
             f"({exc}). Subclassed models without a functional graph are not supported."
         ) from exc
     objects = _live_operations(model)
+    return build_graph(
+        config,
+        LiveWeights(live_variables(model)),
+        resolve=_resolver(objects),
+        description=f"model '{model.name}'",
+        aliases=_shared_across_models(objects),
+    )
+
+
+def _resolver(objects: Mapping[str, Any]) -> Callable[..., type | None]:
+    """Layer classes from the operations of a live model, by graph name."""
 
     def resolve(name: str, module: str | None, class_name: str, registered: str | None):
         op = objects.get(name)
         return type(op) if op is not None else resolve_keras_class(module, class_name)
 
-    return build_graph(
-        config,
-        LiveWeights(live_variables(model)),
-        resolve=resolve,
-        description=f"model '{model.name}'",
-    )
+    return resolve
+
+
+def _graph_config(model: Any) -> dict[str, Any]:
+    """`model.get_config()`, with the functional graph of every (nested) Functional model whose
+    own config holds only its constructor arguments."""
+    import keras
+    from keras.src.models.functional import Functional
+
+    config = model.get_config()
+    if isinstance(model, Functional) and not isinstance(config.get("layers"), list):
+        config = functional_graph_config(model)
+    if isinstance(model, keras.Sequential):
+        members = {layer.name: layer for layer in model.layers}
+    else:
+        members = {op.name: op for op in getattr(model, "operations", [])}
+    for entry in config.get("layers") or []:
+        if not isinstance(entry, dict):
+            continue
+        inner = members.get(entry.get("name") or (entry.get("config") or {}).get("name"))
+        if isinstance(inner, keras.Model):
+            entry["config"] = _graph_config(inner)
+    return config
+
+
+def functional_graph_config(model: Any) -> dict[str, Any]:
+    """The config Keras's `Functional.get_config` writes for a functional-like model, made for
+    any live Functional model (its subclasses return their constructor arguments instead).
+
+    Follows keras.src.models.functional.Functional.get_config: the nodes of each operation that
+    belong to this model are kept and renumbered, and tensors refer to them by the new index.
+    """
+    from keras.src import tree
+    from keras.src.models.functional import Functional, serialize_node
+    from keras.src.ops.function import make_node_key
+    from keras.src.saving import serialization_lib
+
+    own = model._nodes
+    renumbered: dict[str, int] = {}
+    layers = []
+    for op in model.operations:
+        kept = 1 if isinstance(op, Functional) else 0  # a model's first node is its own graph
+        nodes = []
+        for index, node in enumerate(op._inbound_nodes):
+            key = make_node_key(op, index)
+            if key not in own:
+                continue
+            renumbered[key] = kept
+            kept += 1
+            data = serialize_node(node, own_nodes=own)
+            if data is not None:
+                nodes.append(data)
+        entry = serialization_lib.serialize_keras_object(op)
+        entry["name"] = op.name
+        entry["inbound_nodes"] = nodes
+        layers.append(entry)
+
+    def ref(tensor: Any) -> list:
+        op, index, t = tensor._keras_history
+        return [op.name, renumbered[make_node_key(op, index)], t]
+
+    return {
+        "name": model.name,
+        "trainable": model.trainable,
+        "layers": layers,
+        "input_layers": tree.map_structure(ref, model._inputs_struct),
+        "output_layers": tree.map_structure(ref, model._outputs_struct),
+    }
+
+
+def _shared_across_models(objects: Mapping[str, Any]) -> dict[str, str]:
+    """Graph names of one layer object that appears under several names (a layer of a nested
+    model that the outer model calls too: a language model's tied token embedding) -> the
+    first of its names, the one its weights are saved under."""
+    import keras
+
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, op in objects.items():
+        if isinstance(op, (keras.Model, keras.layers.InputLayer)):
+            continue
+        seen = first.setdefault(id(op), name)
+        if seen != name:
+            aliases[name] = seen
+    return aliases
+
+
+def model_from_registered_config(config: Mapping[str, Any], description: str) -> Any | None:
+    """A model saved as its constructor arguments (a keras-hub backbone), built again so that
+    its functional graph can be read; None when `config` does not name such a class.
+
+    Only a Functional subclass that an already imported package registered with
+    `keras.saving` (its `registered_name`, "keras_hub>GPT2Backbone") is made: nothing is
+    imported, no class is looked up by the module path the file names, and Lambda layers are
+    refused by Keras's safe mode. The constructor of that installed class runs with the
+    file's arguments, inside a StatelessScope, so no variable is allocated or initialised;
+    Keras's naming state is put back afterwards. The weights are still read as data.
+
+    Raises:
+        SurgeryFileError: the class is registered but cannot be built from the config.
+    """
+    import keras
+    from keras.src.models.functional import Functional
+
+    registered = config.get("registered_name")
+    cls = keras.saving.get_registered_object(registered) if isinstance(registered, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, Functional)):
+        return None
+    arguments = config.get("config")
+    if not isinstance(arguments, dict):
+        raise SurgeryFileError(f"{description}: the config of {registered} must be a mapping.")
+    try:
+        with unallocated_keras_objects():
+            return cls.from_config(copy.deepcopy(arguments))
+    except Exception as exc:
+        raise SurgeryFileError(
+            f"{description}: cannot build {registered} from its config to read its graph "
+            f"({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+@contextlib.contextmanager
+def unallocated_keras_objects() -> Iterator[None]:
+    """A scope for making Keras layers and models from configs only to look at their
+    structure: safe mode (no Lambda), a StatelessScope that allocates and initialises no
+    variable, warnings silenced, and Keras's naming and deferred-variable state put back on
+    exit so that the caller's own models are named as if nothing had been made."""
+    from keras.src.backend.common import global_state
+    from keras.src.backend.common.stateless_scope import StatelessScope
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    names = copy.copy(global_state.get_global_attribute("object_name_uids"))
+    pending = global_state.get_global_attribute("uninitialized_variables")
+    pending = None if pending is None else list(pending)
+    try:
+        with warnings.catch_warnings(), SafeModeScope(True), StatelessScope(
+            initialize_variables=False
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        global_state.set_global_attribute("object_name_uids", names)
+        global_state.set_global_attribute("uninitialized_variables", pending)
 
 
 # -- the shared parser ---------------------------------------------------------------------
@@ -300,10 +461,11 @@ def _ref_list(obj: Any) -> list[TensorRef]:
 class _Builder:
     """Parses a (possibly nested) model config into a flat `ModelGraph`."""
 
-    def __init__(self, weight_paths, resolve, description):
+    def __init__(self, weight_paths, resolve, description, aliases=None):
         self.weight_paths = weight_paths
         self.resolve = resolve
         self.description = description
+        self.aliases: Mapping[str, str] = aliases or {}
         self.layers: dict[str, LayerNode] = {}
         self.shapes: dict[TensorRef, tuple] = {}
         self.alias: dict[TensorRef, TensorRef] = {}
@@ -437,11 +599,13 @@ class _Builder:
         call_of: dict[tuple[str, int], int] = {}
 
         def translate(r: TensorRef) -> TensorRef:
-            name = prefix + r[0]
+            name = self.aliases.get(prefix + r[0], prefix + r[0])
             return self.canonical((name, call_of.get((name, r[1]), r[1]), r[2]))
 
         for name, class_name, module, registered, lcfg, entry, group in pending:
             nodes = entry.get("inbound_nodes") or []
+            # A layer the outer model shares with a nested one: its calls go to one node.
+            full = self.aliases.get(prefix + name, prefix + name)
             for call_index, node in enumerate(nodes):
                 kwargs = node.get("kwargs") or {}
                 refs: list[TensorRef] = []
@@ -454,24 +618,26 @@ class _Builder:
                         if key is not None:
                             kwarg_inputs.setdefault(key, []).append(len(refs))
                         refs.append(ref)
-                existing = self.layers.get(prefix + name)
+                existing = self.layers.get(full)
                 actual = len(existing.calls) if existing is not None else 0
-                if class_name in NESTED_MODEL_CLASSES:
+                if is_model_config(class_name, lcfg):
                     actual = call_index
-                call_of[(prefix + name, call_index)] = actual
+                call_of[(full, call_index)] = actual
                 self.add_layer_call(
-                    prefix + name, class_name, module, registered, lcfg, entry, group, refs,
+                    full, class_name, module, registered, lcfg, entry, group, refs,
                     {k: v for k, v in kwargs.items() if k not in kwarg_inputs},
                     call_index=actual,
                     kwarg_inputs=kwarg_inputs,
+                    args=node.get("args", []),
                 )
         return [translate(r) for r in _ref_list(cfg.get("output_layers", []))]
 
     def add_layer_call(
         self, name, class_name, module, registered, cfg, entry, group, inputs, kwargs,
         call_index: int = 0, kwarg_inputs: dict[str, list[int]] | None = None,
+        args: Any = None,
     ) -> list[TensorRef]:
-        if class_name in NESTED_MODEL_CLASSES and isinstance(cfg.get("layers"), list):
+        if is_model_config(class_name, cfg):
             outs = self.add_model(class_name, cfg, name + "/", group + "/", inputs)
             for t, inner in enumerate(outs):
                 self.alias[(name, call_index, t)] = inner
@@ -479,7 +645,8 @@ class _Builder:
         node = self.layers.get(name) or self.new_layer(
             name, class_name, module, registered, cfg, group
         )
-        node.calls.append(Call(list(inputs), kwargs, dict(kwarg_inputs or {})))
+        node.calls.append(Call(list(inputs), kwargs, dict(kwarg_inputs or {}),
+                               list(args) if isinstance(args, (list, tuple)) else []))
         # Sequential chains have no keras_history; refer to the call we just added.
         return [(name, len(node.calls) - 1, 0)]
 
@@ -498,6 +665,17 @@ class _Builder:
             node.weights.sort(key=lambda w: _store_sort_key(w.local))
 
 
+def is_model_config(class_name: str, cfg: Any) -> bool:
+    """Whether a layer entry is a nested model to expand: a Functional or Sequential config, or
+    the functional graph of a Functional subclass (a keras-hub backbone inside a task model,
+    see `functional_graph_config`), which keeps its class name for its weights group."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("layers"), list):
+        return False
+    return class_name in NESTED_MODEL_CLASSES or (
+        "input_layers" in cfg and "output_layers" in cfg
+    )
+
+
 def _store_sort_key(local: str) -> tuple:
     # "vars/10" after "vars/2"; a layer's own vars before its sublayers' (Keras saves them so).
     parts = local.split("/")
@@ -510,8 +688,21 @@ def build_graph(
     *,
     resolve: Callable[[str, str | None, str, str | None], type | None] | None = None,
     description: str = "model",
+    aliases: Mapping[str, str] | None = None,
 ) -> ModelGraph:
     """Parses a Keras 3 model config (with class_name and config keys) into a ModelGraph.
+
+    A config that holds only the constructor arguments of a registered Functional subclass
+    (a keras-hub backbone saved to a `.keras` file) is described by the graph of that class
+    built from them (`model_from_registered_config`).
+
+    Args:
+        config: the model config, as `config.json` holds it.
+        source: the weights, by store path.
+        resolve: (graph name, module, class name, registered name) -> the layer's class.
+        description: how to name the model in messages.
+        aliases: graph names of a layer that appears under several names -> its first name
+            (see `_shared_across_models`).
 
     Raises:
         SurgeryFileError: the config is not a Keras 3 Functional or Sequential model.
@@ -519,15 +710,26 @@ def build_graph(
     if not isinstance(config, dict) or "config" not in config:
         raise SurgeryFileError(f"{description}: config is not a serialized Keras model.")
     class_name = config.get("class_name")
-    inner = config["config"]
     known = isinstance(class_name, str) and class_name in NESTED_MODEL_CLASSES  # may be a list
+    if not known and resolve is None:
+        model = model_from_registered_config(config, description)
+        if model is not None:
+            config = {"class_name": "Functional", "config": _graph_config(model)}
+            class_name, known = "Functional", True
+            objects = _live_operations(model)
+            resolve, aliases = _resolver(objects), _shared_across_models(objects)
+    inner = config["config"]
     if not known or not isinstance(inner, dict):
+        registered = config.get("registered_name")
+        hint = (f" If {registered!r} is a model class of an installed package (keras_hub), "
+                "import that package first." if isinstance(registered, str)
+                and ">" in registered else "")
         raise SurgeryFileError(
             f"{description}: expected a Functional or Sequential model config. "
-            f"Received: class_name={class_name!r}"
+            f"Received: class_name={class_name!r}.{hint}"
         )
     resolve = resolve or (lambda name, module, cls, reg: resolve_keras_class(module, cls))
-    builder = _Builder(source.paths(), resolve, description)
+    builder = _Builder(source.paths(), resolve, description, aliases)
     try:
         outputs = builder.add_model(class_name, inner, "", "", None)
         builder.attach_weights()

@@ -15,7 +15,7 @@ import numpy as np
 
 from keras_surgery import rules as _rules  # noqa: F401 - registers the built-in rules
 from keras_surgery.errors import SurgeryError, SurgeryFileError, UnsupportedLayerError
-from keras_surgery.features import FeatureColumn, FeatureSpec, feature_columns
+from keras_surgery.features import FeatureColumn, FeatureSpec, feature_columns, vocabularies
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, TensorRef
 from keras_surgery.labels import (
     AxisLabels,
@@ -25,6 +25,7 @@ from keras_surgery.labels import (
     TokenValues,
     feature_key,
     positions,
+    token_key,
 )
 from keras_surgery.registry import find_rule
 from keras_surgery.rules.api import RuleCall, RuleResult
@@ -134,6 +135,7 @@ def propagate(
     where = where or graph.description
     widths = {i.name: (i.shape[-1] if i.shape else 1) for i in graph.inputs}
     columns = feature_columns(features, widths, where=where)
+    tokens = vocabularies(features, where=where)
     labels = GraphLabels(graph, space, deps, columns, {})
 
     bit = 0
@@ -143,8 +145,11 @@ def propagate(
         labels.tensors[(spec.name, 0, 0)] = _input_labels(
             spec, identity, columns[spec.name], bit, space, deps
         )
-        # Integer inputs are raw token ids of their own (an Embedding's rows by id).
-        labels.values[(spec.name, 0, 0)] = TokenValues(identity)
+        # Integer inputs are token ids: of the vocabulary the spec gives, else raw ids of
+        # their own (an Embedding's rows by id).
+        labels.values[(spec.name, 0, 0)] = TokenValues(
+            identity, tuple(token_key(t) for t in tokens.get(spec.name, ()))
+        )
         bit += len(columns[spec.name])
 
     for position, (name, call_index) in enumerate(graph.order):
@@ -173,6 +178,9 @@ def propagate(
             deps=deps,
             output_shapes=output_shapes,
             kwarg_inputs=call.kwarg_inputs,
+            call_args=call.args,
+            call_kwargs=call.kwargs,
+            earlier=record.result if record is not None else None,
             input_values=[labels.values.get(ref) for ref in call.inputs],
             input_nonnegative=[ref in labels.nonnegative for ref in call.inputs],
         )

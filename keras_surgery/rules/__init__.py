@@ -6,6 +6,7 @@ from keras_surgery.rules import (  # noqa: F401
     core,
     elementwise,
     embedding,
+    keras_hub,
     normalization,
     pooling,
     recurrent,

@@ -21,7 +21,8 @@ the labels its outputs then carry (see `Start`); the planner picks one for new l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +169,13 @@ class RuleCall:
     kwarg_inputs: dict[str, list[int]] = field(default_factory=dict)  # keyword -> inputs index
     # Per input, whether its values are known to be >= 0 (see `RuleResult.nonnegative`).
     input_nonnegative: list[bool] = field(default_factory=list)
+    # The call's positional arguments as serialized (tensors as `__keras_tensor__` entries)
+    # and its non-tensor keyword arguments (`reverse=True`).
+    call_args: list[Any] = field(default_factory=list)
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    # For a later call of a shared layer: what its first call's rule returned (a reversed
+    # embedding labels its rows as the forward call did).
+    earlier: RuleResult | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -256,6 +264,26 @@ class RuleCall:
             f"{[w.local for w in self.weights]}, but its rule expects {list(expected)}."
         )
 
+    def sublayer(
+        self,
+        attribute: str,
+        class_name: str,
+        config: dict[str, Any],
+        inputs: Sequence[TensorLabels],
+        input_values: Sequence[TokenValues | None] = (),
+    ) -> RuleCall:
+        """The call of a sublayer whose variables are saved under `attribute` (a
+        TransformerDecoder's `_self_attention_layer`), reading `inputs`, for running that
+        sublayer's own rule: its unit labels are built from `<identity>/<attribute>`."""
+        prefix = attribute + "/"
+        weights = [WeightSpec(w.path, w.local[len(prefix):], w.shape, w.dtype)
+                   for w in self.weights if w.local.startswith(prefix)]
+        node = LayerNode(f"{self.layer.name}/{attribute}", class_name, None, None, dict(config),
+                         None, None, weights)
+        return RuleCall(node, f"{self.identity}/{attribute}", list(inputs),
+                        [None] * len(inputs), self.space, self.deps,
+                        input_values=list(input_values))
+
     def normalize_axis(self, axis: int, rank: int) -> int:
         """A Keras axis (counting the batch axis, may be negative) as a non-batch axis index."""
         full = axis if axis >= 0 else axis + rank + 1
@@ -281,3 +309,43 @@ def single_input(call: RuleCall) -> TensorLabels:
     if len(call.inputs) != 1:
         raise ValueError(f"{call.describe()} expects one input, got {len(call.inputs)}.")
     return call.inputs[0]
+
+
+class Composite:
+    """Builds the result of a layer made of sublayers by running each sublayer's own rule
+    (`RuleCall.sublayer`): their weights get roles prefixed with the attribute they are saved
+    under and are returned in the layer's store order, and their mixing axes and warnings name
+    the sublayer."""
+
+    def __init__(self, call: RuleCall):
+        self.call = call
+        self.weights: dict[str, WeightLabels] = {}  # store path -> labels
+        self.mixing: list[Mixing] = []
+        self.warnings: list[str] = []
+
+    def run(
+        self,
+        rule: Callable[[RuleCall], RuleResult],
+        attribute: str,
+        class_name: str,
+        config: dict[str, Any],
+        inputs: Sequence[TensorLabels],
+        input_values: Sequence[TokenValues | None] = (),
+    ) -> TensorLabels:
+        """Runs `rule` for the sublayer under `attribute`; returns its (first) output."""
+        sub = self.call.sublayer(attribute, class_name, config, inputs, input_values)
+        result = rule(sub)
+        for spec, w in zip(sub.weights, result.weights):
+            self.weights[spec.path] = dataclasses.replace(w, role=f"{attribute}/{w.role}")
+        self.mixing += [dataclasses.replace(m, reason=f"{attribute} ({class_name}): {m.reason}")
+                        for m in result.mixing]
+        self.warnings += result.warnings
+        return result.outputs[0]
+
+    def result(self, outputs: list[TensorLabels], **kwargs: Any) -> RuleResult:
+        """The layer's result; every variable of the layer must belong to a sublayer run."""
+        unknown = [w.local for w in self.call.weights if w.path not in self.weights]
+        if unknown:
+            raise ValueError(f"{self.call.describe()}: unexpected variables {unknown}")
+        weights = [self.weights[w.path] for w in self.call.weights]
+        return RuleResult(outputs, weights, self.mixing, self.warnings, **kwargs)

@@ -14,7 +14,7 @@ from collections.abc import Hashable
 import keras
 import numpy as np
 
-from keras_surgery.labels import AxisLabels, TokenValues, token_key
+from keras_surgery.labels import AxisLabels, TensorLabels, TokenValues, token_key
 from keras_surgery.registry import register_rule
 from keras_surgery.rules.api import RuleCall, RuleResult, single_input, weight
 from keras_surgery.rules.core import check_weights
@@ -83,26 +83,69 @@ def index_lookup_rule(call: RuleCall) -> RuleResult:
     return RuleResult([x], check_weights(call, []), warnings=warnings, values=[meaning])
 
 
+def _table_axes(call: RuleCall, x: TensorLabels) -> tuple[AxisLabels, AxisLabels]:
+    """The rows (by the token each id stands for) and the columns (units) of a token table
+    indexed by `x`."""
+    meaning = call.input_values[0] if call.input_values else None
+    if meaning is None:
+        meaning = TokenValues(call.identity)  # ids computed inside the model: by id
+    dep = call.union(*x)
+    input_dim = call.weight_backed(int(call.config["input_dim"]), "input_dim")
+    rows = AxisLabels(
+        call.space.intern_many(meaning.keys(input_dim)), np.full(input_dim, dep, np.int64)
+    )
+    return rows, call.units(int(call.config["output_dim"]), dep)
+
+
 def embedding_rule(call: RuleCall) -> RuleResult:
     """Embedding: rows ("lookup") labelled by the tokens its ids stand for; columns are units.
 
     The output is the input's axes (time positions) followed by the embedding dimension.
     """
     x = single_input(call)
-    meaning = call.input_values[0] if call.input_values else None
-    if meaning is None:
-        meaning = TokenValues(call.identity)  # ids computed inside the model: by id
-    dep = call.union(*x)
-    input_dim = call.weight_backed(int(call.config["input_dim"]), "input_dim")
-    output_dim = int(call.config["output_dim"])
-    rows = AxisLabels(
-        call.space.intern_many(meaning.keys(input_dim)), np.full(input_dim, dep, np.int64)
-    )
-    dim = call.units(output_dim, dep)
+    rows, dim = _table_axes(call, x)
     weights = [weight("embeddings", ("lookup", rows), ("out", dim))]
+    return RuleResult([tuple(x) + (dim,)], check_weights(call, weights))
+
+
+def reversible_embedding_rule(call: RuleCall) -> RuleResult:
+    """ReversibleEmbedding (keras.layers, keras-hub): an Embedding that, called with
+    `reverse=True`, projects hidden states back onto its rows (the logits of a language model:
+    `hidden @ embeddings^T`, or `hidden @ reverse_embeddings` when `tie_weights=False`).
+
+    Rows are labelled by token in both directions, so a grown or reordered vocabulary keeps
+    each token's row and its logit. A reverse call labels the rows as the layer's first call
+    did. With tied weights and a reverse call, new embedding columns start at 0: a new hidden
+    unit must not reach the old logits.
+    """
+    tied = bool(call.config.get("tie_weights", True))
+    positional = call.positional_inputs() or call.inputs
+    if not positional:
+        raise ValueError(f"{call.describe()} has no input")
+    x = positional[0]
+    if call.call_kwargs.get("reverse"):
+        if call.earlier is not None and call.earlier.weights:
+            rows, dim = (a.labels for a in call.earlier.weights[0].axes)
+        else:
+            rows, dim = _table_axes(call, x[:-1])
+        hidden = x[-1]
+        logits = AxisLabels(rows.ids, np.full(len(rows.deps), call.union(hidden), np.int64))
+        if tied:
+            weights = [weight("embeddings", ("out", rows), ("in", hidden))]
+        else:
+            weights = [weight("embeddings", ("lookup", rows), ("out", dim)),
+                       weight("reverse_embeddings", ("in", hidden), ("out", rows))]
+        return RuleResult([tuple(x[:-1]) + (logits,)], check_weights(call, weights))
+    rows, dim = _table_axes(call, x)
+    reversed_too = any(c.kwargs.get("reverse") for c in call.layer.calls)
+    weights = [weight("embeddings", ("lookup", rows), ("out", dim, tied and reversed_too))]
+    if not tied:
+        weights.append(weight("reverse_embeddings", ("in", dim), ("out", rows)))
     return RuleResult([tuple(x) + (dim,)], check_weights(call, weights))
 
 
 register_rule(keras.layers.Embedding, embedding_rule)
 register_rule(keras.layers.StringLookup, index_lookup_rule)
 register_rule(keras.layers.IntegerLookup, index_lookup_rule)
+if hasattr(keras.layers, "ReversibleEmbedding"):  # Keras >= 3.15 (keras-hub's before: by name)
+    register_rule(keras.layers.ReversibleEmbedding, reversible_embedding_rule)

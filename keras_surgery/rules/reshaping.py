@@ -296,6 +296,62 @@ for _rank in (1, 2, 3):
                   _resampler(_rank, "cropping", _cropped, f"Cropping{_rank}D"))
     register_rule(getattr(keras.layers, f"UpSampling{_rank}D"),
                   _resampler(_rank, "size", _upsampled, f"UpSampling{_rank}D"))
+
+# -- indexing ---------------------------------------------------------------------------------
+
+
+def _index_entry(entry: object) -> slice | int:
+    """One entry of a serialized indexing key: a slice or an integer."""
+    if isinstance(entry, dict) and entry.get("class_name") == "__slice__":
+        cfg = entry.get("config") or {}
+        bounds = [cfg.get(k) for k in ("start", "stop", "step")]
+        if not all(b is None or (isinstance(b, int) and not isinstance(b, bool)) for b in bounds):
+            raise ValueError(f"slice bounds must be integers. Received: {bounds}")
+        return slice(*bounds)
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        return entry
+    raise ValueError(f"indexing with {entry!r} has no rule (only integers and slices)")
+
+
+def get_item_rule(call: RuleCall) -> RuleResult:
+    """`x[:, i, a:b]` (keras.ops GetItem, e.g. BERT's [CLS] position): an integer drops its
+    axis, a slice keeps the labels it selects. The batch axis must be kept whole.
+
+    An integer picks the index at its position, so the labels up to it must stay in place
+    (reported as ordered mixing when they move); a slice of an axis of unknown length keeps
+    the axis unknown."""
+    if not call.inputs or len(call.call_args) < 2:
+        raise ValueError(f"{call.describe()}: expected a tensor and an indexing key")
+    x = call.inputs[0]
+    key = call.call_args[1]
+    entries = [_index_entry(e) for e in (key if isinstance(key, (list, tuple)) else [key])]
+    if not entries or entries[0] != slice(None) or len(entries) - 1 > len(x):
+        raise ValueError(f"{call.describe()}: only keys that keep the batch axis whole")
+    out: list[AxisLabels] = []
+    mixing: list[Mixing] = []
+    for axis, entry in zip(x, entries[1:]):
+        if isinstance(entry, slice):
+            out.append(axis.take(entry))
+            continue
+        if axis.ids is not None:
+            n = len(axis.ids)
+            if not -n <= entry < n:
+                raise ValueError(f"{call.describe()}: index {entry} out of range for {n}")
+            picked = slice(0, entry + 1) if entry >= 0 else slice(entry, None)
+            mixing.append(Mixing((axis.take(picked),), f"it picks index {entry} of this axis",
+                                 ordered=True))
+    out.extend(x[len(entries) - 1:])
+    return RuleResult([tuple(out)], check_weights(call, []), mixing)
+
+
+def _register_get_item() -> None:
+    from keras.src.ops import numpy as knp
+
+    if getattr(knp, "GetItem", None) is not None:
+        register_rule(knp.GetItem, get_item_rule)
+
+
+_register_get_item()
 register_rule(keras.layers.Flatten, flatten_rule)
 register_rule(keras.layers.Reshape, reshape_rule)
 register_rule(keras.layers.Permute, permute_rule)
