@@ -1,14 +1,20 @@
-"""Applying a SurgeryPlan to a live model: compute every new value first, then assign.
+"""Applying a SurgeryPlan to a live model, one weight at a time, all or nothing.
 
-All reading and checking happens before the first variable is written, and the assignments are
-undone if one of them fails, so a failed migration leaves the model exactly as it was.
+Every shape and path is checked before the first variable is written. Values are then streamed:
+computed, assigned and dropped one weight at a time, with each variable's previous value in a
+rollback journal (spilled to an anonymous temporary file past a few tens of MB), so a failed
+migration leaves the model exactly as it was and the extra memory stays near twice the largest
+weight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +44,15 @@ def _index(selections: list[np.ndarray | slice], shape: tuple[int, ...]) -> tupl
     return np.ix_(*arrays)
 
 
-def fill(wp: WeightPlan, old: np.ndarray | None, fresh: np.ndarray, policy: str) -> np.ndarray:
+def fill(
+    wp: WeightPlan,
+    old: np.ndarray | None,
+    fresh: np.ndarray,
+    policy: str,
+    *,
+    in_place: bool = False,
+    new_rows_mean: bool = True,
+) -> np.ndarray:
     """The new value of one weight: copied where every axis matched, zero where only input-side
     indices are new (policy "preserve"), the fresh initial value elsewhere; a new layer's start
     value when it has one (`old` is then not read and may be None).
@@ -46,10 +60,21 @@ def fill(wp: WeightPlan, old: np.ndarray | None, fresh: np.ndarray, policy: str)
     Works on per-axis index selections, never on weight-sized masks, so its extra memory is
     the copied block. Split units (policy "net2net") copy from their source index, times
     their share on input-side axes.
+
+    Args:
+        in_place: write into `fresh` (which must be a writable array the caller owns) instead
+            of a copy of it. A weight whose every index is copied is returned as a view of
+            `old` (converted to `fresh`'s dtype) either way, without touching `fresh`.
+        new_rows_mean: new rows of a vocabulary ("lookup") axis start as the mean of the
+            copied rows (False: they keep what the fill rule gives them, as optimizer slots do).
     """
     if wp.init is not None:
         return init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
-    value = np.array(fresh, copy=True)
+    if wp.axes is not None and old is not None and _copies_everything(wp):
+        copied = old[_index([a.old_index for a in wp.axes], old.shape)]
+        return copied.astype(fresh.dtype, copy=False)
+    writable = in_place and isinstance(fresh, np.ndarray) and fresh.flags.writeable
+    value = fresh if writable else np.array(fresh, copy=True)
     if wp.axes is None:
         return value
     policy = wp.fill_policy(policy)
@@ -75,9 +100,17 @@ def fill(wp: WeightPlan, old: np.ndarray | None, fresh: np.ndarray, policy: str)
                 share = amap.share[new_idx[a]]
                 copied = copied * share.reshape([-1 if i == a else 1 for i in range(copied.ndim)])
         value[_index(new_idx, shape)] = copied.astype(value.dtype, copy=False)
-        if policy == "preserve":
+        if policy == "preserve" and new_rows_mean:
             _new_lookup_rows_from_mean(wp, value, out_matched)
     return value
+
+
+def _copies_everything(wp: WeightPlan) -> bool:
+    """Whether every index of the weight is copied unscaled from one old index (nothing new,
+    no split shares): then the value is the old weight, gathered, and needs no fresh value."""
+    return wp.scale == 1.0 and all(
+        a.share is None and len(a.index) and bool(a.matched.all()) for a in wp.axes or []
+    )
 
 
 def _new_lookup_rows_from_mean(
@@ -119,40 +152,131 @@ def _opened(source: Any) -> Iterator[WeightSource]:
         yield source
 
 
-def apply_plan(
-    plan: SurgeryPlan, model: Any, source: Any, *, optimizer: bool = True, verbose: bool = False
-) -> Any:
-    """Writes the plan into `model`; returns a SurgeryReport. All or nothing."""
-    from keras_surgery.files import progress_bar
-    from keras_surgery.optimizer import stage_optimizer
-    from keras_surgery.report import SurgeryReport
+SPILL_BYTES = 64 << 20
+"""Rollback values are kept in memory up to this many bytes in all; the rest go to a file."""
 
-    progress = progress_bar(len(plan.weights), verbose)
 
-    variables = live_variables(model)
-    staged: list[tuple[Any, np.ndarray, np.ndarray]] = []
-    warnings = list(plan.warnings)
-    with _opened(source) as old_weights:
-        for done_count, wp in enumerate(plan.weights, start=1):
-            progress(done_count)
-            var = variables.get(wp.path)
-            if var is None or not hasattr(var, "assign"):
+class Journal:
+    """The values variables held before a migration wrote them, to undo a failed migration.
+
+    The first `spill_bytes` are kept in memory; past that, values are written to an anonymous
+    temporary file (gone when closed, even after a crash), so that a migration's extra memory
+    stays near the size of its largest weight however large the model is.
+    """
+
+    def __init__(self, spill_bytes: int = SPILL_BYTES, directory: str | None = None) -> None:
+        self.spill_bytes = spill_bytes
+        self.directory = directory
+        self.kept = 0
+        self.entries: list[tuple[Any, Any]] = []
+        self._file: Any = None
+
+    def save(self, var: Any, current: np.ndarray) -> bool:
+        """Records `current` as `var`'s value to restore. Returns True when the journal keeps
+        no reference to `current` (it was written out), so the caller may overwrite it."""
+        current = np.ascontiguousarray(current)
+        if self.kept + current.nbytes <= self.spill_bytes:
+            self.entries.append((var, current))
+            self.kept += current.nbytes
+            return False
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(prefix="keras-surgery-undo-", dir=self.directory)
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(current.reshape(-1).view(np.uint8).data)
+        self.entries.append((var, (offset, current.shape, current.dtype)))
+        return True
+
+    def forget_last(self) -> None:
+        """Drops the last record (its variable was never written)."""
+        var, entry = self.entries.pop()
+        if not isinstance(entry, tuple):
+            self.kept -= entry.nbytes
+
+    def restore(self, *, unsure: Any = None) -> tuple[list[Any], list[tuple[Any, Exception]]]:
+        """Assigns every recorded value back, last first.
+
+        Args:
+            unsure: a variable whose own write failed: restored too, but a failure to restore
+                it is not reported (the failed write most likely left it as it was).
+
+        Returns:
+            (restored, failed): the variables restored, and (variable, error) pairs for those
+            that could not be; every other variable is still restored after a failure.
+        """
+        restored, failed = [], []
+        for var, entry in reversed(self.entries):
+            try:
+                if isinstance(entry, tuple):
+                    offset, shape, dtype = entry
+                    value = np.empty(shape, dtype)
+                    self._file.seek(offset)
+                    self._file.readinto(value.reshape(-1).view(np.uint8).data)
+                else:
+                    value = entry
+                var.assign(value)
+                restored.append(var)
+            except Exception as exc:
+                if var is not unsure:
+                    failed.append((var, exc))
+        return restored, failed
+
+    def close(self) -> None:
+        self.entries.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass
+class Write:
+    """One variable to write: `compute(current)` gives its new value from its current one (a
+    writable array the function may overwrite when `owned` is passed True)."""
+
+    var: Any
+    what: str
+    compute: Callable[[np.ndarray, bool], np.ndarray]
+
+
+def _check_targets(plan: SurgeryPlan, model: Any, variables: dict, old_weights: Any) -> None:
+    """Everything about shapes and paths, checked before the first variable is written."""
+    old_paths = old_weights.paths()
+    for wp in plan.weights:
+        var = variables.get(wp.path)
+        if var is None or not hasattr(var, "assign"):
+            raise SurgeryError(
+                f"The plan was made for another model: '{wp.path}' (layer '{wp.layer}') is not "
+                f"a variable of model '{model.name}'."
+            )
+        if tuple(var.shape) != tuple(wp.shape):
+            raise SurgeryError(
+                f"The plan was made for another model: '{wp.path}' has shape "
+                f"{tuple(var.shape)}, the plan expects {wp.shape}."
+            )
+        if wp.init is None and wp.axes is not None:
+            stored = old_paths.get(wp.old_path)
+            if stored is None:
                 raise SurgeryError(
-                    f"The plan was made for another model: '{wp.path}' (layer '{wp.layer}') is not "
-                    f"a variable of model '{model.name}'."
+                    f"Old weight '{wp.old_path}' of layer '{wp.old_layer}' is missing from the "
+                    "old model."
                 )
-            if tuple(var.shape) != tuple(wp.shape):
+            if tuple(stored[0]) != tuple(wp.old_shape):
                 raise SurgeryError(
-                    f"The plan was made for another model: '{wp.path}' has shape "
-                    f"{tuple(var.shape)}, the plan expects {wp.shape}."
+                    f"Old weight '{wp.old_path}' of layer '{wp.old_layer}' has shape "
+                    f"{tuple(stored[0])}; expected {wp.old_shape}."
                 )
+
+
+def _weight_writes(
+    plan: SurgeryPlan, variables: dict, old_weights: Any, warnings: list[str]
+) -> list[Write]:
+    writes = []
+    for wp in plan.weights:
+        if wp.init is None and wp.axes is None:
+            continue
+
+        def compute(current: np.ndarray, owned: bool, wp: WeightPlan = wp) -> np.ndarray:
             if wp.init is not None:
-                fresh = np.asarray(var.numpy())
-                staged.append((var, fill(wp, None, fresh, plan.policy), fresh))
-                continue
-            if wp.axes is None:
-                continue
-            fresh = np.asarray(var.numpy())
+                return fill(wp, None, current, plan.policy)
             old = old_weights.read(wp.old_path)
             if tuple(old.shape) != tuple(wp.old_shape):
                 raise SurgeryError(
@@ -162,24 +286,95 @@ def apply_plan(
             note = nonfinite_warning(wp, old)
             if note:
                 warnings.append(note)
-            staged.append((var, fill(wp, old, fresh, plan.policy), fresh))
+            return fill(wp, old, current, plan.policy, in_place=owned)
+
+        writes.append(Write(variables[wp.path], f"weight '{wp.path}' of layer '{wp.layer}'",
+                            compute))
+    return writes
+
+
+def apply_plan(
+    plan: SurgeryPlan,
+    model: Any,
+    source: Any,
+    *,
+    optimizer: bool = True,
+    verbose: bool = False,
+    spill_bytes: int = SPILL_BYTES,
+) -> Any:
+    """Writes the plan into `model`; returns a SurgeryReport. All or nothing.
+
+    Weights are streamed: each new value is computed, the variable's current value is put in
+    a rollback journal (in memory up to `spill_bytes`, then in an anonymous temporary file),
+    the value is assigned, and the old file's pages are released before the next weight. So
+    the extra memory is about twice the largest weight, not the model. Every shape and path
+    is checked before the first write; if anything fails after that (a damaged dataset, an
+    interrupt), every variable written so far is restored from the journal.
+    """
+    from keras_surgery.files import progress_bar
+    from keras_surgery.optimizer import optimizer_writes
+    from keras_surgery.report import SurgeryReport
+
+    variables = live_variables(model)
+    warnings = list(plan.warnings)
+    with _opened(source) as old_weights:
+        _check_targets(plan, model, variables, old_weights)
+        writes = _weight_writes(plan, variables, old_weights, warnings)
         if optimizer:
-            slots, notes = stage_optimizer(plan, model, old_weights, variables)
-            staged.extend(slots)
+            slots, notes = optimizer_writes(plan, model, old_weights, variables)
+            writes.extend(slots)
             warnings.extend(notes)
         elif plan.old_optimizer is not None:
             warnings.append("optimizer state was not migrated (optimizer=False).")
-    done: list[tuple[Any, np.ndarray]] = []
-    try:
-        for var, value, fresh in staged:
-            var.assign(value)
-            done.append((var, fresh))
-        finalize_layers(model, [var for var, _ in done])
-    except Exception as exc:
-        for var, fresh in reversed(done):
-            var.assign(fresh)
-        finalize_layers(model, [var for var, _ in done])
-        raise SurgeryError(f"Assigning the new weights failed and was undone: {exc}") from exc
+        _stream(writes, model, old_weights, progress_bar(len(writes), verbose), spill_bytes)
     report = SurgeryReport(plan, warnings=warnings)
     logger.info("%s", report.one_line())
     return report
+
+
+def _stream(
+    writes: list[Write], model: Any, old_weights: Any, progress: Callable, spill_bytes: int
+) -> None:
+    release = getattr(old_weights, "release", None)
+    journal = Journal(spill_bytes)
+    written: list[Any] = []
+    what, stage, var = "finishing", "finish", None
+    try:
+        for count, write in enumerate(writes, start=1):
+            what, var = write.what, write.var
+            stage = "read"
+            current = np.asarray(var.numpy())
+            owned = journal.save(var, current)
+            stage = "compute"
+            value = write.compute(current, owned)
+            del current
+            stage = "assign"
+            var.assign(value)
+            del value
+            written.append(var)
+            if release is not None:
+                release()
+            progress(count)
+        what, stage = "finishing", "finish"
+        finalize_layers(model, written)
+    except BaseException as exc:
+        try:
+            if stage == "compute":
+                journal.forget_last()
+            restored, failed = journal.restore(unsure=var if stage == "assign" else None)
+            finalize_layers(model, restored)
+        finally:
+            journal.close()
+        if failed:
+            names = ", ".join(getattr(v, "path", None) or getattr(v, "name", "?")
+                              for v, _ in failed)
+            raise SurgeryError(
+                f"Writing the new weights failed at {what} ({exc}), and restoring the previous "
+                f"values failed for {names} ({failed[0][1]}); the model is inconsistent."
+            ) from exc
+        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
+            raise  # a precise error (or an interrupt), now with the model restored
+        raise SurgeryError(
+            f"Writing the new weights failed at {what} and was undone: {exc}"
+        ) from exc
+    journal.close()
