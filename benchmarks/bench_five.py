@@ -151,13 +151,16 @@ def child_migrate(path: str, scale: float) -> dict:
 
 def child_keras(path: str, scale: float) -> dict:
     twin = build(scale, **specs(scale)[0])
-    t = time.perf_counter()
-    twin.load_weights(path)
-    first = time.perf_counter() - t
+    base = rss_mb()
+    with PeakRSS() as peak:
+        t = time.perf_counter()
+        twin.load_weights(path)
+        first = time.perf_counter() - t
     t = time.perf_counter()
     twin.load_weights(path)
     return {"keras_load_weights_s": round(first, 3),
-            "keras_load_weights_warm_s": round(time.perf_counter() - t, 3)}
+            "keras_load_weights_warm_s": round(time.perf_counter() - t, 3),
+            "keras_extra_peak_mb": round(peak.peak - base, 1)}
 
 
 def floor_pass(path: str, variables: list) -> float:

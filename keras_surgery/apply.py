@@ -52,6 +52,7 @@ def fill(
     *,
     in_place: bool = False,
     new_rows_mean: bool = True,
+    release: Callable[[], None] | None = None,
 ) -> np.ndarray:
     """The new value of one weight: copied where every axis matched, zero where only input-side
     indices are new (policy "preserve"), the fresh initial value elsewhere; a new layer's start
@@ -67,6 +68,9 @@ def fill(
             `old` (converted to `fresh`'s dtype) either way, without touching `fresh`.
         new_rows_mean: new rows of a vocabulary ("lookup") axis start as the mean of the
             copied rows (False: they keep what the fill rule gives them, as optimizer slots do).
+        release: called after each block of at most `COPY_BLOCK_BYTES` copied from `old`
+            (a memory-mapped file drops the block's pages), so a large weight is never
+            resident twice over.
     """
     if wp.init is not None:
         return init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
@@ -74,7 +78,12 @@ def fill(
         copied = old[_index([a.old_index for a in wp.axes], old.shape)]
         return copied.astype(fresh.dtype, copy=False)
     writable = in_place and isinstance(fresh, np.ndarray) and fresh.flags.writeable
-    value = fresh if writable else np.array(fresh, copy=True)
+    if writable:
+        value = fresh
+    elif needs_fresh(wp, policy):
+        value = np.array(fresh, copy=True)
+    else:  # every index is copied or zeroed below
+        value = np.empty(fresh.shape, np.asarray(fresh).dtype)
     if wp.axes is None:
         return value
     policy = wp.fill_policy(policy)
@@ -92,17 +101,49 @@ def fill(
     new_idx = [np.nonzero(a.matched)[0] for a in wp.axes]
     old_idx = [a.old_index[a.matched] for a in wp.axes]
     if all(len(i) for i in new_idx):
-        copied = old[_index(old_idx, old.shape)]
-        if wp.scale != 1.0:
-            copied = copied * wp.scale
-        for a, amap in enumerate(wp.axes):
-            if amap.share is not None:
-                share = amap.share[new_idx[a]]
-                copied = copied * share.reshape([-1 if i == a else 1 for i in range(copied.ndim)])
-        value[_index(new_idx, shape)] = copied.astype(value.dtype, copy=False)
+        rows = len(new_idx[0])
+        step = rows
+        if release is not None and old.nbytes > COPY_BLOCK_BYTES:
+            step = max(1, rows * COPY_BLOCK_BYTES // old.nbytes)
+        for start in range(0, rows, step):
+            block = slice(start, start + step)
+            _copy_block(wp, value, old, [new_idx[0][block]] + new_idx[1:],
+                        [old_idx[0][block]] + old_idx[1:])
+            if release is not None:
+                release()
         if policy == "preserve" and new_rows_mean:
             _new_lookup_rows_from_mean(wp, value, out_matched)
     return value
+
+
+COPY_BLOCK_BYTES = 32 << 20
+
+
+def needs_fresh(wp: WeightPlan, policy: str) -> bool:
+    """Whether some index of the weight keeps its fresh value under `policy`: False when every
+    index is copied or (policy "preserve") zeroed, or the weight is a new layer's start."""
+    if wp.init is not None or (wp.axes is not None and _copies_everything(wp)):
+        return False
+    if wp.axes is None or wp.fill_policy(policy) != "preserve":
+        return True
+    if any(len(a.index) == 0 for a in wp.axes):
+        return True
+    return not all(bool(a.matched.all()) for a in wp.axes
+                   if a.kind in OUT_KINDS and not a.zero_new)
+
+
+def _copy_block(
+    wp: WeightPlan, value: np.ndarray, old: np.ndarray, new_idx: list, old_idx: list
+) -> None:
+    """value[new_idx] = old[old_idx] (outer products of per-axis indices), scaled and shared."""
+    copied = old[_index(old_idx, old.shape)]
+    if wp.scale != 1.0:
+        copied = copied * wp.scale
+    for a, amap in enumerate(wp.axes or []):
+        if amap.share is not None:
+            share = amap.share[new_idx[a]]
+            copied = copied * share.reshape([-1 if i == a else 1 for i in range(copied.ndim)])
+    value[_index(new_idx, value.shape)] = copied.astype(value.dtype, copy=False)
 
 
 def _copies_everything(wp: WeightPlan) -> bool:
@@ -134,7 +175,10 @@ def _new_lookup_rows_from_mean(
 def nonfinite_warning(wp: WeightPlan, old: np.ndarray) -> str | None:
     """A warning when the old value of a planned weight holds NaN or Inf."""
     # dtype kind "V": bfloat16 (ml_dtypes), which is no np.floating but has NaN and Inf too.
-    if old.dtype.kind in "fV" and not np.all(np.isfinite(old)):
+    # min and max propagate NaN and show an Inf, without a weight-sized temporary.
+    if old.dtype.kind in "fV" and old.size and not (
+        np.isfinite(old.min()) and np.isfinite(old.max())
+    ):
         return (f"layer '{wp.old_layer}': old weight '{wp.role}' holds NaN or Inf values; "
                 "they were copied as they are.")
     return None
@@ -229,12 +273,15 @@ class Journal:
 
 @dataclass
 class Write:
-    """One variable to write: `compute(current)` gives its new value from its current one (a
-    writable array the function may overwrite when `owned` is passed True)."""
+    """One variable to write: `compute(current, owned)` gives its new value from its current
+    one, which it may overwrite when `owned` is True. `reads_current=False` says the new value
+    does not depend on the current values (only on their shape and dtype): then the current
+    value is taken without a copy where the backend allows, for the rollback journal only."""
 
     var: Any
     what: str
     compute: Callable[[np.ndarray, bool], np.ndarray]
+    reads_current: bool = True
 
 
 def _check_targets(plan: SurgeryPlan, model: Any, variables: dict, old_weights: Any) -> None:
@@ -267,14 +314,17 @@ def _check_targets(plan: SurgeryPlan, model: Any, variables: dict, old_weights: 
 
 
 def _weight_writes(
-    plan: SurgeryPlan, variables: dict, old_weights: Any, warnings: list[str]
+    plan: SurgeryPlan, variables: dict, old_weights: Any, notes: dict[int, str]
 ) -> list[Write]:
+    """The writes of the plan's weights; warnings about old values go to `notes`, by the
+    weight's position in the plan (writes run in another order)."""
+    release = getattr(old_weights, "release", None)
     writes = []
-    for wp in plan.weights:
+    for i, wp in enumerate(plan.weights):
         if wp.init is None and wp.axes is None:
             continue
 
-        def compute(current: np.ndarray, owned: bool, wp: WeightPlan = wp) -> np.ndarray:
+        def compute(current: np.ndarray, owned: bool, wp: WeightPlan = wp, i: int = i):
             if wp.init is not None:
                 return fill(wp, None, current, plan.policy)
             old = old_weights.read(wp.old_path)
@@ -285,11 +335,15 @@ def _weight_writes(
                 )
             note = nonfinite_warning(wp, old)
             if note:
-                warnings.append(note)
-            return fill(wp, old, current, plan.policy, in_place=owned)
+                notes[i] = note
+            if release is not None:
+                release()
+            return fill(wp, old, current, plan.policy, in_place=owned, release=release)
 
-        writes.append(Write(variables[wp.path], f"weight '{wp.path}' of layer '{wp.layer}'",
-                            compute))
+        writes.append(Write(
+            variables[wp.path], f"weight '{wp.path}' of layer '{wp.layer}'", compute,
+            reads_current=needs_fresh(wp, plan.policy),
+        ))
     return writes
 
 
@@ -319,48 +373,73 @@ def apply_plan(
     warnings = list(plan.warnings)
     with _opened(source) as old_weights:
         _check_targets(plan, model, variables, old_weights)
-        writes = _weight_writes(plan, variables, old_weights, warnings)
+        notes: dict[int, str] = {}
+        writes = _weight_writes(plan, variables, old_weights, notes)
         if optimizer:
-            slots, notes = optimizer_writes(plan, model, old_weights, variables)
+            slots, slot_notes = optimizer_writes(plan, model, old_weights, variables)
             writes.extend(slots)
-            warnings.extend(notes)
+            warnings.extend(slot_notes)
         elif plan.old_optimizer is not None:
             warnings.append("optimizer state was not migrated (optimizer=False).")
         _stream(writes, model, old_weights, progress_bar(len(writes), verbose), spill_bytes)
+    warnings[len(plan.warnings):len(plan.warnings)] = [notes[i] for i in sorted(notes)]
     report = SurgeryReport(plan, warnings=warnings)
     logger.info("%s", report.one_line())
     return report
 
 
+def current_value(var: Any, *, copy: bool) -> tuple[np.ndarray, bool]:
+    """The current value of `var` as a numpy array, and whether the caller owns it (may write
+    into it).
+
+    With `copy=False`, on TensorFlow and JAX, a read-only view of the variable's own buffer,
+    taken without copying: assigning the variable afterwards leaves the view holding the
+    values it had (TensorFlow copies a shared buffer on write; JAX arrays never change).
+    Elsewhere, and with `copy=True`, a copy.
+    """
+    import keras
+
+    if not copy and keras.backend.backend() in ("tensorflow", "jax"):
+        return np.asarray(keras.ops.reshape(var, tuple(var.shape))), False
+    value = np.asarray(var.numpy())
+    return value, value.flags.writeable
+
+
 def _stream(
     writes: list[Write], model: Any, old_weights: Any, progress: Callable, spill_bytes: int
 ) -> None:
-    release = getattr(old_weights, "release", None)
+    release = getattr(old_weights, "release", None) or (lambda: None)
     journal = Journal(spill_bytes)
     written: list[Any] = []
-    what, stage, var = "finishing", "finish", None
+    what, stage, var, journaled = "finishing", "finish", None, False
+    # Smallest first: the in-memory part of the journal holds many small values, and the
+    # largest weight comes last, when nothing after it can fail, so it needs no journal entry.
+    writes = sorted(writes, key=lambda w: int(np.prod(w.var.shape)))
     try:
         for count, write in enumerate(writes, start=1):
             what, var = write.what, write.var
-            stage = "read"
-            current = np.asarray(var.numpy())
-            owned = journal.save(var, current)
+            stage, journaled = "read", False
+            current, owned = current_value(var, copy=write.reads_current)
+            if count < len(writes):
+                owned = journal.save(var, current) and owned
+                journaled = True
             stage = "compute"
             value = write.compute(current, owned)
             del current
+            if isinstance(value, np.ndarray) and value.flags.writeable:
+                release()  # the old values are copied out: drop their pages before assigning
             stage = "assign"
             var.assign(value)
             del value
             written.append(var)
-            if release is not None:
-                release()
+            release()
             progress(count)
         what, stage = "finishing", "finish"
         finalize_layers(model, written)
     except BaseException as exc:
         try:
-            if stage == "compute":
-                journal.forget_last()
+            if stage == "compute" and journaled:
+                journal.forget_last()  # never written: nothing to undo
             restored, failed = journal.restore(unsure=var if stage == "assign" else None)
             finalize_layers(model, restored)
         finally:

@@ -168,6 +168,7 @@ def optimizer_writes(
     writes = [Write(
         iterations, "the optimizer's iteration count",
         lambda current, owned: old_iterations.astype(current.dtype).reshape(current.shape),
+        reads_current=False,
     )]
     old_index = {p: t for t, p in enumerate(old.trainable)}
     by_path = {wp.path: wp for wp in plan.weights}
@@ -178,7 +179,8 @@ def optimizer_writes(
             var = opt_vars[position]
             what = f"optimizer slot {s} of '{path}'"
             if t_old is None or wp is None or wp.axes is None or s >= len(old_slots[t_old]):
-                writes.append(Write(var, what, lambda current, owned: np.zeros_like(current)))
+                writes.append(Write(var, what, lambda current, owned: np.zeros_like(current),
+                                    reads_current=False))
                 continue
             # Slots are copied as they are (no value rescaling, no net2net shares) and are zero
             # wherever new, split units and new vocabulary rows included.
@@ -186,10 +188,8 @@ def optimizer_writes(
             slot_path = old.variables[old_slots[t_old][s]]
 
             def compute(current, owned, exact=exact, slot_path=slot_path):
-                zeros = current if owned and current.flags.writeable else np.empty_like(current)
-                zeros[...] = 0
-                return fill(exact, old_weights.read(slot_path), zeros, "preserve",
-                            in_place=True, new_rows_mean=False)
+                return fill(exact, old_weights.read(slot_path), np.zeros_like(current),
+                            "preserve", in_place=True, new_rows_mean=False)
 
-            writes.append(Write(var, what, compute))
+            writes.append(Write(var, what, compute, reads_current=False))
     return writes, []
