@@ -11,6 +11,10 @@ pre-LSTM Dense. Measured in one process:
   (d) peak resident memory added during (b)
   (e) the floor: reading the file's bytes once plus assigning every variable once
 
+Each runs in a fresh child process that builds its own model, so that none inherits memory
+another already took from the system (first touches of fresh memory are a large part of a
+first call here); each then runs a second time in its process, the steady state.
+
 Usage: python benchmarks/bench_five.py [--scale 1.0] [--json out.json]
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -96,87 +101,138 @@ def unit_names(n: int, inserted: int = 0) -> list[str]:
     return names
 
 
+OLD_SPEC = dict(unit_features=48, hero_features=32, heads=5)
+NEW_SPEC = dict(unit_features=52, hero_features=32, heads=6)
+FEATURES = ({"units": unit_names(48)}, {"units": unit_names(48, inserted=4)})
+
+
+def specs(scale: float) -> tuple[dict, dict]:
+    pre, pre_new = max(8, int(4096 * scale)), max(9, int(4608 * scale))
+    return dict(OLD_SPEC, pre_lstm=pre), dict(NEW_SPEC, pre_lstm=pre_new)
+
+
+def child_prepare(path: str, scale: float) -> dict:
+    t = time.perf_counter()
+    old = build(scale, **specs(scale)[0])
+    old.save(path)
+    return {"parameters": old.count_params(), "file_mb": round(os.path.getsize(path) / 2**20, 1),
+            "build_save_s": round(time.perf_counter() - t, 1)}
+
+
+def child_plan(path: str, scale: float) -> dict:
+    new = build(scale, **specs(scale)[1])
+    old_features, new_features = FEATURES
+    t = time.perf_counter()
+    with KerasFile(path) as f:
+        PhiTable.from_labels(propagate(f.graph(), features=old_features))
+    PhiTable.from_labels(propagate(graph_from_model(new), features=new_features))
+    plan = ks.ModelMigrator(path, old_features=old_features).plan(
+        new, new_features=new_features)
+    return {"plan_s": round(time.perf_counter() - t, 3),
+            "largest_tensor_mb": round(max(w.size for w in plan.weights) * 4 / 2**20, 1)}
+
+
+def child_migrate(path: str, scale: float) -> dict:
+    new = build(scale, **specs(scale)[1])
+    old_features, new_features = FEATURES
+    base = rss_mb()
+    with PeakRSS() as peak:
+        t = time.perf_counter()
+        report = ks.migrate_weights(path, new, old_features=old_features,
+                                    new_features=new_features)
+        first = time.perf_counter() - t
+    t = time.perf_counter()
+    ks.migrate_weights(path, new, old_features=old_features, new_features=new_features)
+    warm = time.perf_counter() - t
+    return {"migrate_s": round(first, 3), "migrate_warm_s": round(warm, 3),
+            "extra_peak_mb": round(peak.peak - base, 1),
+            "preserves_function": report.preserves_function}
+
+
+def child_keras(path: str, scale: float) -> dict:
+    twin = build(scale, **specs(scale)[0])
+    base = rss_mb()
+    with PeakRSS() as peak:
+        t = time.perf_counter()
+        twin.load_weights(path)
+        first = time.perf_counter() - t
+    t = time.perf_counter()
+    twin.load_weights(path)
+    return {"keras_load_weights_s": round(first, 3),
+            "keras_load_weights_warm_s": round(time.perf_counter() - t, 3),
+            "keras_extra_peak_mb": round(peak.peak - base, 1)}
+
+
+def floor_pass(path: str, variables: list) -> float:
+    """Reads the file's bytes once, in order, and assigns every variable once from them (the
+    new model has more parameters than the file holds: reading wraps around)."""
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        for v in variables:
+            dtype = np.dtype(v.dtype)
+            need = int(np.prod(v.shape)) * dtype.itemsize
+            buf = f.read(need)
+            while len(buf) < need:
+                f.seek(0)
+                buf += f.read(need - len(buf))
+            v.assign(np.frombuffer(buf, dtype=dtype).reshape(v.shape))
+            del buf
+        while f.read(1 << 24):
+            pass
+    return time.perf_counter() - t
+
+
+def child_floor(path: str, scale: float) -> dict:
+    new = build(scale, **specs(scale)[1])
+    variables = [v for v in live_variables(new).values() if hasattr(v, "assign")]
+    first = floor_pass(path, variables)
+    return {"floor_s": round(first, 3), "floor_warm_s": round(floor_pass(path, variables), 3)}
+
+
+CHILDREN = {"prepare": child_prepare, "plan": child_plan, "migrate": child_migrate,
+            "keras": child_keras, "floor": child_floor}
+
+
+def run_child(name: str, path: str, scale: float) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", name, "--path", path, "--scale", str(scale)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"child '{name}' failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    s = args.scale
-    pre, pre_new = max(8, int(4096 * s)), max(9, int(4608 * s))
-    old_spec = dict(unit_features=48, hero_features=32, pre_lstm=pre, heads=5)
-    new_spec = dict(unit_features=52, hero_features=32, pre_lstm=pre_new, heads=6)
+    if args.child:
+        print(json.dumps(CHILDREN[args.child](args.path, args.scale)))
+        return
     workdir = tempfile.mkdtemp(prefix="bench-five-")
-    old_path = os.path.join(workdir, "old.keras")
-
-    t = time.perf_counter()
-    old = build(s, **old_spec)
-    old.save(old_path)
-    n_params = old.count_params()
-    size_mb = os.path.getsize(old_path) / 2**20
-    del old
-    new = build(s, **new_spec)
-    print(f"built and saved: {n_params / 1e6:.1f}M parameters, {size_mb:.0f} MB file "
-          f"({time.perf_counter() - t:.1f} s)", file=sys.stderr)
-    old_features = {"units": unit_names(48)}
-    new_features = {"units": unit_names(48, inserted=4)}
-
-    # (a) phi tables and plan
-    t = time.perf_counter()
-    with KerasFile(old_path) as f:
-        PhiTable.from_labels(propagate(f.graph(), features=old_features))
-    PhiTable.from_labels(propagate(graph_from_model(new), features=new_features))
-    plan = ks.ModelMigrator(old_path, old_features=old_features).plan(
-        new, new_features=new_features)
-    t_plan = time.perf_counter() - t
-
-    # (b) migrate_weights, with (d) peak memory
-    base = rss_mb()
-    with PeakRSS() as peak:
-        t = time.perf_counter()
-        report = ks.migrate_weights(old_path, new, old_features=old_features,
-                                    new_features=new_features)
-        t_migrate = time.perf_counter() - t
-    extra_mb = peak.peak - base
-    largest_mb = max(int(np.prod(w.shape)) for w in plan.weights) * 4 / 2**20
-    # The first call pays one-off costs (TensorFlow's assign kernels, first touch of the file
-    # and of fresh variable memory); a second call shows the steady state.
-    t = time.perf_counter()
-    ks.migrate_weights(old_path, new, old_features=old_features, new_features=new_features)
-    t_migrate_warm = time.perf_counter() - t
-
-    # (c) Keras's own load_weights into an identical model, first and second call
-    twin = build(s, **old_spec)
-    t = time.perf_counter()
-    twin.load_weights(old_path)
-    t_keras = time.perf_counter() - t
-    t = time.perf_counter()
-    twin.load_weights(old_path)
-    t_keras_warm = time.perf_counter() - t
-
-    # (e) floor: the file's bytes once + assigning every variable once
-    t = time.perf_counter()
-    with open(old_path, "rb") as f:
-        while f.read(1 << 24):
-            pass
-    for v in live_variables(twin).values():
-        if hasattr(v, "assign"):
-            v.assign(np.zeros(v.shape, v.dtype))
-    t_floor = time.perf_counter() - t
-
-    results = {
-        "parameters": n_params, "file_mb": round(size_mb, 1),
-        "plan_s": round(t_plan, 3), "migrate_s": round(t_migrate, 3),
-        "keras_load_weights_s": round(t_keras, 3), "floor_s": round(t_floor, 3),
-        "migrate_warm_s": round(t_migrate_warm, 3),
-        "keras_load_weights_warm_s": round(t_keras_warm, 3),
-        "migrate_over_keras": round(t_migrate / t_keras, 3),
-        "migrate_over_keras_warm": round(t_migrate_warm / t_keras_warm, 3),
-        "migrate_over_floor": round(t_migrate / t_floor, 3),
-        "migrate_warm_over_floor": round(t_migrate_warm / t_floor, 3),
-        "extra_peak_mb": round(extra_mb, 1), "largest_tensor_mb": round(largest_mb, 1),
-        "memory_budget_mb": round(2 * largest_mb + 200, 1),
-        "preserves_function": report.preserves_function,
-    }
+    path = os.path.join(workdir, "old.keras")
+    results: dict = {}
+    try:
+        for name in ("prepare", "plan", "migrate", "keras", "floor"):
+            print(f"  {name} ...", file=sys.stderr)
+            results.update(run_child(name, path, args.scale))
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+        os.rmdir(workdir)
+    results.update({
+        "migrate_over_keras": round(results["migrate_s"] / results["keras_load_weights_s"], 3),
+        "migrate_over_keras_warm": round(
+            results["migrate_warm_s"] / results["keras_load_weights_warm_s"], 3),
+        "migrate_over_floor": round(results["migrate_s"] / results["floor_s"], 3),
+        "migrate_over_floor_warm": round(results["migrate_warm_s"] / results["floor_warm_s"], 3),
+        "memory_budget_mb": round(2 * results["largest_tensor_mb"] + 200, 1),
+    })
     print(f"{'measure':<28}{'value':>12}")
     for key, value in results.items():
         print(f"{key:<28}{value!s:>12}")

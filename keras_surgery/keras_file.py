@@ -73,6 +73,11 @@ MAX_GLOBAL_HEAP_OBJECTS = 1 << 20
 # and Keras's bfloat16 as 2-byte opaque values.
 _NUMBER_CLASSES = (0, 1, 4, 5, 8)  # H5T_INTEGER, FLOAT, BITFIELD, OPAQUE, ENUM
 
+# Results of the global-heap scan, by file identity (device, inode, size, modification time) and
+# member range: planning and applying open the same file, and the scan reads every byte of it.
+_HEAP_SCANS: dict[tuple, str | None] = {}
+_MAX_HEAP_SCANS = 64
+
 
 class _MemberReader(io.RawIOBase):
     """A read-only, seekable file object over one byte range of a file."""
@@ -253,10 +258,20 @@ class KerasFile(WeightSource):
         if isinstance(reader, _MemberReader):
             if reader._size == 0:
                 return
-            with open(self.path, "rb") as raw, mmap.mmap(
-                raw.fileno(), 0, access=mmap.ACCESS_READ
-            ) as data:
-                problem = endless_global_heap(data, reader._start, reader._start + reader._size)
+            with open(self.path, "rb") as raw:
+                st = os.fstat(raw.fileno())
+                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                       reader._start, reader._size)
+                if key in _HEAP_SCANS:
+                    problem = _HEAP_SCANS[key]
+                else:
+                    with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                        problem = endless_global_heap(
+                            data, reader._start, reader._start + reader._size
+                        )
+                    if len(_HEAP_SCANS) >= _MAX_HEAP_SCANS:
+                        _HEAP_SCANS.clear()
+                    _HEAP_SCANS[key] = problem
         else:
             data = reader.getvalue()  # type: ignore[union-attr]
             problem = endless_global_heap(data, 0, len(data))
@@ -395,6 +410,19 @@ class KerasFile(WeightSource):
             self._mmap, dtype=dataset.dtype, count=math.prod(shape),
             offset=reader._start + offset,
         ).reshape(shape)
+
+    def release(self) -> None:
+        """Drops the pages of the memory-mapped archive from this process's resident memory.
+
+        Arrays returned by `read` stay valid (their pages come back from the page cache when
+        touched again); a caller streaming through the weights calls this after each one, so
+        that the file's bytes never all count against the process's memory at once.
+        """
+        if self._mmap is not None and hasattr(self._mmap, "madvise"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):
+                pass  # only an optimisation
 
     def group_name(self, group: str) -> str | None:
         """The layer name Keras >= 3.6 stores on `<group>/vars`, if any."""

@@ -117,15 +117,17 @@ def live_layout(model: Any, variables: dict[str, Any] | None = None) -> Optimize
     )
 
 
-def stage_optimizer(
+def optimizer_writes(
     plan: Any, model: Any, old_weights: Any, variables: dict[str, Any]
-) -> tuple[list[tuple[Any, np.ndarray, np.ndarray]], list[str]]:
-    """New values for the new model's optimizer variables, and warnings.
+) -> tuple[list[Any], list[str]]:
+    """The writes that carry the old optimizer state into the new model's optimizer, and
+    warnings (why nothing is carried, when it is not).
 
     Returns:
-        (staged, warnings): `staged` holds (variable, new value, current value) triples.
+        (writes, warnings): `writes` are `keras_surgery.apply.Write`s, computed one at a time
+        while the weights stream in.
     """
-    from keras_surgery.apply import fill
+    from keras_surgery.apply import Write, fill
 
     old = plan.old_optimizer
     if old is None:
@@ -155,18 +157,19 @@ def stage_optimizer(
             f"optimizer state was not migrated: the {which} {old.class_name} variables are not "
             "laid out one slot set per trainable variable (factored or extra state)."
         ]
-    staged = []
     opt_vars = list(optimizer.variables)
     iterations = opt_vars[0]
-    current = np.asarray(iterations.numpy())
     old_iterations = np.asarray(old_weights.read(old.variables[0]))
-    if old_iterations.size != current.size:  # a damaged file; the weights are still migrated
+    if old_iterations.size != int(np.prod(iterations.shape)):  # damaged; weights still migrate
         return [], [
             f"optimizer state was not migrated: the old iteration count '{old.variables[0]}' "
-            f"has shape {old_iterations.shape}, expected {current.shape}."
+            f"has shape {old_iterations.shape}, expected {tuple(iterations.shape)}."
         ]
-    staged.append((iterations, old_iterations.astype(current.dtype).reshape(current.shape),
-                   current))
+    writes = [Write(
+        iterations, "the optimizer's iteration count",
+        lambda current, owned: old_iterations.astype(current.dtype).reshape(current.shape),
+        reads_current=False,
+    )]
     old_index = {p: t for t, p in enumerate(old.trainable)}
     by_path = {wp.path: wp for wp in plan.weights}
     for t, path in enumerate(new.trainable):
@@ -174,16 +177,19 @@ def stage_optimizer(
         t_old = old_index.get(wp.old_path) if wp is not None and wp.old_path else None
         for s, position in enumerate(new_slots[t]):
             var = opt_vars[position]
-            current = np.asarray(var.numpy())
-            zeros = np.zeros_like(current)
+            what = f"optimizer slot {s} of '{path}'"
             if t_old is None or wp is None or wp.axes is None or s >= len(old_slots[t_old]):
-                staged.append((var, zeros, current))
+                writes.append(Write(var, what, lambda current, owned: np.zeros_like(current),
+                                    reads_current=False))
                 continue
-            old_value = old_weights.read(old.variables[old_slots[t_old][s]])
             # Slots are copied as they are (no value rescaling, no net2net shares) and are zero
-            # wherever new, split units included.
+            # wherever new, split units and new vocabulary rows included.
             exact = dataclasses.replace(wp, scale=1.0, axes=[a.without_splits() for a in wp.axes])
-            value = fill(exact, old_value, zeros, "preserve")
-            value[~exact.regions("preserve")[0]] = 0
-            staged.append((var, value, current))
-    return staged, []
+            slot_path = old.variables[old_slots[t_old][s]]
+
+            def compute(current, owned, exact=exact, slot_path=slot_path):
+                return fill(exact, old_weights.read(slot_path), np.zeros_like(current),
+                            "preserve", in_place=True, new_rows_mean=False)
+
+            writes.append(Write(var, what, compute, reads_current=False))
+    return writes, []

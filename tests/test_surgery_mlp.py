@@ -15,6 +15,7 @@ depend on its input, saves it, changes the architecture, migrates, and then chec
 from __future__ import annotations
 
 import hashlib
+import os
 
 import keras
 import numpy as np
@@ -109,7 +110,10 @@ def _mlp(n_in, widths, n_out, *, names=("h1", "h2"), bn=True):
 # -- 1. input features inserted, removed and reordered -----------------------------------------
 
 
-def test_features_inserted_removed_and_reordered(tmp_path):
+@pytest.mark.parametrize("block_bytes", [None, 8], ids=["whole", "row-blocks"])
+def test_features_inserted_removed_and_reordered(tmp_path, monkeypatch, block_bytes):
+    if block_bytes is not None:  # copy a row at a time, releasing the file's pages after each
+        monkeypatch.setattr("keras_surgery.apply.COPY_BLOCK_BYTES", block_bytes)
     old_spec = ["hp", "mana", ("pos", 2), "armor", "speed"]
     new_spec = ["speed", "hp", "gold", ("pos", 2), "mana", "xp"]
     old_cols, new_cols = _columns(old_spec), _columns(new_spec)
@@ -491,8 +495,9 @@ def _failure_setup(tmp_path, seed):
 def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
     old, batch, path, digest, new, before = _failure_setup(tmp_path, 10)
 
-    # The last variable to be assigned fails on its first call; earlier ones were written.
-    victim = new.get_layer("out").bias
+    # The last variable to be assigned (weights go smallest first: h2's kernel, 48x16, is the
+    # largest) fails on its first call; earlier ones were written.
+    victim = new.get_layer("h2").kernel
     early = new.get_layer("h1").kernel
     calls = {"victim": 0, "early": 0}
     real_early_assign = early.assign
@@ -509,7 +514,7 @@ def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
     monkeypatch.setattr(early, "assign", spying_assign)
     with pytest.raises(ks.SurgeryError, match="disk on fire"):
         ks.migrate_weights(path, new)
-    assert calls["victim"] == 1
+    assert calls["victim"] == 1  # the failed write; the last write needs no undo
     assert calls["early"] == 2  # written, then restored: the rollback really ran
     for v, b in zip(new.weights, before):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
@@ -532,7 +537,7 @@ def test_unreadable_old_weight_changes_nothing(tmp_path, monkeypatch):
 
     def read_until_out(self, weight_path):
         reads.append(weight_path)
-        if weight_path.startswith("layers/dense_2/"):  # "out", the last Dense
+        if weight_path == "layers/dense_1/vars/0":  # h2's kernel, the largest: read last
             raise ks.SurgeryFileError(f"could not read weight '{weight_path}'")
         return real_read(self, weight_path)
 
@@ -540,6 +545,60 @@ def test_unreadable_old_weight_changes_nothing(tmp_path, monkeypatch):
     with pytest.raises(ks.SurgeryError, match="could not read"):
         ks.migrate_weights(path, new)
     assert len(reads) > 1  # earlier weights were read before the failure
+    for v, b in zip(new.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+    assert _sha256(path) == digest
+
+
+def test_spilled_rollback_restores_every_value_exactly(tmp_path, monkeypatch):
+    """With no memory budget every previous value goes to the temporary undo file; a failure
+    on the last weight still restores all of them bit for bit, and nothing is left on disk."""
+    from keras_surgery.apply import apply_plan
+    from keras_surgery.keras_file import KerasFile
+
+    old, batch, path, digest, new, before = _failure_setup(tmp_path, 14)
+    undo_dir = tmp_path / "undo"
+    undo_dir.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(undo_dir))
+    plan = ks.ModelMigrator(path).plan(new)
+    real_read = KerasFile.read
+    opened = []
+
+    def read_until_out(self, weight_path):
+        opened.extend(os.listdir(undo_dir))
+        if weight_path == "layers/dense_1/vars/0":
+            raise ks.SurgeryFileError(f"could not read weight '{weight_path}'")
+        return real_read(self, weight_path)
+
+    monkeypatch.setattr(KerasFile, "read", read_until_out)
+    with pytest.raises(ks.SurgeryError, match="could not read"):
+        apply_plan(plan, new, path, spill_bytes=0)
+    for v, b in zip(new.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+    assert os.listdir(undo_dir) == []  # the undo file is anonymous and closed
+    monkeypatch.setattr(KerasFile, "read", real_read)
+    report = apply_plan(plan, new, path, spill_bytes=0)
+    assert report.preserves_function, report.warnings
+    _assert_preserved(new, batch, old, batch)
+    assert _sha256(path) == digest
+
+
+def test_interrupt_mid_migration_restores_and_propagates(tmp_path, monkeypatch):
+    old, batch, path, digest, new, before = _failure_setup(tmp_path, 15)
+    victim = new.get_layer("h2").kernel
+    real_assign = victim.assign
+    calls = []
+
+    def interrupted(value, *args, **kwargs):  # Ctrl-C during the write, once
+        calls.append(value)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_assign(value, *args, **kwargs)
+
+    monkeypatch.setattr(victim, "assign", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ks.migrate_weights(path, new)
+    monkeypatch.undo()
     for v, b in zip(new.weights, before):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
     assert _sha256(path) == digest
