@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.features import FeatureSpec
-from keras_surgery.labels import AxisLabels, DepSets
+from keras_surgery.labels import AxisLabels, DepSets, gc_paused
 from keras_surgery.propagate import GraphLabels, LayerRecord
 
 INPUT_SIDE_KINDS = ("in", "diag", "lookup")
@@ -61,6 +61,7 @@ class PhiTable(Mapping):
         }
 
     @classmethod
+    @gc_paused
     def from_labels(cls, labels: GraphLabels) -> PhiTable:
         bits = labels.bits
         keys = [c.feature for c in bits]
@@ -76,15 +77,20 @@ class PhiTable(Mapping):
                     if waxis.kind not in INPUT_SIDE_KINDS or waxis.labels.ids is None:
                         continue
                     dep_ids = _entry_deps(labels, record, w.role, axis, waxis.labels)
-                    uniq, inverse = np.unique(dep_ids, return_inverse=True)
-                    for u, dep_id in enumerate(uniq):
-                        bitset = labels.deps.bitsets[int(dep_id)]
-                        if not bitset:
+                    # Indices grouped by dependency set with one stable sort (not one scan
+                    # per set: the first layer has a set per feature).
+                    dep_ids = np.asarray(dep_ids).reshape(-1)
+                    order = np.argsort(dep_ids, kind="stable")
+                    uniq, starts = np.unique(dep_ids[order], return_index=True)
+                    ends = np.append(starts[1:], len(order))
+                    for dep_id, start, end in zip(uniq.tolist(), starts, ends):
+                        columns = labels.deps.sets[dep_id]
+                        if not columns:
                             continue
-                        idx = np.nonzero(inverse.reshape(-1) == u)[0]
+                        idx = order[start:end]
                         idx.flags.writeable = False  # shared by every feature of the group
-                        for bit in _bits(bitset):
-                            parts[keys[bit]][(path, axis)].append(idx)
+                        for column in sorted(columns):
+                            parts[keys[column]][(path, axis)].append(idx)
         # Each index of an axis belongs to exactly one dependency group, so the chunks of one
         # (feature, weight, axis) are disjoint and sorted: one chunk (the usual case) is shared
         # as it is between all the features of its group; several are merged by a sort.
@@ -129,13 +135,6 @@ def _entry_deps(
         return own.deps
     return labels.deps.union_elementwise(columns)
 
-
-def _bits(bitset: int) -> Iterator[int]:
-    while bitset:
-        low = bitset & -bitset
-        i = low.bit_length() - 1
-        yield i
-        bitset ^= low
 
 
 def phi_table(

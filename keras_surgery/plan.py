@@ -13,7 +13,7 @@ from keras_surgery.errors import SurgeryError
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, is_auto_name
 from keras_surgery.growth import Growth, plan_starts
-from keras_surgery.labels import LabelSpace, TensorLabels
+from keras_surgery.labels import LabelSpace, TensorLabels, gc_paused
 from keras_surgery.net2net import split_units
 from keras_surgery.optimizer import OptimizerLayout, file_layout, live_layout
 from keras_surgery.propagate import GraphLabels, LayerRecord, propagate
@@ -706,6 +706,7 @@ class ModelMigrator:
         self.old_features = old_features
         self.strict = strict
 
+    @gc_paused
     def plan(
         self,
         new_model: Any,

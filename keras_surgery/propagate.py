@@ -24,6 +24,7 @@ from keras_surgery.labels import (
     TensorLabels,
     TokenValues,
     feature_key,
+    gc_paused,
     positions,
     token_key,
 )
@@ -100,6 +101,7 @@ def _input_labels(
     return tuple(axes)
 
 
+@gc_paused
 def propagate(
     graph: ModelGraph,
     *,
