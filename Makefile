@@ -35,6 +35,8 @@ test: install
 bench: install
 	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_five.py \
 		--json benchmarks/results_five.json
+	KERAS_BACKEND=tensorflow TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python benchmarks/bench_scaling.py \
+		--json benchmarks/results_scaling.json --plot benchmarks/scaling.png
 
 lint: install
 	$(BIN)/python -m ruff check .
