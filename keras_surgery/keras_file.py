@@ -25,7 +25,6 @@ import math
 import mmap
 import os
 import struct
-import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -41,6 +40,7 @@ from keras_surgery.graph import (
     WeightSource,
     build_graph,
     live_variables,
+    unallocated_keras_objects,
 )
 
 logger = logging.getLogger("keras_surgery")
@@ -655,18 +655,8 @@ def keras_layout(node: LayerNode, entry: Mapping) -> dict[str, tuple[int, ...]] 
     build_config = entry.get("build_config")
     if not isinstance(build_config, dict) or not build_config:
         return None
-    from keras.src.backend.common import global_state
-    from keras.src.backend.common.stateless_scope import StatelessScope
-    from keras.src.saving.serialization_lib import SafeModeScope
-
-    saved_uids = copy.copy(global_state.get_global_attribute("object_name_uids"))
-    saved_pending = global_state.get_global_attribute("uninitialized_variables")
-    saved_pending = list(saved_pending) if saved_pending is not None else None
     try:
-        with warnings.catch_warnings(), SafeModeScope(True), StatelessScope(
-            initialize_variables=False
-        ):
-            warnings.simplefilter("ignore")
+        with unallocated_keras_objects():
             layer = cls.from_config(copy.deepcopy(node.config))
             layer.build_from_config(build_config)
             if not layer.built:
@@ -675,7 +665,4 @@ def keras_layout(node: LayerNode, entry: Mapping) -> dict[str, tuple[int, ...]] 
     except Exception:  # a configuration this Keras cannot rebuild: leave it to the rules
         logger.debug("cannot rebuild layer %s to check its weights", node.name, exc_info=True)
         return None
-    finally:
-        global_state.set_global_attribute("object_name_uids", saved_uids)
-        global_state.set_global_attribute("uninitialized_variables", saved_pending)
     return {path: tuple(int(d) for d in v.shape) for path, v in variables.items()}
