@@ -442,6 +442,9 @@ def _stream(
                 journal.forget_last()  # never written: nothing to undo
             restored, failed = journal.restore(unsure=var if stage == "assign" else None)
             finalize_layers(model, restored)
+            if stage == "finish" and written and not journaled:
+                # Only finishing can fail after the last (unjournaled) write: say so.
+                failed.append((written[-1], SurgeryError("the last write keeps no undo entry")))
         finally:
             journal.close()
         if failed:

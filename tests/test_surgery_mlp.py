@@ -583,6 +583,30 @@ def test_spilled_rollback_restores_every_value_exactly(tmp_path, monkeypatch):
     assert _sha256(path) == digest
 
 
+def test_failure_after_the_last_write_names_what_could_not_be_undone(tmp_path, monkeypatch):
+    """The largest weight is written last without an undo entry; if finishing fails after it,
+    the error says that weight was not restored instead of claiming the migration was undone."""
+    from keras_surgery import apply as apply_module
+
+    old, batch, path, digest, new, before = _failure_setup(tmp_path, 16)
+    real_finalize = apply_module.finalize_layers
+    calls = []
+
+    def finalize_once_broken(model, variables):
+        calls.append(len(variables))
+        if len(calls) == 1:
+            raise RuntimeError("finalize broke")
+        return real_finalize(model, variables)
+
+    monkeypatch.setattr(apply_module, "finalize_layers", finalize_once_broken)
+    with pytest.raises(ks.SurgeryError, match=r"failed for h2/kernel .*no undo entry"):
+        ks.migrate_weights(path, new)
+    for v, b in zip(new.weights, before):
+        if v.path != "h2/kernel":  # every journaled weight is back
+            np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+    assert _sha256(path) == digest
+
+
 def test_interrupt_mid_migration_restores_and_propagates(tmp_path, monkeypatch):
     old, batch, path, digest, new, before = _failure_setup(tmp_path, 15)
     victim = new.get_layer("h2").kernel
