@@ -64,19 +64,19 @@ def fill(
 
     Args:
         in_place: write into `fresh` (which must be a writable array the caller owns) instead
-            of a copy of it. A weight whose every index is copied is returned as a view of
-            `old` (converted to `fresh`'s dtype) either way, without touching `fresh`.
+            of a copy of it.
         new_rows_mean: new rows of a vocabulary ("lookup") axis start as the mean of the
             copied rows (False: they keep what the fill rule gives them, as optimizer slots do).
         release: called after each block of at most `COPY_BLOCK_BYTES` copied from `old`
             (a memory-mapped file drops the block's pages), so a large weight is never
             resident twice over.
+
+    Returns:
+        An array this call allocated (or `fresh` itself, with `in_place`), never a view of
+        `old`: the caller may hand it to the backend to keep.
     """
     if wp.init is not None:
         return init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
-    if wp.axes is not None and old is not None and _copies_everything(wp):
-        copied = old[_index([a.old_index for a in wp.axes], old.shape)]
-        return copied.astype(fresh.dtype, copy=False)
     writable = in_place and isinstance(fresh, np.ndarray) and fresh.flags.writeable
     if writable:
         value = fresh
@@ -85,6 +85,9 @@ def fill(
     else:  # every index is copied or zeroed below
         value = np.empty(fresh.shape, np.asarray(fresh).dtype)
     if wp.axes is None:
+        return value
+    if not wp.axes:  # a weight without axes (a scalar such as a count): one value to copy
+        value[...] = old if wp.scale == 1.0 else old * wp.scale
         return value
     policy = wp.fill_policy(policy)
     if any(len(a.index) == 0 for a in wp.axes):
@@ -96,7 +99,10 @@ def fill(
         np.nonzero(a.matched)[0] if a.kind in OUT_KINDS and not a.zero_new else slice(None)
         for a in wp.axes
     ]
-    if policy == "preserve" and all(not isinstance(s, np.ndarray) or len(s) for s in out_matched):
+    everything = _copies_everything(wp)  # nothing is left to zero
+    if policy == "preserve" and not everything and all(
+        not isinstance(s, np.ndarray) or len(s) for s in out_matched
+    ):
         value[_index(out_matched, shape)] = 0
     new_idx = [np.nonzero(a.matched)[0] for a in wp.axes]
     old_idx = [a.old_index[a.matched] for a in wp.axes]
@@ -111,13 +117,12 @@ def fill(
                         [old_idx[0][block]] + old_idx[1:])
             if release is not None:
                 release()
-        if policy == "preserve" and new_rows_mean:
+        if policy == "preserve" and new_rows_mean and not everything:
             _new_lookup_rows_from_mean(wp, value, out_matched)
     return value
 
 
 COPY_BLOCK_BYTES = 32 << 20
-
 
 def needs_fresh(wp: WeightPlan, policy: str) -> bool:
     """Whether some index of the weight keeps its fresh value under `policy`: False when every
@@ -274,9 +279,11 @@ class Journal:
 @dataclass
 class Write:
     """One variable to write: `compute(current, owned)` gives its new value from its current
-    one, which it may overwrite when `owned` is True. `reads_current=False` says the new value
-    does not depend on the current values (only on their shape and dtype): then the current
-    value is taken without a copy where the backend allows, for the rollback journal only."""
+    one, which it may overwrite when `owned` is True. The value must be an array nothing else
+    refers to (or `current` itself when owned): it is given to the backend to keep.
+    `reads_current=False` says the new value does not depend on the current values (only on
+    their shape and dtype): then the current value is taken without a copy where the backend
+    allows, for the rollback journal only."""
 
     var: Any
     what: str
@@ -405,6 +412,53 @@ def current_value(var: Any, *, copy: bool) -> tuple[np.ndarray, bool]:
     return value, value.flags.writeable
 
 
+class _HandedOver:
+    """A new value the migration allocated and never touches again, given to TensorFlow
+    through the array protocol.
+
+    TensorFlow's Python layer copies every `np.ndarray` it converts, into memory newly taken
+    from the system (slow to touch the first time: about 0.6 s per 256 MB measured on the
+    project's machine), and then keeps that copy as the variable's buffer. An array-like goes
+    to its C++ conversion instead, which either shares the array's buffer or copies it into
+    memory TensorFlow's allocator already holds (such as the buffer the variable had): the
+    same values, without a second weight-sized copy.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if dtype is not None and np.dtype(dtype) != self.array.dtype:
+            return self.array.astype(dtype)
+        return self.array.copy() if copy else self.array
+
+
+def _owns(array: np.ndarray) -> bool:
+    """Whether `array`'s memory belongs to numpy (not a memory map, a bytes object or another
+    library's buffer) and may be written."""
+    if not array.flags.writeable:
+        return False
+    while isinstance(array, np.ndarray):
+        if array.flags.owndata:
+            return True
+        array = array.base
+    return False
+
+
+def handed_over(value: Any) -> Any:
+    """What to pass to `assign` for a new value nothing else refers to (see `_HandedOver`):
+    on TensorFlow, an array numpy owns goes through the array protocol; anything else, and
+    every other backend, is passed as it is."""
+    import keras
+
+    if (isinstance(value, np.ndarray) and keras.backend.backend() == "tensorflow"
+            and _owns(value)):
+        return _HandedOver(value)
+    return value
+
+
 def _stream(
     writes: list[Write], model: Any, old_weights: Any, progress: Callable, spill_bytes: int
 ) -> None:
@@ -429,7 +483,7 @@ def _stream(
             if isinstance(value, np.ndarray) and value.flags.writeable:
                 release()  # the old values are copied out: drop their pages before assigning
             stage = "assign"
-            var.assign(value)
+            var.assign(handed_over(value))
             del value
             written.append(var)
             release()
