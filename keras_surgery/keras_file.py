@@ -538,8 +538,7 @@ def endless_global_heap(data: Any, start: int, end: int) -> str | None:
     object_header = 8 + lengths  # index, reference count, reserved, object size
     wrap = 1 << 64
     steps = 0
-    pos = data.find(GLOBAL_HEAP_SIGNATURE, start, end)
-    while pos >= 0:
+    for pos in signature_positions(data, GLOBAL_HEAP_SIGNATURE, start, end):
         size = int.from_bytes(data[pos + 8:pos + 8 + lengths], "little") % wrap
         # HDF5 cannot read a collection past the end of the file, so the walk stops there.
         stop = min(end, pos + size)
@@ -555,8 +554,27 @@ def endless_global_heap(data: Any, start: int, end: int) -> str | None:
                 return (f"the global heap collection at byte {pos - start} holds an object of "
                         f"size {length} at byte {p - start}")
             p += need
-        pos = data.find(GLOBAL_HEAP_SIGNATURE, pos + 1, end)
     return None
+
+
+SCAN_CHUNK_BYTES = 8 << 20
+
+
+def signature_positions(data: Any, signature: bytes, start: int, end: int) -> Iterator[int]:
+    """Every position in `data[start:end]` where `signature` begins, in order (overlapping
+    ones included), as `data.find` would give them one by one, but compared by numpy a chunk
+    at a time: about twice as fast over a weights file, and a chunk's memory at most."""
+    k = len(signature)
+    sig = np.frombuffer(signature, np.uint8)
+    for chunk_start in range(start, max(start, end - k + 1), SCAN_CHUNK_BYTES):
+        # The chunk holds every signature beginning in it, even one running past its end.
+        chunk_end = min(end, chunk_start + SCAN_CHUNK_BYTES + k - 1)
+        chunk = np.frombuffer(data, np.uint8, chunk_end - chunk_start, chunk_start)
+        found = np.flatnonzero(chunk[:len(chunk) - k + 1] == sig[0])
+        for i in range(1, k):
+            found = found[chunk[found + i] == sig[i]]
+        del chunk  # a memory map cannot close while a view of it is alive
+        yield from (chunk_start + found).tolist()
 
 
 def _sizeof_lengths(data: Any, start: int, end: int) -> int | None:

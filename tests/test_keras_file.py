@@ -365,3 +365,74 @@ def test_reader_is_lazy_and_closes(tmp_path):
     f.close()
     f.close()  # idempotent
     assert f._h5 is None and f._reader is None
+
+
+# -- the global-heap scan ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [5, 7, 64, 8 << 20])
+def test_signature_positions_match_find(monkeypatch, chunk):
+    """The chunked numpy search gives exactly `bytes.find`'s positions: overlapping ones, ones
+    across chunk boundaries, at both ends, in a bytes object and in a memory map."""
+    import mmap
+    import tempfile
+
+    from keras_surgery import keras_file
+
+    monkeypatch.setattr(keras_file, "SCAN_CHUNK_BYTES", chunk)
+    rng = np.random.default_rng(0)
+    data = bytearray(rng.integers(0, 4, 3000, dtype=np.uint8) + ord("A"))  # "ABCD" noise
+    sig = b"ABAB"
+    for at in (0, 5, 1000, 2996):
+        data[at:at + 4] = sig
+    data[61:67] = b"ABABAB"  # overlapping, across the 64-byte chunks' boundary
+    data = bytes(data)
+
+    def by_find(d, start, end):
+        out, pos = [], d.find(sig, start, end)
+        while pos >= 0:
+            out.append(pos)
+            pos = d.find(sig, pos + 1, end)
+        return out
+
+    for start, end in [(0, len(data)), (3, 2999), (62, 70), (10, 12)]:
+        expected = by_find(data, start, end)
+        assert list(keras_file.signature_positions(data, sig, start, end)) == expected
+    assert {0, 5, 61, 63, 1000, 2996} <= set(by_find(data, 0, len(data)))
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            assert list(keras_file.signature_positions(m, sig, 0, len(m))) == by_find(
+                data, 0, len(data))
+        # leaving the with block closes the map: no view of it may still be alive
+
+
+def test_damaged_global_heap_is_refused_before_hdf5_reads_it(tmp_path):
+    """A free-space object of size 0 in a global heap collection makes HDF5 loop forever on
+    the first string attribute it reads; the reader refuses the file first, naming it."""
+    from keras_surgery.errors import SurgeryFileError
+    from keras_surgery.keras_file import _HEAP_SCANS, GLOBAL_HEAP_SIGNATURE
+
+    path = tmp_path / "old.keras"
+    _dense_bias_and_not().save(path)
+    with zipfile.ZipFile(path) as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    weights = bytearray(members[WEIGHTS_MEMBER])
+    at = weights.find(GLOBAL_HEAP_SIGNATURE)
+    assert at >= 0  # Keras writes layer names as variable-length strings
+    first_object = at + 16  # signature, version, reserved, 8-byte collection size
+    weights[first_object:first_object + 2] = b"\0\0"  # index 0: free space...
+    weights[first_object + 8:first_object + 16] = bytes(8)  # ...of size 0
+    members[WEIGHTS_MEMBER] = bytes(weights)
+    damaged = tmp_path / "damaged.keras"
+    with zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    _HEAP_SCANS.clear()
+    with pytest.raises(SurgeryFileError, match=r"damaged\.keras'.*is damaged: the global heap "
+                                               r"collection at byte \d+ holds an object of size 0"):
+        with KerasFile(str(damaged)) as f:
+            f.paths()
+    with KerasFile(str(path)) as f:  # the undamaged file reads
+        assert f.paths()
