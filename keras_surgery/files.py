@@ -209,7 +209,8 @@ def apply_file(
                         note = nonfinite_warning(wp, old_value)
                         if note:
                             warnings.append(note)
-                        value = fill(wp, old_value, fresh, plan.policy)
+                        value = fill(wp, old_value, fresh, plan.policy,
+                                     release=getattr(old, "release", None))
                     else:
                         value = fresh
                     parent = path.rsplit("/", 1)[0]
@@ -218,7 +219,8 @@ def apply_file(
                         _copy_attrs(tmpl, parent, h5)
                     # As H5IOStore writes it; the dataset's attributes (bfloat16's "dtype" tag)
                     # come from the template.
-                    h5.create_dataset(path, data=np.asarray(value).astype(fresh.dtype))
+                    h5.create_dataset(
+                        path, data=np.asarray(value).astype(fresh.dtype, copy=False))
                     _copy_attrs(tmpl, path, h5)
                     progress(i + 1)
                 _copy_empty_groups(tmpl, h5)
