@@ -498,6 +498,7 @@ def build_plan(
                 weights.append(wp)
             continue
         matches[name] = old_rec.node.name
+        breaks |= _check_config(name, rec.node, old_rec.node, warnings)
 
         # Mixing axes must keep their labels, or the old outputs change.
         for new_mix, old_mix in zip(rec.result.mixing, old_rec.result.mixing):
@@ -647,6 +648,70 @@ def _check_shared_calls(
                 )
                 return True
     return False
+
+
+FUNCTION_KEYS = frozenset({
+    "activation", "recurrent_activation", "approximate", "negative_slope", "max_value",
+    "threshold", "alpha", "theta", "epsilon", "invert", "strides", "dilation_rate", "padding",
+    "data_format", "pool_size", "size", "interpolation", "cropping", "keepdims",
+    "return_sequences", "return_state", "go_backwards", "reset_after", "stateful", "merge_mode",
+    "use_scale", "score_mode", "mask_zero", "output_mode", "normalize", "equation", "bias_axes",
+    "offset", "normalize_first",
+})
+"""Config keys that change what a layer computes at inference, whatever the sizes are. A matched
+layer whose value for one of them changed cannot compute the old function: the rules only know
+how sizes and orders changed. (Sizes, initialisers, regularisers, dropout rates and momentum are
+left out: the rules handle the first, the others do not change inference.)"""
+
+_NESTED_LAYER_KEYS = ("layer", "cell", "forward_layer", "backward_layer")
+
+
+def _function_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    """The FUNCTION_KEYS entries of a layer config, with those of wrapped layers and cells
+    (Bidirectional, TimeDistributed, RNN) under "<key>." prefixes."""
+    found: dict[str, Any] = {}
+    if not isinstance(config, dict):
+        return found
+    for key, value in config.items():
+        if key in FUNCTION_KEYS:
+            found[prefix + key] = value
+        elif key in _NESTED_LAYER_KEYS and isinstance(value, dict):
+            found.update(_function_config(value.get("config"), f"{prefix}{key}."))
+    return found
+
+
+def _check_config(name: str, node: Any, old_node: Any, warnings: list[str]) -> bool:
+    """Whether a matched layer's inference behaviour changed (FUNCTION_KEYS); warns if so."""
+    new_config, old_config = _function_config(node.config), _function_config(old_node.config)
+    # A key only one side has (a Keras version that added it) says nothing about a change.
+    changed = sorted(k for k in new_config.keys() & old_config.keys()
+                     if _plain(new_config[k]) != _plain(old_config[k]))
+    if not changed:
+        return False
+    what = ", ".join(f"{k}: {_show(old_config[k])} -> {_show(new_config[k])}" for k in changed)
+    warnings.append(f"layer '{name}' ({node.class_name}) changed its {what}; the weights were "
+                    "carried over, but the old outputs change.")
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """A config value in one form: tuples as lists, a serialized Keras object by its class and
+    config (file and live configs differ in module paths and registered names)."""
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        if "class_name" in value and "config" in value:
+            return {"class_name": value["class_name"], "config": _plain(value["config"])}
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict) and "class_name" in value:
+        return str(value["class_name"])
+    return repr(value)
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -807,3 +807,65 @@ def test_layer_whose_inputs_all_changed_keeps_fresh_input_weights():
     np.testing.assert_array_equal(new.get_layer("d").kernel.numpy(), fresh)
     np.testing.assert_array_equal(new.get_layer("d").bias.numpy(),
                                   old.get_layer("d").bias.numpy())
+
+
+# -- 12. a layer kept its name and weights but changed what it computes ------------------------
+
+
+def _behaviour_model(seq: bool = False, **changes):
+    """An MLP (or a small recurrent net) whose layers take their settings from `changes`."""
+    c = {"act": "relu", "eps": 1e-3, "momentum": 0.99, "rate": 0.1, "leak": 0.3,
+         "merge": "sum", "inner_act": "tanh", "init": "glorot_uniform", **changes}
+    if seq:
+        x = inp = keras.Input((5, 3), name="seq")
+        x = keras.layers.Bidirectional(
+            keras.layers.LSTM(6, activation=c["inner_act"], name="lstm"),
+            merge_mode=c["merge"], name="bi")(x)
+    else:
+        x = inp = keras.Input((6,), name="obs")
+        x = keras.layers.Dense(16, activation=c["act"], kernel_initializer=c["init"],
+                               name="h1")(x)
+        x = keras.layers.BatchNormalization(epsilon=c["eps"], momentum=c["momentum"],
+                                            name="bn")(x)
+        x = keras.layers.Dropout(c["rate"], name="drop")(x)
+        x = keras.layers.LeakyReLU(negative_slope=c["leak"], name="leaky")(x)
+    return keras.Model(inp, keras.layers.Dense(3, name="out")(x), name="behaviour")
+
+
+@pytest.mark.parametrize("seq, changes, what", [
+    (False, {"act": "tanh"}, "layer 'h1' (Dense) changed its activation: 'relu' -> 'tanh'"),
+    (False, {"eps": 0.5}, "layer 'bn' (BatchNormalization) changed its epsilon: 0.001 -> 0.5"),
+    (False, {"leak": 0.01}, "layer 'leaky' (LeakyReLU) changed its negative_slope: 0.3 -> 0.01"),
+    (True, {"merge": "mul"}, "layer 'bi' (Bidirectional) changed its merge_mode: 'sum' -> 'mul'"),
+    (True, {"inner_act": "relu"}, "changed its backward_layer.activation: 'tanh' -> 'relu', "
+                                  "layer.activation: 'tanh' -> 'relu'"),
+], ids=["dense-activation", "bn-epsilon", "leaky-slope", "bidirectional-merge", "lstm-activation"])
+def test_changed_behaviour_under_the_same_name_is_reported(tmp_path, seq, changes, what):
+    """Same names, same weight shapes, different function: nothing in the labels differs, so
+    the layer configs say it; the flag agrees with the outputs."""
+    rng = np.random.default_rng(12)
+    keras.utils.set_random_seed(12)
+    old = _behaviour_model(seq)
+    batch = _normal(rng, BATCH, 5, 3) if seq else _normal(rng, BATCH, 6)
+    randomize(old, batch)
+    path = _save(old, tmp_path)
+    new = _behaviour_model(seq, **changes)
+    report = ks.migrate_weights(path, new)
+    assert not report.preserves_function
+    assert any(what in w for w in report.warnings), report.warnings
+    _assert_copied(new, old, *(["bi", "out"] if seq else ["h1", "bn", "out"]))
+    assert max_diff(predict(new, batch), predict(old, batch)) > 1e-3  # really changed
+
+
+def test_training_only_settings_and_initialisers_may_change(tmp_path):
+    rng = np.random.default_rng(13)
+    keras.utils.set_random_seed(13)
+    old = _behaviour_model()
+    batch = _normal(rng, BATCH, 6)
+    randomize(old, batch)
+    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
+    new = _behaviour_model(momentum=0.5, rate=0.6, init="he_normal")
+    report = ks.migrate_weights(_save(old, tmp_path), new)
+    assert report.preserves_function, report.warnings
+    assert not any("changed its" in w for w in report.warnings)
+    _assert_preserved(new, batch, old, batch)
