@@ -90,6 +90,9 @@ class ModelGraph:
     tensor_shapes: dict[TensorRef, tuple[int | None, ...]]
     source: WeightSource
     description: str  # "old.keras" or "model 'name'", for messages
+    # Nested models by the prefix of their layers' names (without the "/"): their class names,
+    # in the order the models appear.
+    nested: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_names(self) -> list[str]:
@@ -470,6 +473,7 @@ class _Builder:
         self.shapes: dict[TensorRef, tuple] = {}
         self.alias: dict[TensorRef, TensorRef] = {}
         self.inputs: list[InputSpec] = []
+        self.nested: dict[str, str] = {}
 
     def canonical(self, ref: TensorRef) -> TensorRef:
         while ref in self.alias:
@@ -638,6 +642,7 @@ class _Builder:
         args: Any = None,
     ) -> list[TensorRef]:
         if is_model_config(class_name, cfg):
+            self.nested.setdefault(name, class_name)
             outs = self.add_model(class_name, cfg, name + "/", group + "/", inputs)
             for t, inner in enumerate(outs):
                 self.alias[(name, call_index, t)] = inner
@@ -761,6 +766,7 @@ def build_graph(
         tensor_shapes=builder.shapes,
         source=source,
         description=description,
+        nested=builder.nested,
     )
 
 

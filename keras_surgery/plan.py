@@ -353,6 +353,31 @@ def index_map(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
     return np.where(found, order[pos], -1).astype(np.int64)
 
 
+def _nested_prefix_map(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
+    """New nested-model prefixes -> the old ones they continue, where the names differ only by
+    Keras's auto-naming (a model built twice in one session: "gpt2_backbone" then
+    "gpt2_backbone_1"): auto-named nested models of one class under the same (translated)
+    parent are paired in the order they appear."""
+    mapping: dict[str, str] = {}
+    taken: set[str] = set()
+    for prefix in sorted(new, key=lambda p: p.count("/")):  # parents first; stable order
+        parent, _, short = prefix.rpartition("/")
+        old_parent = mapping.get(parent, parent)
+        if not is_auto_name(short, new[prefix]):
+            if parent in mapping:
+                mapping[prefix] = f"{old_parent}/{short}"
+            continue
+        for candidate, class_name in old.items():
+            c_parent, _, c_short = candidate.rpartition("/")
+            if (candidate not in taken and class_name == new[prefix] and c_parent == old_parent
+                    and is_auto_name(c_short, class_name)):
+                taken.add(candidate)
+                if candidate != prefix:
+                    mapping[prefix] = candidate
+                break
+    return mapping
+
+
 class _Matcher:
     """Decides which old layer each new layer continues, while the new graph is labelled."""
 
@@ -360,9 +385,11 @@ class _Matcher:
         self.old = old
         self.taken: set[str] = set()
         self.taken_inputs: set[str] = set()
+        self.prefixes = _nested_prefix_map(old.graph.nested, new_graph.nested)
         # Names the new model uses deliberately are reserved for matching by name.
         self.reserved = {
-            n for n, node in new_graph.layers.items() if not is_auto_name(n, node.class_name)
+            self.translate(n) for n, node in new_graph.layers.items()
+            if not is_auto_name(n, node.class_name)
         }
         self.old_rank = self._ranks(
             [r.node for r in sorted(old.records.values(), key=lambda r: r.position)]
@@ -392,17 +419,29 @@ class _Matcher:
                     return name
         return None
 
+    def translate(self, name: str) -> str:
+        """`name` with the auto-generated names of the new model's nested models replaced by
+        those of the old nested models they continue ("gpt2_backbone_1/x" -> "gpt2_backbone/x")."""
+        cut = name.rfind("/")
+        while cut > 0:
+            old_prefix = self.prefixes.get(name[:cut])
+            if old_prefix is not None:
+                return old_prefix + name[cut:]
+            cut = name.rfind("/", 0, cut)
+        return name
+
     def match_layer(self, node: LayerNode, inputs: list[TensorLabels], position: int) -> str | None:
         records = self.old.records
-        old = records.get(node.name)
+        same = self.translate(node.name)
+        old = records.get(same)
         if (
             old is not None
-            and node.name not in self.taken
+            and same not in self.taken
             and old.node.class_name == node.class_name
             and (not is_auto_name(node.name, node.class_name) or self._score(old, inputs) > 0)
         ):
-            self.taken.add(node.name)
-            return node.name
+            self.taken.add(same)
+            return same
         if not is_auto_name(node.name, node.class_name):
             return None
         new_rank = self.new_rank.get(node.name, 0)

@@ -254,7 +254,7 @@ def test_reversed_embedding_widening_is_exact(tie_weights):
 
 def test_gpt2_causal_lm_keeps_old_logits_and_grows_deeper():
     def causal_lm(**kw):
-        # A fixed backbone name: layers of nested models are matched by their full name.
+        # A fixed backbone name (auto-named backbones match too: see the test further down).
         backbone = _gpt2(name="backbone", **kw)
         return keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
 
@@ -504,3 +504,20 @@ def test_backbone_file_of_an_unregistered_class_is_refused(tmp_path):
             dst.writestr(item, data)
     with pytest.raises(ks.SurgeryFileError, match="expected a Functional or Sequential"):
         ks.migrate_weights(str(changed), _gpt2())
+
+
+def test_task_model_built_twice_in_one_session_matches_its_auto_named_backbone():
+    """Without a name, the second GPT2CausalLM's backbone is 'gpt2_backbone_1': its layers
+    continue those of the old 'gpt2_backbone' all the same."""
+    keras.utils.set_random_seed(4)
+    old = keras_hub.models.GPT2CausalLM(backbone=_gpt2(), preprocessor=None)
+    _scramble(old)
+    assert_input_sensitive(old, _batch("gpt2", 0), _batch("gpt2", 1))
+    new = keras_hub.models.GPT2CausalLM(backbone=_gpt2(vocabulary_size=V + 3), preprocessor=None)
+    assert old.backbone.name != new.backbone.name  # the session auto-named them apart
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    assert report.plan.matches[f"{new.backbone.name}/transformer_layer_1"] == (
+        f"{old.backbone.name}/transformer_layer_1")
+    batch = _batch("gpt2", 7)
+    assert max_diff(predict(old, batch), predict(new, batch)[..., :V]) <= TOL

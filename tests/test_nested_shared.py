@@ -112,3 +112,36 @@ def test_check_rule_passes_for_builtin_rules_and_catches_a_wrong_rule():
             check_rule(lambda **kw: Reverse(name="reverse"), (6,))
     finally:
         ks.unregister_rule(Reverse)
+
+
+def _auto_named_nested(n_in, widths, seed):
+    """Two auto-named inner models of one class, one inside the other's sibling: names such
+    as 'functional_3' change each time the model is built."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((n_in,), name="x")
+    h = x
+    for width in widths:
+        i = keras.Input((h.shape[-1],))
+        h = keras.Model(i, keras.layers.Dense(width, activation="tanh", name="inner")(i))(h)
+    return keras.Model(x, keras.layers.Dense(2, name="head")(h))
+
+
+def test_auto_named_nested_models_pair_in_order(tmp_path):
+    rng = np.random.default_rng(3)
+    old = _auto_named_nested(4, (6, 5), 3)
+    x_old = rng.normal(size=(16, 4)).astype("float32")
+    randomize(old, x_old)
+    assert_input_sensitive(old, x_old, rng.normal(size=x_old.shape).astype("float32"))
+    old.save(tmp_path / "old.keras")
+    new = _auto_named_nested(4, (6, 8), 4)  # the second inner model is wider
+    old_names = [layer.name for layer in old.layers[1:3]]
+    new_names = [layer.name for layer in new.layers[1:3]]
+    assert not set(old_names) & set(new_names)
+    for source in (str(tmp_path / "old.keras"), old):
+        report = ks.migrate_weights(source, new)
+        assert report.preserves_function, report.warnings
+        assert report.plan.matches == {f"{n}/inner": f"{o}/inner"
+                                       for n, o in zip(new_names, old_names)} | {"head": "head"}
+        assert max_diff(predict(new, x_old), predict(old, x_old)) <= 1e-5
+        np.testing.assert_array_equal(new.layers[1].weights[0].numpy(),
+                                      old.layers[1].weights[0].numpy())
