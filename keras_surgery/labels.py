@@ -138,8 +138,11 @@ class LabelSpace:
         return key[0] if isinstance(key, tuple) and key else None
 
     def describe(self, label_id: int) -> str:
-        """A short human-readable form of a label, for warnings."""
-        return _describe(self, self.key(label_id))
+        """A short human-readable form of a label, for warnings: sets show a few members, and
+        the whole is cut at `DESCRIBE_CHARS` characters (a residual stream deep in a
+        transformer is a set of sets many levels down)."""
+        text = _describe(self, self.key(label_id))
+        return text if len(text) <= DESCRIBE_CHARS else text[:DESCRIBE_CHARS - 3] + "..."
 
     def zero_safe(self, ids: np.ndarray) -> np.ndarray:
         """Whether each label is exactly 0 in the old model when removed features are set to 0.
@@ -186,6 +189,10 @@ class LabelSpace:
         return False
 
 
+DESCRIBE_CHARS = 160
+SET_MEMBERS_SHOWN = 3
+
+
 def _describe(space: LabelSpace, key: Hashable) -> str:
     if not isinstance(key, tuple):
         return repr(key)
@@ -197,7 +204,10 @@ def _describe(space: LabelSpace, key: Hashable) -> str:
         _, ident, role, j = key
         return f"{ident}{'.' + role if role else ''}[{j}]"
     if kind == "set":
-        return "{" + ", ".join(sorted(space.describe(i) for i in key[1])) + "}"
+        members = sorted(key[1])
+        shown = sorted(space.describe(i) for i in members[:SET_MEMBERS_SHOWN])
+        more = len(members) - len(shown)
+        return "{" + ", ".join(shown + ([f"... {more} more"] if more else [])) + "}"
     if kind == "token":
         return f"token {key[1]!r}" if len(key) == 2 else f"{key[1]} id {key[2]}"
     if kind == "via":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from keras_surgery.labels import LabelSpace, unit_key, zero_key
+from keras_surgery.labels import LabelSpace, feature_key, unit_key, zero_key
 from tests.util import max_diff, predict, randomized_old
 
 TOL = 1e-6
@@ -329,3 +329,18 @@ def test_starts_serialise_and_apply_file_to_file(tmp_path):
     migrated = keras.saving.load_model(out)
     assert max_diff(predict(migrated, batch), predict(old, batch)) <= TOL
     np.testing.assert_array_equal(migrated.get_layer("mid").kernel.numpy(), np.eye(16))
+
+
+def test_descriptions_of_large_sets_stay_short():
+    """A residual stream many blocks deep is a set of many units: warnings show a few members
+    and a count instead of every member, and any description is cut at 160 characters."""
+    space = LabelSpace()
+    label = space.intern(unit_key("embed", "", 0))
+    for block in range(12):
+        parts = [space.intern(unit_key(f"block_{block}_{k}", "", 0)) for k in range(5)]
+        label = space.set_of([label, *parts])
+    assert space.describe(label) == "{block_0_0[0], block_0_1[0], embed[0], ... 58 more}"
+    small = space.set_of([space.intern(unit_key(n, "", 0)) for n in "abc"])
+    assert space.describe(small) == "{a[0], b[0], c[0]}"
+    long = space.describe(space.intern(feature_key("obs", "x" * 300, 0)))
+    assert len(long) == 160 and long.startswith("obs:xxx") and long.endswith("...")
