@@ -566,6 +566,7 @@ def signature_positions(data: Any, signature: bytes, start: int, end: int) -> It
     at a time: about twice as fast over a weights file, and a chunk's memory at most."""
     k = len(signature)
     sig = np.frombuffer(signature, np.uint8)
+    end = min(end, len(data))  # as `find` does, should the file have shrunk meanwhile
     for chunk_start in range(start, max(start, end - k + 1), SCAN_CHUNK_BYTES):
         # The chunk holds every signature beginning in it, even one running past its end.
         chunk_end = min(end, chunk_start + SCAN_CHUNK_BYTES + k - 1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -356,25 +357,34 @@ def index_map(old_ids: np.ndarray, new_ids: np.ndarray) -> np.ndarray:
 def _nested_prefix_map(old: dict[str, str], new: dict[str, str]) -> dict[str, str]:
     """New nested-model prefixes -> the old ones they continue, where the names differ only by
     Keras's auto-naming (a model built twice in one session: "gpt2_backbone" then
-    "gpt2_backbone_1"): auto-named nested models of one class under the same (translated)
-    parent are paired in the order they appear."""
+    "gpt2_backbone_1"). Auto-named nested models of one class under the same (translated)
+    parent are paired in the order they appear, and only when both sides have the same number
+    of them: with one added or removed, order says nothing about which continues which, and
+    those stay unpaired (their layers then match by name or not at all)."""
+
+    def auto_groups(models: dict[str, str], translate: Callable[[str], str]) -> dict:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for prefix, class_name in models.items():
+            parent, _, short = prefix.rpartition("/")
+            if is_auto_name(short, class_name):
+                groups.setdefault((translate(parent), class_name), []).append(prefix)
+        return groups
+
     mapping: dict[str, str] = {}
-    taken: set[str] = set()
-    for prefix in sorted(new, key=lambda p: p.count("/")):  # parents first; stable order
-        parent, _, short = prefix.rpartition("/")
-        old_parent = mapping.get(parent, parent)
-        if not is_auto_name(short, new[prefix]):
-            if parent in mapping:
-                mapping[prefix] = f"{old_parent}/{short}"
-            continue
-        for candidate, class_name in old.items():
-            c_parent, _, c_short = candidate.rpartition("/")
-            if (candidate not in taken and class_name == new[prefix] and c_parent == old_parent
-                    and is_auto_name(c_short, class_name)):
-                taken.add(candidate)
-                if candidate != prefix:
-                    mapping[prefix] = candidate
-                break
+    old_groups = auto_groups(old, lambda p: p)
+    by_depth = sorted(new, key=lambda p: p.count("/"))  # parents first; stable order
+    for depth in sorted({p.count("/") for p in by_depth}):
+        level = {p: new[p] for p in by_depth if p.count("/") == depth}
+        for (parent, class_name), prefixes in auto_groups(
+            level, lambda p: mapping.get(p, p)
+        ).items():
+            olds = old_groups.get((parent, class_name), [])
+            if len(olds) == len(prefixes):
+                mapping.update({n: o for n, o in zip(prefixes, olds) if n != o})
+        for prefix in level:  # a deliberately named model inside a translated parent
+            parent, _, short = prefix.rpartition("/")
+            if prefix not in mapping and parent in mapping:
+                mapping[prefix] = f"{mapping[parent]}/{short}"
     return mapping
 
 
@@ -689,39 +699,61 @@ def _check_shared_calls(
     return False
 
 
-FUNCTION_KEYS = frozenset({
+KERAS_FUNCTION_KEYS = frozenset({
     "activation", "recurrent_activation", "approximate", "negative_slope", "max_value",
     "threshold", "alpha", "theta", "epsilon", "invert", "strides", "dilation_rate", "padding",
-    "data_format", "pool_size", "size", "interpolation", "cropping", "keepdims",
-    "return_sequences", "return_state", "go_backwards", "reset_after", "stateful", "merge_mode",
-    "use_scale", "score_mode", "mask_zero", "output_mode", "normalize", "equation", "bias_axes",
-    "offset", "normalize_first",
+    "data_format", "pool_size", "size", "interpolation", "cropping", "keepdims", "axis", "axes",
+    "return_sequences", "go_backwards", "reset_after", "merge_mode", "use_scale", "score_mode",
+    "mask_zero", "output_mode", "normalize", "equation", "bias_axes", "scale", "offset",
+    "use_bias", "center", "rms_scaling", "attention_axes",
 })
-"""Config keys that change what a layer computes at inference, whatever the sizes are. A matched
-layer whose value for one of them changed cannot compute the old function: the rules only know
-how sizes and orders changed. (Sizes, initialisers, regularisers, dropout rates and momentum are
-left out: the rules handle the first, the others do not change inference.)"""
+"""Config keys of Keras's own layers that change what a layer computes at inference, whatever
+the sizes are. A matched layer whose value for one of them changed cannot compute the old
+function: the rules only know how sizes and orders changed. (Sizes, initialisers, regularisers,
+dropout rates, momentum, `stateful` and `return_state` are left out: the rules handle the
+first, the others do not change the old outputs. A bias, center or scale switched off drops a
+trained weight.)"""
+
+KERAS_HUB_FUNCTION_KEYS = frozenset({"activation", "layer_norm_epsilon", "normalize_first"})
+"""The same for keras-hub's layers (registered as "keras_hub>..." or "keras_nlp>...")."""
 
 _NESTED_LAYER_KEYS = ("layer", "cell", "forward_layer", "backward_layer")
 
 
-def _function_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    """The FUNCTION_KEYS entries of a layer config, with those of wrapped layers and cells
+def _function_keys(module: Any, registered: Any) -> frozenset[str]:
+    """The function keys of a layer class: Keras's and keras-hub's layers only; a custom
+    layer's config keys mean what its author chose (its rule answers for it)."""
+    package = str(registered).split(">", 1)[0] if registered else ""
+    if package in ("keras_hub", "keras_nlp"):
+        return KERAS_HUB_FUNCTION_KEYS
+    if not registered and isinstance(module, str) and (
+        module == "keras" or module.startswith("keras.")
+    ):
+        return KERAS_FUNCTION_KEYS
+    return frozenset()
+
+
+def _function_config(config: Any, keys: frozenset[str], prefix: str = "") -> dict[str, Any]:
+    """The `keys` entries of a layer config, with those of wrapped layers and cells
     (Bidirectional, TimeDistributed, RNN) under "<key>." prefixes."""
     found: dict[str, Any] = {}
     if not isinstance(config, dict):
         return found
     for key, value in config.items():
-        if key in FUNCTION_KEYS:
+        if key in keys:
             found[prefix + key] = value
         elif key in _NESTED_LAYER_KEYS and isinstance(value, dict):
-            found.update(_function_config(value.get("config"), f"{prefix}{key}."))
+            inner_keys = _function_keys(value.get("module"), value.get("registered_name"))
+            found.update(_function_config(value.get("config"), inner_keys, f"{prefix}{key}."))
     return found
 
 
 def _check_config(name: str, node: Any, old_node: Any, warnings: list[str]) -> bool:
-    """Whether a matched layer's inference behaviour changed (FUNCTION_KEYS); warns if so."""
-    new_config, old_config = _function_config(node.config), _function_config(old_node.config)
+    """Whether a matched layer's inference behaviour changed (its function keys); warns if
+    so."""
+    keys = _function_keys(node.module, node.registered_name)
+    new_config = _function_config(node.config, keys)
+    old_config = _function_config(old_node.config, keys)
     # A key only one side has (a Keras version that added it) says nothing about a change.
     changed = sorted(k for k in new_config.keys() & old_config.keys()
                      if _plain(new_config[k]) != _plain(old_config[k]))

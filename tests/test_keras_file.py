@@ -395,7 +395,7 @@ def test_signature_positions_match_find(monkeypatch, chunk):
             pos = d.find(sig, pos + 1, end)
         return out
 
-    for start, end in [(0, len(data)), (3, 2999), (62, 70), (10, 12)]:
+    for start, end in [(0, len(data)), (3, 2999), (62, 70), (10, 12), (2990, 4000)]:
         expected = by_find(data, start, end)
         assert list(keras_file.signature_positions(data, sig, start, end)) == expected
     assert {0, 5, 61, 63, 1000, 2996} <= set(by_find(data, 0, len(data)))

@@ -145,3 +145,31 @@ def test_auto_named_nested_models_pair_in_order(tmp_path):
         assert max_diff(predict(new, x_old), predict(old, x_old)) <= 1e-5
         np.testing.assert_array_equal(new.layers[1].weights[0].numpy(),
                                       old.layers[1].weights[0].numpy())
+
+
+def _towers(keep_first: bool, seed: int):
+    """Two auto-named towers of one class reading the same input (or only the second)."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4,), name="x")
+    outputs = []
+    for keep in (keep_first, True):
+        i = keras.Input((4,))
+        tower = keras.Model(i, keras.layers.Dense(2, name="head")(
+            keras.layers.Dense(5, activation="tanh", name="proj")(i)))
+        if keep:
+            outputs.append(tower(x))
+    return keras.Model(x, [keras.layers.Identity(name=f"out{k}")(o)
+                           for k, o in enumerate(outputs)])
+
+
+def test_auto_named_nested_models_are_not_paired_when_one_was_removed():
+    """Old: towers A and B; new: B alone, under a new auto-name. Order cannot say which old
+    tower it continues, so none is paired (pairing the first would copy A's weights into B):
+    the models are refused as unrelated, loudly."""
+    old = _towers(True, 5)
+    new = _towers(False, 6)
+    before = [v.numpy().copy() for v in new.weights]
+    with pytest.raises(ks.SurgeryError, match="nothing in common"):
+        ks.migrate_weights(old, new)
+    for v, b in zip(new.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)

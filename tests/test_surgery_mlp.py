@@ -869,3 +869,66 @@ def test_training_only_settings_and_initialisers_may_change(tmp_path):
     assert report.preserves_function, report.warnings
     assert not any("changed its" in w for w in report.warnings)
     _assert_preserved(new, batch, old, batch)
+
+
+@pytest.mark.parametrize("change", ["bias-off", "rescale", "custom-size"])
+def test_switched_off_weights_and_scales_are_reported_custom_keys_are_not(tmp_path, change):
+    """A bias switched off drops a trained weight and a Rescaling factor scales everything:
+    both reported. A custom layer's own config key named like a Keras one ('size', here its
+    width) is its rule's business: a widened custom layer still preserves."""
+
+    @keras.saving.register_keras_serializable(package="surgery_tests")
+    class Gain(keras.layers.Layer):  # y = x * g, one gain per unit; "size" is its width
+        def __init__(self, size, **kwargs):
+            super().__init__(**kwargs)
+            self.size = size
+
+        def build(self, input_shape):
+            self.g = self.add_weight(shape=(self.size,), initializer="ones", name="g")
+
+        def call(self, x):
+            return x * self.g
+
+        def get_config(self):
+            return {**super().get_config(), "size": self.size}
+
+    def gain_rule(call):
+        from keras_surgery.rules.api import RuleResult, single_input, weight
+
+        x = single_input(call)
+        return RuleResult([x], [weight("g", ("diag", x[-1]))])
+
+    def build(use_bias=True, factor=1.0, width=8):
+        x = inp = keras.Input((6,), name="obs")
+        x = keras.layers.Rescaling(factor, name="rescale")(x)
+        x = keras.layers.Dense(width, activation="tanh", use_bias=use_bias, name="h1")(x)
+        if change == "custom-size":
+            x = Gain(width, name="gain")(x)
+        return keras.Model(inp, keras.layers.Dense(3, name="out")(x))
+
+    rng = np.random.default_rng(21)
+    keras.utils.set_random_seed(21)
+    old = build()
+    batch = _normal(rng, BATCH, 6)
+    randomize(old, batch)
+    if change == "custom-size":
+        old.get_layer("gain").g.assign(rng.uniform(0.5, 1.5, 8).astype("float32"))
+    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
+    new = {"bias-off": lambda: build(use_bias=False), "rescale": lambda: build(factor=3.0),
+           "custom-size": lambda: build(width=10)}[change]()
+    if change == "custom-size":
+        ks.register_rule("surgery_tests>Gain", gain_rule)
+    try:
+        report = ks.migrate_weights(old, new)
+    finally:
+        if change == "custom-size":
+            ks.unregister_rule("surgery_tests>Gain")
+    if change == "custom-size":
+        assert report.preserves_function, report.warnings
+        _assert_preserved(new, batch, old, batch)
+        return
+    assert not report.preserves_function
+    what = {"bias-off": "changed its use_bias: True -> False",
+            "rescale": "changed its scale: 1.0 -> 3.0"}[change]
+    assert any(what in w for w in report.warnings), report.warnings
+    assert max_diff(predict(new, batch), predict(old, batch)) > 1e-3
