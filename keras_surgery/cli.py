@@ -166,6 +166,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _import_keras_quietly() -> None:
+    """Imports Keras (and its backend) with file descriptor 2 pointed at /dev/null.
+
+    TensorFlow's C++ side writes start-up lines ("All log messages before
+    absl::InitializeLog() is called ...", oneDNN's notice) straight to the process's stderr
+    while it is imported, before any setting can silence them; they would bury the command's
+    own messages. Python errors raised by the import still propagate (and print after the
+    descriptor is back); `--verbose` keeps every line.
+    """
+    if "keras" in sys.modules:
+        return
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to save: import as it is
+        import keras  # noqa: F401
+
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            sys.stderr.flush()
+            os.dup2(null.fileno(), 2)
+            try:
+                import keras  # noqa: F401
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `keras-surgery` console script."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -176,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR if exc.code else EXIT_OK
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _import_keras_quietly()
     from keras_surgery.errors import SurgeryError
 
     try:

@@ -109,3 +109,31 @@ def test_verify_command(tmp_path, capsys):
     assert "ok" in capsys.readouterr().out.lower()
     assert main(["verify", old, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
+
+
+def test_backend_start_up_lines_stay_off_stderr(tmp_path):
+    """TensorFlow's C++ start-up lines (absl's and oneDNN's) would bury the command's own
+    output; the command imports the backend with them kept off stderr, and errors still
+    show."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    noise = ("absl::InitializeLog", "oneDNN custom operations")
+    baseline = subprocess.run([sys.executable, "-c", "import keras"], env=env,
+                              capture_output=True, text=True, check=True).stderr
+    if not any(line in baseline for line in noise):
+        pytest.skip("this backend prints no start-up lines to hide")
+    path = _save(tmp_path, "old.keras", 3, 2)
+    run = subprocess.run([sys.executable, "-m", "keras_surgery.cli", "phi", path], env=env,
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "x:0 -> h/kernel" in run.stdout, run.stdout
+    assert not any(line in run.stderr for line in noise), run.stderr
+    broken = tmp_path / "broken.keras"
+    broken.write_bytes(b"not a zip")
+    run = subprocess.run([sys.executable, "-m", "keras_surgery.cli", "phi", str(broken)],
+                         env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "broken.keras" in run.stderr, run.stderr
