@@ -3,8 +3,10 @@
 `apply_file` migrates a checkpoint of the old architecture into a `.keras` file of the new one
 without building either model: the new file takes its config and fresh initial values from a
 *template* (any `.keras` file of the new architecture), its matched values from the checkpoint,
-through the plan's index maps. Every file is written to a temporary name in the target folder
-and renamed into place, so a failed migration leaves nothing behind.
+through the plan's index maps. Optimizer state comes along as on a live model (the iteration
+count, each slot through its variable's index maps) when the template has optimizer variables.
+Every file is written to a temporary name in the target folder and renamed into place, so a
+failed migration leaves nothing behind.
 
 Lineage: `save_model` writes a model together with a `keras_surgery.json` member (its feature
 layout and the history of surgeries that produced it). Keras's loader ignores the member; the
@@ -21,7 +23,7 @@ import logging
 import os
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -155,6 +157,9 @@ def apply_file(
         out: the `.keras` file to write (atomically); must not be `src`.
         template: a `.keras` file of the new architecture: its config, and the fresh values of
             every entry the plan does not copy or zero (save the new model once to make one).
+            When it has optimizer variables (the new model compiled and its optimizer built
+            before saving) and the plan has the old optimizer's layout, `src`'s iteration
+            count and slots are carried into them; otherwise a warning says why not.
         verbose: show a progress bar.
 
     Returns:
@@ -190,9 +195,9 @@ def apply_file(
                     f"{wp.old_shape}."
                 )
         by_path = {wp.path: wp for wp in plan.weights}
-        if plan.old_optimizer is not None or any(p.startswith("optimizer/") for p in old_paths):
-            warnings.append("file-to-file migration does not carry optimizer state yet; the "
-                            "template's optimizer variables (if any) are written as they are.")
+        carried, note = _optimizer_values(plan, src, template, old, tmpl)
+        if note:
+            warnings.append(note)
         progress = progress_bar(len(new_paths), verbose)
         folder = os.path.dirname(os.path.abspath(out))
         with _writing(out), tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmpdir:
@@ -202,7 +207,9 @@ def apply_file(
                 for i, path in enumerate(sorted(new_paths)):
                     fresh = tmpl.read(path)
                     wp = by_path.get(path)
-                    if wp is not None and wp.init is not None:  # a new layer's start
+                    if path in carried:  # optimizer state; the old slot is read now
+                        value = carried[path](fresh)
+                    elif wp is not None and wp.init is not None:  # a new layer's start
                         value = fill(wp, None, fresh, plan.policy)
                     elif wp is not None and wp.axes is not None:
                         old_value = old.read(wp.old_path)
@@ -236,6 +243,83 @@ def apply_file(
     totals = plan.totals()
     logger.info("migrated %s -> %s: %s", src, out, totals)
     return {"src": src, "out": out, **totals, "warnings": warnings}
+
+
+def _optimizer_values(
+    plan: Any, src: str, template: str, old: KerasFile, tmpl: KerasFile
+) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], str | None]:
+    """The optimizer state carried from `src` into the new file: for each optimizer variable
+    of the template that takes an old value (the iteration count, every slot), a function of
+    the template's value giving the new one; and why nothing is carried, when it is not.
+
+    Slots are paired as on a live model (`keras_surgery.optimizer.slot_fills`); the learning
+    rate and any variable not carried keep the template's value.
+    """
+    from keras_surgery.optimizer import (
+        OPTIMIZER_PREFIX,
+        copied_iterations,
+        file_layout,
+        iterations_note,
+        slot_fills,
+        state_difference,
+    )
+    from keras_surgery.propagate import propagate
+
+    layout = plan.old_optimizer
+    old_paths, new_paths = old.paths(), tmpl.paths()
+    kept = " The template's optimizer variables are written as they are."
+    if not any(p.startswith(OPTIMIZER_PREFIX) for p in new_paths):
+        if layout is None:
+            return {}, None
+        return {}, (
+            f"optimizer state was not migrated: '{template}' has no optimizer variables (compile "
+            "the new model and build its optimizer, model.optimizer.build("
+            "model.trainable_variables), before saving the template)."
+        )
+    if layout is None:
+        if any(p.startswith(OPTIMIZER_PREFIX) for p in old_paths):
+            return {}, (
+                f"optimizer state was not migrated: '{src}' has optimizer variables, but the "
+                "plan was made from an old model without optimizer state." + kept
+            )
+        return {}, None
+    difference = state_difference(layout, old_paths, _optimizer_class(old.config))
+    if difference:
+        return {}, (
+            f"optimizer state was not migrated: '{src}' does not hold the optimizer state of "
+            f"the model the plan was made from: {difference}." + kept
+        )
+    try:
+        graph = tmpl.graph()
+        new = file_layout(graph, tmpl.config, propagate(graph).records)
+    except SurgeryError as exc:
+        return {}, (f"optimizer state was not migrated: the layers of '{template}' could not "
+                    f"be read ({exc})." + kept)
+    if new is None:
+        return {}, (f"optimizer state was not migrated: '{template}' has optimizer variables "
+                    "but no optimizer in its compile config." + kept)
+    fills, note = slot_fills(plan, layout, new)
+    if fills is None:
+        return {}, f"{note}{kept}"
+    old_iterations = layout.variables[0]
+    note = iterations_note(layout, tuple(old_paths[old_iterations][0]), tuple(new.shapes[0]))
+    if note:
+        return {}, note + kept
+    values: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        new.variables[0]: lambda fresh: copied_iterations(old.read(old_iterations), fresh),
+    }
+    for slot in fills:
+        values[new.variables[slot.position]] = (
+            lambda fresh, slot=slot: slot.value(old.read, fresh))
+    return values, None
+
+
+def _optimizer_class(config: Any) -> str | None:
+    """The optimizer class named by a file's compile config, if any."""
+    compile_config = config.get("compile_config") if isinstance(config, dict) else None
+    opt = compile_config.get("optimizer") if isinstance(compile_config, dict) else None
+    name = opt.get("class_name") if isinstance(opt, dict) else None
+    return name if isinstance(name, str) else None
 
 
 @contextlib.contextmanager

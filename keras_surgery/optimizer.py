@@ -6,11 +6,15 @@ order, interleaved per variable (m_0, v_0, m_1, v_1, ...). Each slot goes throug
 map as its variable; entries that are new get zeros; `iterations` is copied. A layout that does
 not check out against the variables' shapes (factored Adafactor slots, EMA copies, ...) is not
 guessed at: the report says the state was not migrated.
+
+`slot_fills` pairs each new slot with its old slot (or zeros) for a live model
+(`optimizer_writes`) and a `.keras` file (`keras_surgery.files.apply_file`) alike.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +121,95 @@ def live_layout(model: Any, variables: dict[str, Any] | None = None) -> Optimize
     )
 
 
+@dataclass
+class SlotFill:
+    """One slot of the new optimizer and where its value comes from: the old slot at
+    `old_path` through `plan` (the variable's WeightPlan without rescaling or splits, so a slot
+    is copied as it is and is zero wherever new), or zeros when `old_path` is None."""
+
+    position: int  # in the new layout's variables
+    what: str
+    old_path: str | None = None
+    plan: Any = None
+
+    def value(self, read: Callable[[str], np.ndarray], current: np.ndarray) -> np.ndarray:
+        """The slot's new value, shaped like `current`; `read(path)` gives an old variable."""
+        from keras_surgery.apply import fill
+
+        if self.old_path is None:
+            return np.zeros_like(current)
+        return fill(self.plan, read(self.old_path), np.zeros_like(current), "preserve",
+                    in_place=True, new_rows_mean=False)
+
+
+def slot_fills(
+    plan: Any, old: OptimizerLayout, new: OptimizerLayout
+) -> tuple[list[SlotFill] | None, str | None]:
+    """Which old slot (if any) each slot of the new optimizer takes, for a live model and a
+    file alike: `(fills, None)`, or `(None, why)` when the state cannot be carried."""
+    if new.class_name != old.class_name:
+        return None, (
+            f"optimizer state was not migrated: the old optimizer is {old.class_name}, the new "
+            f"one {new.class_name}."
+        )
+    old_slots, new_slots = old.slots(), new.slots()
+    if old_slots is None or new_slots is None:
+        which = "old" if old_slots is None else "new"
+        return None, (
+            f"optimizer state was not migrated: the {which} {old.class_name} variables are not "
+            "laid out one slot set per trainable variable (factored or extra state)."
+        )
+    old_index = {p: t for t, p in enumerate(old.trainable)}
+    by_path = {wp.path: wp for wp in plan.weights}
+    fills: list[SlotFill] = []
+    for t, path in enumerate(new.trainable):
+        wp = by_path.get(path)
+        t_old = old_index.get(wp.old_path) if wp is not None and wp.old_path else None
+        for s, position in enumerate(new_slots[t]):
+            what = f"optimizer slot {s} of '{path}'"
+            if t_old is None or wp is None or wp.axes is None or s >= len(old_slots[t_old]):
+                fills.append(SlotFill(position, what))
+                continue
+            # Slots are copied as they are (no value rescaling, no net2net shares) and are zero
+            # wherever new, split units and new vocabulary rows included.
+            exact = dataclasses.replace(wp, scale=1.0, axes=[a.without_splits() for a in wp.axes])
+            fills.append(SlotFill(position, what, old.variables[old_slots[t_old][s]], exact))
+    return fills, None
+
+
+def iterations_note(
+    old: OptimizerLayout, old_shape: tuple[int, ...], new_shape: tuple[int, ...]
+) -> str | None:
+    """Why the old iteration count cannot be copied (a damaged one), or None."""
+    if int(np.prod(old_shape)) == int(np.prod(new_shape)):
+        return None
+    return (f"optimizer state was not migrated: the old iteration count '{old.variables[0]}' "
+            f"has shape {old_shape}, expected {new_shape}.")
+
+
+def copied_iterations(old_value: np.ndarray, current: np.ndarray) -> np.ndarray:
+    return np.asarray(old_value).astype(current.dtype).reshape(current.shape)
+
+
+def state_difference(
+    old: OptimizerLayout, paths: Any, class_name: str | None
+) -> str | None:
+    """How the optimizer variables of a file (`paths`: its weight tree; `class_name`: its
+    compile config's optimizer) differ from `old`, or None when they are laid out alike."""
+    if class_name is not None and class_name != old.class_name:
+        return f"its optimizer is {class_name}, expected {old.class_name}"
+    found = _sorted_optimizer_paths(paths)
+    if found != old.variables:
+        return (f"it has {len(found)} optimizer variables, expected {len(old.variables)}"
+                if len(found) != len(old.variables) else
+                f"its optimizer variables are {found}, expected {old.variables}")
+    for path, shape in zip(found, old.shapes):
+        if tuple(paths[path][0]) != tuple(shape):
+            return (f"optimizer variable '{path}' has shape {tuple(paths[path][0])}, expected "
+                    f"{tuple(shape)}")
+    return None
+
+
 def optimizer_writes(
     plan: Any, model: Any, old_weights: Any, variables: dict[str, Any]
 ) -> tuple[list[Any], list[str]]:
@@ -127,7 +220,7 @@ def optimizer_writes(
         (writes, warnings): `writes` are `keras_surgery.apply.Write`s, computed one at a time
         while the weights stream in.
     """
-    from keras_surgery.apply import Write, fill
+    from keras_surgery.apply import Write
 
     old = plan.old_optimizer
     if old is None:
@@ -145,51 +238,24 @@ def optimizer_writes(
     new = live_layout(model, variables)
     if new is None:
         return [], ["optimizer state was not migrated: the new optimizer has no variables."]
-    if new.class_name != old.class_name:
-        return [], [
-            f"optimizer state was not migrated: the old optimizer is {old.class_name}, the new "
-            f"one {new.class_name}."
-        ]
-    old_slots, new_slots = old.slots(), new.slots()
-    if old_slots is None or new_slots is None:
-        which = "old" if old_slots is None else "new"
-        return [], [
-            f"optimizer state was not migrated: the {which} {old.class_name} variables are not "
-            "laid out one slot set per trainable variable (factored or extra state)."
-        ]
+    fills, note = slot_fills(plan, old, new)
+    if fills is None:
+        return [], [str(note)]
     opt_vars = list(optimizer.variables)
     iterations = opt_vars[0]
     old_iterations = np.asarray(old_weights.read(old.variables[0]))
-    if old_iterations.size != int(np.prod(iterations.shape)):  # damaged; weights still migrate
-        return [], [
-            f"optimizer state was not migrated: the old iteration count '{old.variables[0]}' "
-            f"has shape {old_iterations.shape}, expected {tuple(iterations.shape)}."
-        ]
+    note = iterations_note(old, old_iterations.shape, tuple(iterations.shape))
+    if note:  # damaged; weights still migrate
+        return [], [note]
     writes = [Write(
         iterations, "the optimizer's iteration count",
-        lambda current, owned: old_iterations.astype(current.dtype).reshape(current.shape),
+        lambda current, owned: copied_iterations(old_iterations, current),
         reads_current=False,
     )]
-    old_index = {p: t for t, p in enumerate(old.trainable)}
-    by_path = {wp.path: wp for wp in plan.weights}
-    for t, path in enumerate(new.trainable):
-        wp = by_path.get(path)
-        t_old = old_index.get(wp.old_path) if wp is not None and wp.old_path else None
-        for s, position in enumerate(new_slots[t]):
-            var = opt_vars[position]
-            what = f"optimizer slot {s} of '{path}'"
-            if t_old is None or wp is None or wp.axes is None or s >= len(old_slots[t_old]):
-                writes.append(Write(var, what, lambda current, owned: np.zeros_like(current),
-                                    reads_current=False))
-                continue
-            # Slots are copied as they are (no value rescaling, no net2net shares) and are zero
-            # wherever new, split units and new vocabulary rows included.
-            exact = dataclasses.replace(wp, scale=1.0, axes=[a.without_splits() for a in wp.axes])
-            slot_path = old.variables[old_slots[t_old][s]]
-
-            def compute(current, owned, exact=exact, slot_path=slot_path):
-                return fill(exact, old_weights.read(slot_path), np.zeros_like(current),
-                            "preserve", in_place=True, new_rows_mean=False)
-
-            writes.append(Write(var, what, compute, reads_current=False))
+    for slot in fills:
+        writes.append(Write(
+            opt_vars[slot.position], slot.what,
+            lambda current, owned, slot=slot: slot.value(old_weights.read, current),
+            reads_current=False,
+        ))
     return writes, []

@@ -117,3 +117,112 @@ def test_bfloat16_checkpoint_file_to_file(tmp_path):
     np.testing.assert_array_equal(kernel[:3], np.asarray(old.get_layer("d").kernel.numpy(),
                                                          dtype="float32"))
     assert np.all(kernel[3] == 0)
+
+
+# -- optimizer state, file to file -------------------------------------------------------------
+
+OPT_OLD = ["a", "b", "c", "d", "e", "f"]
+OPT_NEW = ["a", "b", "c", "new", "d", "f"]  # "new" inserted in the middle, "e" removed
+
+
+def _compiled(features, width, optimizer, seed):
+    model = _model(features, width, seed)
+    model.compile(optimizer=optimizer, loss="mse")
+    return model
+
+
+def _trained(path, optimizer, seed=0):
+    model = _compiled(OPT_OLD, 6, optimizer, seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(48, len(OPT_OLD))).astype("float32")
+    y = np.stack([np.sin(x[:, 0]) + x[:, 4], x[:, 2] * x[:, 5]], 1).astype("float32")
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    model.save(path)
+    return model
+
+
+def _template(path):
+    new = _compiled(OPT_NEW, 9, keras.optimizers.Adam(5e-3), 7)
+    new.optimizer.build(new.trainable_variables)
+    new.save(path)
+    return new
+
+
+def _opt_values(model):
+    return [(v.name, np.asarray(v.numpy())) for v in model.optimizer.variables]
+
+
+def test_adam_state_carried_file_to_file_as_on_a_live_model(tmp_path):
+    old_path, template, out = tmp_path / "old.keras", tmp_path / "tmpl.keras", tmp_path / "o.keras"
+    old = _trained(old_path, keras.optimizers.Adam(1e-2))
+    new = _template(template)
+    spec_old, spec_new = {"obs": OPT_OLD}, {"obs": OPT_NEW}
+    plan = ks.ModelMigrator(str(old_path), old_features=spec_old).plan(new, new_features=spec_new)
+    result = plan.apply_file(old_path, out, template=template)
+    assert not [w for w in result["warnings"] if "optimizer" in w], result["warnings"]
+    migrated = keras.saving.load_model(out)
+
+    live = _compiled(OPT_NEW, 9, keras.optimizers.Adam(5e-3), 7)
+    report = ks.migrate_weights(str(old_path), live, old_features=spec_old, new_features=spec_new)
+    assert not [w for w in report.warnings if "optimizer" in w], report.warnings
+    got, want = _opt_values(migrated), _opt_values(live)
+    assert [n for n, _ in got] == [n for n, _ in want] and len(got) == 2 + 2 * 6
+    for (name, a), (_, b) in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+    # the moments of the first kernel: old rows by feature ("e" gone), zero for "new" and for
+    # the new hidden units
+    saved_old = keras.saving.load_model(old_path)
+    by_name = {v.name: np.asarray(v.numpy()) for v in saved_old.optimizer.variables}
+    got_by_name = dict(got)
+    for suffix in ("momentum", "velocity"):
+        old_slot = by_name[f"h_kernel_{suffix}"]
+        assert np.any(old_slot != 0)
+        rows = np.take(old_slot, [OPT_OLD.index(f) for f in OPT_NEW if f in OPT_OLD], axis=0)
+        np.testing.assert_array_equal(rows, np.delete(old_slot, OPT_OLD.index("e"), axis=0))
+        expected = np.zeros((len(OPT_NEW), 9), "float32")
+        expected[[j for j, f in enumerate(OPT_NEW) if f != "new"], :6] = rows
+        np.testing.assert_array_equal(got_by_name[f"h_kernel_{suffix}"], expected)
+    iterations = int(migrated.optimizer.iterations.numpy())
+    assert iterations == int(old.optimizer.iterations.numpy()) > 0
+    assert float(migrated.optimizer.learning_rate.numpy()) == np.float32(5e-3)  # the new one
+
+    rng = np.random.default_rng(3)
+    x_old = rng.normal(size=(16, len(OPT_OLD))).astype("float32")
+    x_old[:, OPT_OLD.index("e")] = 0  # a removed feature reads as 0
+    x_new = rng.normal(size=(16, len(OPT_NEW))).astype("float32")  # "new" stays random
+    for j, f in enumerate(OPT_NEW):
+        if f in OPT_OLD:
+            x_new[:, j] = x_old[:, OPT_OLD.index(f)]
+    assert max_diff(predict(old, x_old), predict(migrated, x_new)) <= 1e-5
+
+
+def test_checkpoint_with_another_optimizer_keeps_the_template_state(tmp_path):
+    adam_path, template = tmp_path / "adam.keras", tmp_path / "tmpl.keras"
+    _trained(adam_path, keras.optimizers.Adam(1e-2))
+    sgd_path = tmp_path / "sgd.keras"
+    sgd = _trained(sgd_path, keras.optimizers.SGD(1e-2, momentum=0.9), seed=1)
+    new = _template(template)
+    plan = ks.ModelMigrator(str(adam_path), old_features={"obs": OPT_OLD}).plan(
+        new, new_features={"obs": OPT_NEW})
+    result = plan.apply_file(sgd_path, tmp_path / "out.keras", template=template)
+    (note,) = [w for w in result["warnings"] if "optimizer" in w]
+    assert note.startswith(f"optimizer state was not migrated: '{sgd_path}'")
+    assert "its optimizer is SGD, expected Adam" in note
+    assert "template's optimizer variables are written as they are" in note
+    migrated = keras.saving.load_model(tmp_path / "out.keras")
+    for (name, a), (_, b) in zip(_opt_values(migrated), _opt_values(new), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    k_old = sgd.get_layer("h").kernel.numpy()
+    k_new = migrated.get_layer("h").kernel.numpy()
+    np.testing.assert_array_equal(
+        k_new[[OPT_NEW.index(f) for f in OPT_OLD if f in OPT_NEW], :6],
+        np.delete(k_old, OPT_OLD.index("e"), axis=0))
+
+    # a template saved without a built optimizer: said so, weights still migrate
+    bare = _model(OPT_NEW, 9, 7)
+    bare.save(tmp_path / "bare.keras")
+    result = plan.apply_file(adam_path, tmp_path / "out2.keras", template=tmp_path / "bare.keras")
+    assert any(f"'{tmp_path / 'bare.keras'}' has no optimizer variables" in w
+               for w in result["warnings"]), result["warnings"]
