@@ -124,6 +124,7 @@ def fill(
 
 COPY_BLOCK_BYTES = 32 << 20
 
+
 def needs_fresh(wp: WeightPlan, policy: str) -> bool:
     """Whether some index of the weight keeps its fresh value under `policy`: False when every
     index is copied or (policy "preserve") zeroed, or the weight is a new layer's start."""
