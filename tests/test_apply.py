@@ -41,7 +41,11 @@ def test_a_file_view_is_never_handed_over(tmp_path):
     owned = np.ones((3, 4), np.float32)
     assert _owns(owned) and _owns(owned[1:])
     assert isinstance(handed_over(owned), _HandedOver)  # the tests run on TensorFlow
-    assert handed_over(np.float32(1.0)) is not None  # not an array: passed as it is
+    scalar = np.float32(1.0)
+    assert handed_over(scalar) is scalar  # not an array: passed as it is
+    read_only = np.ones(3, np.float32)
+    read_only.flags.writeable = False
+    assert handed_over(read_only) is read_only  # may be someone else's: TensorFlow copies it
 
 
 def test_copied_weight_is_a_new_array_in_blocks(monkeypatch):
