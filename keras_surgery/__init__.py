@@ -26,13 +26,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "SurgeryCallback": "keras_surgery.callback",
     "migrate_folder": "keras_surgery.files",
-    "read_lineage": "keras_surgery.files",
-    "save_with_lineage": "keras_surgery.files",
+    "read_lineage": "keras_surgery.lineage",
+    "save_with_lineage": "keras_surgery.lineage",
     "migrate_weights": "keras_surgery.migrate",
     "ParamSlice": "keras_surgery.phi",
     "PhiTable": "keras_surgery.phi",
     "phi_table": "keras_surgery.phi",
-    "ModelMigrator": "keras_surgery.plan",
+    "ModelMigrator": "keras_surgery.migrator",
     "SurgeryPlan": "keras_surgery.plan",
     "register_rule": "keras_surgery.registry",
     "unregister_rule": "keras_surgery.registry",
@@ -79,10 +79,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from keras_surgery.callback import SurgeryCallback
-    from keras_surgery.files import migrate_folder, read_lineage, save_with_lineage
+    from keras_surgery.files import migrate_folder
+    from keras_surgery.lineage import read_lineage, save_with_lineage
     from keras_surgery.migrate import migrate_weights
+    from keras_surgery.migrator import ModelMigrator
     from keras_surgery.phi import ParamSlice, PhiTable, phi_table
-    from keras_surgery.plan import ModelMigrator, SurgeryPlan
+    from keras_surgery.plan import SurgeryPlan
     from keras_surgery.registry import register_rule, unregister_rule
     from keras_surgery.report import SurgeryReport
     from keras_surgery.verify import VerificationResult, verify_mapping

@@ -6,7 +6,8 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -37,3 +38,14 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2))
+
+
+def atomic_zip(path: str | os.PathLike, members: Iterable[tuple[str, bytes | str]]) -> None:
+    """Writes a zip archive atomically (members uncompressed, as Keras writes them); a member
+    given as a `str` is the path of a file to store, streamed."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, data in members:
+            if isinstance(data, str):
+                z.write(data, name)
+            else:
+                z.writestr(name, data)

@@ -10,7 +10,8 @@ import keras
 from keras_surgery.atomic import write_json
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import restored_from_backup
-from keras_surgery.plan import ModelMigrator
+from keras_surgery.migrate import migrate_weights
+from keras_surgery.migrator import ModelMigrator
 from keras_surgery.report import SurgeryReport
 
 logger = logging.getLogger("keras_surgery")
@@ -84,18 +85,15 @@ class SurgeryCallback(keras.callbacks.Callback):
             setattr(model, _APPLIED_ATTR, self.old_path)
             return
         if self.verify:
-            from keras_surgery.migrate import migrate_weights
-
             self.report = migrate_weights(
                 self.old_path, model, old_features=self.old_features,
                 new_features=self.new_features, policy=self.policy,
                 optimizer=self.optimizer, verify=True,
             )
         else:
-            plan = ModelMigrator(self.old_path, old_features=self.old_features).plan(
-                model, new_features=self.new_features, policy=self.policy
-            )
-            self.report = plan.apply(model, optimizer=self.optimizer, verbose=self.verbose)
+            with ModelMigrator(self.old_path, old_features=self.old_features) as migrator:
+                plan = migrator.plan(model, new_features=self.new_features, policy=self.policy)
+                self.report = plan.apply(model, optimizer=self.optimizer, verbose=self.verbose)
         setattr(model, _APPLIED_ATTR, self.old_path)
         (logger.info if self.verbose else logger.debug)("%s", self.report.summary())
         for warning in self.report.warnings:

@@ -37,7 +37,7 @@ def print_summary(plan: Any) -> None:
 
 def _plan(args: argparse.Namespace) -> Any:
     """Both files are read as data; neither model is deserialised."""
-    from keras_surgery.plan import ModelMigrator
+    from keras_surgery.migrator import ModelMigrator
 
     return ModelMigrator(args.old, old_features=_load_features(args.old_features)).plan(
         args.new, new_features=_load_features(args.new_features), policy=args.policy

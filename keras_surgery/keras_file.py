@@ -18,6 +18,7 @@ error naming the layer instead of being read as a layer of another shape.
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import logging
@@ -80,11 +81,12 @@ _MAX_HEAP_SCANS = 64
 
 
 class _MemberReader(io.RawIOBase):
-    """A read-only, seekable file object over one byte range of a file."""
+    """A read-only, seekable file object over one byte range of an open file, read with
+    `os.pread` (so it shares the file descriptor without sharing a file position)."""
 
-    def __init__(self, path: str, start: int, size: int):
+    def __init__(self, fd: int, start: int, size: int):
         super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._fd = fd
         self._start = start
         self._size = size
         self._pos = 0
@@ -107,19 +109,17 @@ class _MemberReader(io.RawIOBase):
         n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
-        self._file.seek(self._start + self._pos)
-        got = self._file.readinto(memoryview(buffer)[:n])
+        data = os.pread(self._fd, n, self._start + self._pos)
+        got = len(data)
+        memoryview(buffer)[:got] = data
         self._pos += got
         return got
 
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
-
 
 class KerasFile(WeightSource):
-    """A `.keras` file opened for reading.
+    """A `.keras` file opened for reading, once: every read (config, members, weights, the
+    memory map) goes through the one file descriptor taken when it is opened, so all of them
+    see the same file even if its path is replaced meanwhile.
 
     Example:
         >>> with KerasFile("old.keras") as f:            # doctest: +SKIP
@@ -133,11 +133,18 @@ class KerasFile(WeightSource):
         self._reader: io.RawIOBase | None = None
         self._mmap: mmap.mmap | None = None
         self._paths: dict[str, tuple[tuple[int, ...], str]] | None = None
-        self.config = self._read_config()
+        self._raw: Any = None
+        self._raw = self._open()
+        self.identity = _identity(self._raw)
+        try:
+            self.config = self._read_config()
+        except BaseException:
+            self.close()
+            raise
 
     # -- zip members ---------------------------------------------------------------------
 
-    def _zip(self) -> zipfile.ZipFile:
+    def _open(self) -> Any:
         if not os.path.exists(self.path):
             raise SurgeryFileError(
                 f"No such file: '{self.path}'. Expected a .keras file written by "
@@ -153,9 +160,18 @@ class KerasFile(WeightSource):
                 f"Expected a .keras file, got a directory: '{self.path}'.{hint}"
             )
         try:
-            return zipfile.ZipFile(self.path)
+            return open(self.path, "rb")  # noqa: SIM115 - closed in close()
         except PermissionError as exc:
             raise SurgeryFileError(f"Cannot read '{self.path}': {exc.strerror}.") from exc
+        except OSError as exc:
+            raise SurgeryFileError(f"Cannot read '{self.path}': {exc}.") from exc
+
+    def _zip(self) -> zipfile.ZipFile:
+        """The archive, read through the open file (closing it leaves the file open)."""
+        if self._raw is None:
+            raise SurgeryFileError(f"'{self.path}' is closed.")
+        try:
+            return zipfile.ZipFile(self._raw)
         except ZIP_ERRORS as exc:
             raise SurgeryFileError(
                 f"'{self.path}' is not a .keras file: expected a zip archive with "
@@ -164,8 +180,7 @@ class KerasFile(WeightSource):
 
     def _format_hint(self) -> str:
         try:
-            with open(self.path, "rb") as raw:
-                head = raw.read(8)
+            head = os.pread(self._raw.fileno(), 8, 0)
         except OSError:
             return ""
         if head == b"\x89HDF\r\n\x1a\n":
@@ -213,6 +228,47 @@ class KerasFile(WeightSource):
             raise SurgeryFileError(f"'{self.path}': {CONFIG_MEMBER} must hold a JSON object.")
         return config
 
+    def member(self, name: str, limit: int = MAX_CONFIG_BYTES) -> bytes | None:
+        """The bytes of archive member `name` (at most `limit`), or None if there is none.
+
+        Raises:
+            SurgeryFileError: the member is encrypted, larger than `limit` or unreadable.
+        """
+        with self._zip() as archive:
+            try:
+                info = archive.getinfo(name)
+            except KeyError:
+                return None
+            if info.flag_bits & 0x1:
+                raise SurgeryFileError(f"'{self.path}': {name} is encrypted.")
+            if info.file_size > limit:
+                raise SurgeryFileError(
+                    f"'{self.path}': {name} is {info.file_size} bytes, more than the {limit} "
+                    "allowed."
+                )
+            try:
+                with archive.open(info) as stream:
+                    return stream.read(limit + 1)
+            except ZIP_ERRORS as exc:
+                raise SurgeryFileError(f"'{self.path}': unreadable {name} ({exc}).") from exc
+
+    def sha256(self, chunk: int = 1 << 22) -> str:
+        """The SHA-256 of the whole file as opened (not of whatever its path names now).
+
+        Raises:
+            SurgeryFileError: the file is closed and its path now names another file or the
+                file changed since it was opened.
+        """
+        if self._raw is not None:
+            return _sha256(self._raw.fileno(), chunk)
+        with open(self.path, "rb") as raw:
+            if _identity(raw) != self.identity:
+                raise SurgeryFileError(
+                    f"'{self.path}' changed since it was read (another file, or rewritten), "
+                    "so its hash would not be that of the weights that were read."
+                )
+            return _sha256(raw.fileno(), chunk)
+
     # -- weights -------------------------------------------------------------------------
 
     def _open_h5(self) -> Any:
@@ -258,20 +314,19 @@ class KerasFile(WeightSource):
         if isinstance(reader, _MemberReader):
             if reader._size == 0:
                 return
-            with open(self.path, "rb") as raw:
-                st = os.fstat(raw.fileno())
-                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                       reader._start, reader._size)
-                if key in _HEAP_SCANS:
-                    problem = _HEAP_SCANS[key]
-                else:
-                    with mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                        problem = endless_global_heap(
-                            data, reader._start, reader._start + reader._size
-                        )
-                    if len(_HEAP_SCANS) >= _MAX_HEAP_SCANS:
-                        _HEAP_SCANS.clear()
-                    _HEAP_SCANS[key] = problem
+            st = os.fstat(self._raw.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                   reader._start, reader._size)
+            if key in _HEAP_SCANS:
+                problem = _HEAP_SCANS[key]
+            else:
+                problem = endless_global_heap(
+                    self._map(), reader._start, reader._start + reader._size
+                )
+                self.release()  # the scan touched every page; weights are read later
+                if len(_HEAP_SCANS) >= _MAX_HEAP_SCANS:
+                    _HEAP_SCANS.clear()
+                _HEAP_SCANS[key] = problem
         else:
             data = reader.getvalue()  # type: ignore[union-attr]
             problem = endless_global_heap(data, 0, len(data))
@@ -284,10 +339,9 @@ class KerasFile(WeightSource):
 
     def _stored_member(self, info: zipfile.ZipInfo) -> _MemberReader:
         """A file object over the bytes of an uncompressed member, read in place."""
-        with open(self.path, "rb") as raw:
-            raw.seek(info.header_offset)
-            header = raw.read(_LOCAL_HEADER.size)
-            file_size = os.fstat(raw.fileno()).st_size
+        fd = self._raw.fileno()
+        header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
+        file_size = os.fstat(fd).st_size
         if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
             raise SurgeryFileError(f"'{self.path}': corrupt zip entry {WEIGHTS_MEMBER}.")
         fields = _LOCAL_HEADER.unpack(header)
@@ -297,9 +351,20 @@ class KerasFile(WeightSource):
                 f"'{self.path}': zip entry {WEIGHTS_MEMBER} claims {info.file_size} bytes "
                 "beyond the end of the file; the file is truncated or corrupt."
             )
-        return _MemberReader(self.path, start, info.file_size)
+        return _MemberReader(fd, start, info.file_size)
+
+    def check_unchanged(self) -> None:
+        """Raises SurgeryFileError if the open file was written since it was opened (a path
+        replaced by another file is no change: the open file is still the one read)."""
+        if self._raw is not None and _identity(self._raw) != self.identity:
+            raise SurgeryFileError(
+                f"'{self.path}' changed while it was being read (written in place since it "
+                "was opened); nothing read from it can be trusted. Read it again once nothing "
+                "writes it."
+            )
 
     def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
+        self.check_unchanged()
         if self._paths is None:
             self._paths = self._walk(self._open_h5())
         return self._paths
@@ -342,6 +407,7 @@ class KerasFile(WeightSource):
         return found
 
     def read(self, path: str) -> np.ndarray:
+        self.check_unchanged()
         h5 = self._open_h5()
         if path not in self.paths():
             raise SurgeryFileError(f"'{self.path}': {WEIGHTS_MEMBER} has no dataset '{path}'.")
@@ -403,13 +469,16 @@ class KerasFile(WeightSource):
             raise SurgeryFileError(
                 f"'{self.path}': weight '{dataset.name}' points past the end of {WEIGHTS_MEMBER}."
             )
-        if self._mmap is None:
-            with open(self.path, "rb") as raw:
-                self._mmap = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(
-            self._mmap, dtype=dataset.dtype, count=math.prod(shape),
+            self._map(), dtype=dataset.dtype, count=math.prod(shape),
             offset=reader._start + offset,
         ).reshape(shape)
+
+    def _map(self) -> mmap.mmap:
+        """The whole file, memory-mapped once (read-only)."""
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
 
     def release(self) -> None:
         """Drops the pages of the memory-mapped archive from this process's resident memory.
@@ -423,6 +492,23 @@ class KerasFile(WeightSource):
                 self._mmap.madvise(mmap.MADV_DONTNEED)
             except (OSError, ValueError, AttributeError):
                 pass  # only an optimisation
+
+    def h5_attrs(self, name: str = "") -> dict[str, Any] | None:
+        """The HDF5 attributes of group or dataset `name` of the weights ("" for the root),
+        or None if there is no such entry."""
+        h5 = self._open_h5()
+        if name and name not in h5:
+            return None
+        return dict((h5[name] if name else h5).attrs.items())
+
+    def h5_groups(self) -> list[str]:
+        """Every group of the weights, parents before their children."""
+        import h5py
+
+        found: list[str] = []
+        self._open_h5().visititems(
+            lambda name, obj: found.append(name) if isinstance(obj, h5py.Group) else None)
+        return found
 
     def group_name(self, group: str) -> str | None:
         """The layer name Keras >= 3.6 stores on `<group>/vars`, if any."""
@@ -502,6 +588,13 @@ class KerasFile(WeightSource):
             except BufferError:
                 pass  # arrays read from it are still in use; the map closes when they go
             self._mmap = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    @property
+    def closed(self) -> bool:
+        return self._raw is None
 
     def __enter__(self) -> KerasFile:
         return self
@@ -514,6 +607,21 @@ class KerasFile(WeightSource):
             self.close()
         except Exception:
             pass
+
+
+def _identity(raw: Any) -> tuple[int, ...]:
+    """What tells one file from another and a changed file from itself."""
+    st = os.fstat(raw.fileno())
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _sha256(fd: int, chunk: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, chunk, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest()
 
 
 def endless_global_heap(data: Any, start: int, end: int) -> str | None:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from keras_surgery.errors import SurgeryError
 from keras_surgery.features import FeatureSpec
-from keras_surgery.plan import ModelMigrator
+from keras_surgery.migrator import ModelMigrator
 from keras_surgery.report import SurgeryReport
-from keras_surgery.sources import is_path
+from keras_surgery.side import Side
+from keras_surgery.verify.surgery import (
+    require_gradient_evidence,
+    snapshot,
+    verify_mode,
+    verify_new_labels,
+    verify_surgery,
+)
 
 
 def migrate_weights(
@@ -73,67 +79,29 @@ def migrate_weights(
         >>> report.preserves_function
         True
     """
-    from keras_surgery import verify as checks
+    mode = verify_mode(verify)
+    with Side(old) as side:
+        return _migrate(side, new_model, mode, old_features=old_features,
+                        new_features=new_features, policy=policy, optimizer=optimizer,
+                        strict=strict, allow_unrelated=allow_unrelated)
 
-    mode = checks.verify_mode(verify)
+
+def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
+             new_features: Any, policy: str, optimizer: bool, strict: bool,
+             allow_unrelated: bool) -> SurgeryReport:
+    """`migrate_weights` on the opened old side (the file is read through it, once)."""
     mapping = None
     if mode is not None:
-        try:
-            mapping = checks.verify_mapping(new_model, features=new_features, strict=strict)
-        except SurgeryError as exc:  # no probe copy (a Lambda layer): say so, check the rest
-            mapping = checks.unprobed_mapping(new_model, exc)
-        if mode == "raise" and is_path(old) and (mapping.missing or not mapping.checked):
+        mapping = verify_new_labels(new_model, features=new_features, strict=strict)
+        if mode == "raise" and side.is_file:
             # Without the old model to run, the gradients are the only evidence: stop before
             # any weight is written.
-            problem = (checks.mapping_failure(mapping) if mapping.missing
-                       else checks.nothing_checked(mapping))
-            raise SurgeryError(problem + " The new model was not changed.")
-    plan = ModelMigrator(old, old_features=old_features, strict=strict).plan(
+            require_gradient_evidence(mapping)
+    plan = ModelMigrator(side, old_features=old_features, strict=strict).plan(
         new_model, new_features=new_features, policy=policy, allow_unrelated=allow_unrelated
     )
-    restore = checks.snapshot(new_model) if mode == "raise" and not is_path(old) else None
+    restore = snapshot(new_model) if mode == "raise" and not side.is_file else None
     report = plan.apply(new_model, optimizer=optimizer)
     if mode is not None:
-        _verify(old, new_model, plan, report, mapping, mode, restore)
+        verify_surgery(side.model, new_model, plan, report, mapping, mode, restore)
     return report
-
-
-def _verify(old: Any, new_model: Any, plan: Any, report: SurgeryReport, mapping: Any, mode: str,
-            restore: Any) -> None:
-    """Runs the numeric check when the old model is live; decides and acts on failures."""
-    from keras_surgery import verify as checks
-
-    failures = []  # evidence that the surgery went wrong
-    unchecked = []  # no evidence either way, though verification was asked for
-    diagnostics = []
-    preservation = None
-    if is_path(old):
-        report.warnings.append(checks.file_warning())
-        if mapping.missing:
-            failures.append(checks.mapping_failure(mapping))
-        elif not mapping.checked:
-            unchecked.append(checks.nothing_checked(mapping))
-    else:
-        # The old and new outputs decide; a label disagreement is a diagnostic that points at
-        # the layer (phi can also miss dependencies the surgery does not rely on).
-        if mapping.missing:
-            diagnostics.append(checks.mapping_failure(mapping))
-            report.warnings.extend(diagnostics)
-        preservation = checks.check_preservation(old, new_model, plan)
-        if report.preserves_function and not preservation.ok:
-            failures.append(checks.preservation_failure(preservation))
-        elif not preservation.outputs:
-            unchecked.append("verify: no output could be compared (" +
-                             "; ".join(preservation.skipped) + ").")
-    report.verification = checks.SurgeryVerification(mapping, preservation,
-                                                     failures + unchecked)
-    if not failures and not unchecked:
-        return
-    if mode == "raise":
-        if restore is not None:
-            restore()
-        raise SurgeryError("\n".join(failures + unchecked + diagnostics) + "\nThe new model was "
-                           "left with its values from before the surgery.")
-    report.warnings.extend(failures + unchecked)
-    if failures:
-        report.preserves_function = False

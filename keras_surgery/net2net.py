@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.labels import LabelSpace
+from keras_surgery.match import index_map
 from keras_surgery.propagate import GraphLabels
 from keras_surgery.rules.api import WeightLabels
 
@@ -154,8 +155,6 @@ class _Resolver:
 
 def _positions(old_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The position of each label among `old_ids`, or -1."""
-    from keras_surgery.plan import index_map
-
     return index_map(old_ids, labels)
 
 

@@ -8,7 +8,8 @@ not check out against the variables' shapes (factored Adafactor slots, EMA copie
 guessed at: the report says the state was not migrated.
 
 `slot_fills` pairs each new slot with its old slot (or zeros) for a live model
-(`optimizer_writes`) and a `.keras` file (`keras_surgery.files.apply_file`) alike.
+(`optimizer_writes`) and a `.keras` file (`file_optimizer_values`, used by
+`keras_surgery.files.apply_file`) alike.
 """
 
 from __future__ import annotations
@@ -16,11 +17,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from keras_surgery.graph import ModelGraph, live_variables, strategy_scope
+from keras_surgery.errors import SurgeryError
+from keras_surgery.fill import fill
+from keras_surgery.graph import ModelGraph, WeightSource, live_variables, strategy_scope
+from keras_surgery.propagate import propagate
+from keras_surgery.stream import Write
+
+if TYPE_CHECKING:
+    from keras_surgery.keras_file import KerasFile
+    from keras_surgery.plan import SurgeryPlan
 
 OPTIMIZER_PREFIX = "optimizer/vars/"
 
@@ -134,8 +143,6 @@ class SlotFill:
 
     def value(self, read: Callable[[str], np.ndarray], current: np.ndarray) -> np.ndarray:
         """The slot's new value, shaped like `current`; `read(path)` gives an old variable."""
-        from keras_surgery.apply import fill
-
         if self.old_path is None:
             return np.zeros_like(current)
         return fill(self.plan, read(self.old_path), np.zeros_like(current), "preserve",
@@ -211,17 +218,15 @@ def state_difference(
 
 
 def optimizer_writes(
-    plan: Any, model: Any, old_weights: Any, variables: dict[str, Any]
+    plan: SurgeryPlan, model: Any, old_weights: WeightSource, variables: dict[str, Any]
 ) -> tuple[list[Any], list[str]]:
     """The writes that carry the old optimizer state into the new model's optimizer, and
     warnings (why nothing is carried, when it is not).
 
     Returns:
-        (writes, warnings): `writes` are `keras_surgery.apply.Write`s, computed one at a time
+        (writes, warnings): `writes` are `keras_surgery.stream.Write`s, computed one at a time
         while the weights stream in.
     """
-    from keras_surgery.apply import Write
-
     old = plan.old_optimizer
     if old is None:
         return [], []
@@ -259,3 +264,71 @@ def optimizer_writes(
             reads_current=False,
         ))
     return writes, []
+
+
+def file_optimizer_values(
+    plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile
+) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], str | None]:
+    """The optimizer state carried from `src` into the new file: for each optimizer variable
+    of the template that takes an old value (the iteration count, every slot), a function of
+    the template's value giving the new one; and why nothing is carried, when it is not.
+
+    Slots are paired as on a live model (`keras_surgery.optimizer.slot_fills`); the learning
+    rate and any variable not carried keep the template's value.
+    """
+    src, template = old.path, tmpl.path
+    layout = plan.old_optimizer
+    old_paths, new_paths = old.paths(), tmpl.paths()
+    kept = " The template's optimizer variables are written as they are."
+    if not any(p.startswith(OPTIMIZER_PREFIX) for p in new_paths):
+        if layout is None:
+            return {}, None
+        return {}, (
+            f"optimizer state was not migrated: '{template}' has no optimizer variables (compile "
+            "the new model and build its optimizer, model.optimizer.build("
+            "model.trainable_variables), before saving the template)."
+        )
+    if layout is None:
+        if any(p.startswith(OPTIMIZER_PREFIX) for p in old_paths):
+            return {}, (
+                f"optimizer state was not migrated: '{src}' has optimizer variables, but the "
+                "plan was made from an old model without optimizer state." + kept
+            )
+        return {}, None
+    difference = state_difference(layout, old_paths, _optimizer_class(old.config))
+    if difference:
+        return {}, (
+            f"optimizer state was not migrated: '{src}' does not hold the optimizer state of "
+            f"the model the plan was made from: {difference}." + kept
+        )
+    try:
+        graph = tmpl.graph()
+        new = file_layout(graph, tmpl.config, propagate(graph).records)
+    except SurgeryError as exc:
+        return {}, (f"optimizer state was not migrated: the layers of '{template}' could not "
+                    f"be read ({exc})." + kept)
+    if new is None:
+        return {}, (f"optimizer state was not migrated: '{template}' has optimizer variables "
+                    "but no optimizer in its compile config." + kept)
+    fills, note = slot_fills(plan, layout, new)
+    if fills is None:
+        return {}, f"{note}{kept}"
+    old_iterations = layout.variables[0]
+    note = iterations_note(layout, tuple(old_paths[old_iterations][0]), tuple(new.shapes[0]))
+    if note:
+        return {}, note + kept
+    values: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        new.variables[0]: lambda fresh: copied_iterations(old.read(old_iterations), fresh),
+    }
+    for slot in fills:
+        values[new.variables[slot.position]] = (
+            lambda fresh, slot=slot: slot.value(old.read, fresh))
+    return values, None
+
+
+def _optimizer_class(config: Any) -> str | None:
+    """The optimizer class named by a file's compile config, if any."""
+    compile_config = config.get("compile_config") if isinstance(config, dict) else None
+    opt = compile_config.get("optimizer") if isinstance(compile_config, dict) else None
+    name = opt.get("class_name") if isinstance(opt, dict) else None
+    return name if isinstance(name, str) else None

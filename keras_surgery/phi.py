@@ -16,7 +16,8 @@ import numpy as np
 
 from keras_surgery.features import FeatureSpec
 from keras_surgery.labels import AxisLabels, DepSets, gc_paused
-from keras_surgery.propagate import GraphLabels, LayerRecord
+from keras_surgery.propagate import GraphLabels, LayerRecord, propagate
+from keras_surgery.side import opened
 
 INPUT_SIDE_KINDS = ("in", "diag", "lookup")
 
@@ -150,10 +151,7 @@ def phi_table(
     Returns:
         PhiTable mapping `(input, feature)` to the weight slices that depend on it.
     """
-    from keras_surgery.propagate import propagate
-    from keras_surgery.sources import open_graph
-
-    with open_graph(model_or_path) as graph:
-        return PhiTable.from_labels(propagate(graph, features=features, strict=strict))
+    with opened(model_or_path) as side:
+        return PhiTable.from_labels(propagate(side.graph(), features=features, strict=strict))
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from keras_surgery.plan import SurgeryPlan
+from keras_surgery.visual import plot, to_html
+
+if TYPE_CHECKING:
+    from keras_surgery.plan import SurgeryPlan
 
 COLUMNS = ("layer", "weight", "shape", "status", "copied", "zeroed", "fresh")
 
@@ -114,14 +117,10 @@ class SurgeryReport:
     def to_html(self, path: str) -> str:
         """Writes a self-contained HTML page: every weight, a map of its copied / zeroed /
         fresh regions, the warnings and the dropped weights. Returns the path."""
-        from keras_surgery.visual import to_html
-
         return to_html(self.plan, path, self.warnings)
 
     def plot(self, path: str) -> str:
         """Draws the region maps of the changed weights to an image (needs matplotlib)."""
-        from keras_surgery.visual import plot
-
         return plot(self.plan, path)
 
     def __repr__(self) -> str:

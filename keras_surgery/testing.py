@@ -9,12 +9,14 @@ that puts an index in the wrong place even where the preservation check cannot s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from keras_surgery.graph import finalize_layers
+from keras_surgery.migrate import migrate_weights
 from keras_surgery.report import SurgeryReport
 from keras_surgery.verify import VerificationResult, verify_mapping
 
@@ -29,11 +31,13 @@ class RuleCheck:
     verification: VerificationResult | None = None
 
 
-def _model(make_layer: Callable[..., Any], shape: tuple[int, ...], kwargs: dict, seed: int):
+def _model(
+    make_layer: Callable[..., Any], shape: tuple[int, ...], kwargs: dict, seed: int, dtype: str
+):
     import keras
 
     keras.utils.set_random_seed(seed)
-    x = keras.Input(shape, name="x")
+    x = keras.Input(shape, dtype=dtype, name="x")
     h = make_layer(**kwargs)(x)
     if len(h.shape) > 2:
         h = keras.layers.Flatten(name="flatten")(h)
@@ -41,9 +45,37 @@ def _model(make_layer: Callable[..., Any], shape: tuple[int, ...], kwargs: dict,
 
 
 def _randomize(model: Any, rng: np.random.Generator) -> None:
+    assigned = []
     for v in model.weights:
         if v.path.endswith(("bias", "beta")) or (len(v.shape) <= 1 and "variance" not in v.path):
             v.assign(rng.normal(0, 0.3, v.shape).astype(v.dtype))
+            assigned.append(v)
+    # As a migration does: else an adapted Normalization would go on computing with its
+    # initial statistics in the old model, and with the assigned ones after the migration.
+    finalize_layers(model, assigned)
+
+
+def _draw(
+    rng: np.random.Generator, shape: tuple[int, ...], values: np.ndarray | None
+) -> np.ndarray:
+    if values is None:
+        return rng.normal(size=shape).astype("float32")
+    return rng.choice(values, size=shape)
+
+
+def _values_and_dtype(input_values: Sequence[Any] | None) -> tuple[np.ndarray | None, str]:
+    if input_values is None:
+        return None, "float32"
+    values = np.asarray(list(input_values))
+    if values.size == 0:
+        raise ValueError("input_values must hold at least one value.")
+    if values.dtype.kind in "US":
+        return values.astype(object), "string"
+    if values.dtype.kind not in "iu":
+        raise ValueError(
+            f"input_values must be integers or strings. Received: dtype {values.dtype}"
+        )
+    return values.astype("int32"), "int32"
 
 
 def check_rule(
@@ -55,18 +87,25 @@ def check_rule(
     insert_feature: bool = True,
     atol: float = 1e-5,
     seed: int = 0,
+    input_values: Sequence[Any] | None = None,
 ) -> RuleCheck:
     """Checks that surgery through `make_layer`'s layer keeps the old function.
 
     Args:
         make_layer: builds the layer, e.g. `lambda **kw: MyLayer(name="mine", **kw)`. Give the
-            layer a fixed name so the old and new instances match.
+            layer a fixed name so the old and new instances match. It may return any callable
+            on the input tensor, so a layer with several inputs is checked inside a small
+            graph: `lambda **kw: lambda x: Merge(name="m")([Dense(4, name="a")(x),
+            Dense(4, name="b")(x)])`.
         input_shape: the input shape without the batch axis; the last axis holds features.
         old_kwargs: arguments of the old layer.
         new_kwargs: arguments of the new layer (default: the old ones), e.g. more units.
         insert_feature: insert a new input feature at position 1 of the last axis.
         atol: the largest allowed |new(x) - old(x)| on the old outputs.
         seed: random seed.
+        input_values: for a layer that reads ids or strings (an Embedding, a StringLookup),
+            the values inputs are drawn from; the input then has dtype "int32" (integers) or
+            "string". Default: float32 inputs drawn from a normal distribution.
 
     Returns:
         RuleCheck with the measured difference and the surgery report.
@@ -81,16 +120,15 @@ def check_rule(
         >>> check_rule(lambda **kw: Scale(name="scale"), (6,))
         RuleCheck(preserves_function=True, max_diff=0.0, ...)
     """
-    from keras_surgery.migrate import migrate_weights
-
     old_kwargs = dict(old_kwargs or {})
     new_kwargs = dict(old_kwargs if new_kwargs is None else new_kwargs)
+    values, dtype = _values_and_dtype(input_values)
     rng = np.random.default_rng(seed)
     n = input_shape[-1]
-    old = _model(make_layer, tuple(input_shape), old_kwargs, seed)
+    old = _model(make_layer, tuple(input_shape), old_kwargs, seed, dtype)
     _randomize(old, rng)
     new_shape = tuple(input_shape[:-1]) + (n + 1 if insert_feature else n,)
-    new = _model(make_layer, new_shape, new_kwargs, seed + 1)
+    new = _model(make_layer, new_shape, new_kwargs, seed + 1, dtype)
     old_names = [f"f{i}" for i in range(n)]
     new_names = list(old_names)
     if insert_feature:
@@ -99,8 +137,8 @@ def check_rule(
     report = migrate_weights(
         old, new, old_features={"x": old_names}, new_features={"x": new_names}
     )
-    x_old = rng.normal(size=(4,) + tuple(input_shape)).astype("float32")
-    x_new = rng.normal(size=(4,) + new_shape).astype("float32")
+    x_old = _draw(rng, (4,) + tuple(input_shape), values)
+    x_new = _draw(rng, (4,) + new_shape, values)
     for j, name in enumerate(new_names):
         if name in old_names:
             x_new[..., j] = x_old[..., old_names.index(name)]

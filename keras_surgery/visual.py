@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import html
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from keras_surgery.plan import OUT_KINDS, SurgeryPlan, WeightPlan
+from keras_surgery.atomic import atomic_path, write_text
+from keras_surgery.fill import regions_of
+
+if TYPE_CHECKING:
+    from keras_surgery.plan import SurgeryPlan, WeightPlan
 
 FRESH, ZEROED, COPIED = 0, 1, 2
 COLORS = {COPIED: "#2b8cbe", ZEROED: "#d9d9d9", FRESH: "#fdae6b"}
@@ -21,27 +26,25 @@ NAMES = {COPIED: "copied", ZEROED: "zeroed", FRESH: "fresh"}
 
 
 def region_map(wp: WeightPlan, policy: str, max_cells: int = 64) -> np.ndarray:
-    """A small int grid (FRESH/ZEROED/COPIED) of one weight's regions over its last two axes."""
+    """A small int grid (FRESH/ZEROED/COPIED) of one weight's regions over its last two axes,
+    from the regions the fill kernel writes (`keras_surgery.fill.regions_of`)."""
     shape = wp.shape if wp.shape else (1,)
     if wp.axes is None or not wp.axes:
         grid = np.full(shape[-2:] if len(shape) > 1 else (1, shape[-1]), FRESH)
         return _coarsen(grid, max_cells)
-    axes = wp.axes[-2:] if len(wp.axes) > 1 else wp.axes
-    # An earlier axis (a conv tap) that is partly new makes the folded cells partial: show
-    # the cell by its fully matched state only if every earlier axis matched entirely.
-    earlier_all = all(a.matched.all() for a in wp.axes[:-2])
-    earlier_out_ok = all(a.matched.all() for a in wp.axes[:-2]
-                         if a.kind in OUT_KINDS and not a.zero_new)
-    matched = [a.matched for a in axes]
-    out_ok = [a.matched if a.kind in OUT_KINDS and not a.zero_new else np.ones_like(a.matched)
-              for a in axes]
-    if len(axes) == 1:
-        matched, out_ok = [np.ones(1, bool)] + matched, [np.ones(1, bool)] + out_ok
-    copy = np.outer(matched[0], matched[1]) & earlier_all
-    zero = np.outer(out_ok[0], out_ok[1]) & earlier_out_ok & ~copy
+    copy_masks, zero_masks = regions_of(wp, policy).masks(wp.shape)
+    # An earlier axis (a conv tap) that is partly copied or zeroed makes the folded cells
+    # partial: a cell shows a state only where every earlier axis has it entirely.
+    earlier_copy = all(m.all() for m in copy_masks[:-2])
+    earlier_zero = all(m.all() for m in zero_masks[:-2])
+    copy_masks, zero_masks = copy_masks[-2:], zero_masks[-2:]
+    if len(copy_masks) == 1:
+        copy_masks = [np.ones(1, bool)] + copy_masks
+        zero_masks = [np.ones(1, bool)] + zero_masks
+    copy = np.outer(copy_masks[0], copy_masks[1]) & earlier_copy
+    zero = np.outer(zero_masks[0], zero_masks[1]) & earlier_zero & ~copy
     grid = np.full(copy.shape, FRESH)
-    if wp.fill_policy(policy) == "preserve":
-        grid[zero] = ZEROED
+    grid[zero] = ZEROED
     grid[copy] = COPIED
     return _coarsen(grid, max_cells)
 
@@ -70,8 +73,6 @@ def _svg(grid: np.ndarray, cell: int = 6) -> str:
 
 def to_html(plan: SurgeryPlan, path: str | os.PathLike, warnings: list[str] | None = None) -> str:
     """Writes one self-contained HTML page of the surgery; returns its path."""
-    from keras_surgery.atomic import write_text
-
     warnings = plan.warnings if warnings is None else warnings
     totals = plan.totals()
     legend = " ".join(
@@ -133,8 +134,6 @@ def plot(plan: SurgeryPlan, path: str | os.PathLike, max_weights: int = 24) -> s
         ax.axis("off")
     fig.suptitle("copied (blue), zeroed (grey), fresh (orange)", fontsize=9)
     fig.tight_layout()
-    from keras_surgery.atomic import atomic_path
-
     path = os.fspath(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1][1:] or "png")

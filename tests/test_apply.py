@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from keras_surgery import apply as apply_module
-from keras_surgery.apply import _HandedOver, _owns, fill, handed_over
+from keras_surgery import fill as fill_module
+from keras_surgery import stream as stream_module
+from keras_surgery.fill import fill
 from keras_surgery.keras_file import KerasFile
 from keras_surgery.plan import AxisMap, WeightPlan
+from keras_surgery.stream import _HandedOver, _owns, handed_over
 from tests.util import assert_input_sensitive, max_diff, predict, randomize
 
 pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWarning")
@@ -51,7 +53,7 @@ def test_a_file_view_is_never_handed_over(tmp_path):
 def test_copied_weight_is_a_new_array_in_blocks(monkeypatch):
     """A weight whose every index is copied (here permuted) is a new array, not a view of the
     old one, copied in blocks with the old pages released after each."""
-    monkeypatch.setattr(apply_module, "COPY_BLOCK_BYTES", 8)
+    monkeypatch.setattr(fill_module, "COPY_BLOCK_BYTES", 8)
     old = np.arange(24, dtype=np.float32).reshape(6, 4)
     perm = np.array([2, 0, 1, 5, 4, 3])
     wp = WeightPlan("d", "kernel", "p", (6, 4), axes=[AxisMap("in", perm),
@@ -108,14 +110,14 @@ def test_migration_hands_over_every_value_and_keeps_the_function(tmp_path, monke
     keras.utils.set_random_seed(5)
     new = _mlp(8, 48)
     passed = []
-    real = apply_module.handed_over
+    real = stream_module.handed_over
 
     def spy(value):
         out = real(value)
         passed.append(out)
         return out
 
-    monkeypatch.setattr(apply_module, "handed_over", spy)
+    monkeypatch.setattr(stream_module, "handed_over", spy)
     report = ks.migrate_weights(path, new)
     assert report.preserves_function, report.warnings
     assert len(passed) == len(new.weights)

@@ -436,3 +436,50 @@ def test_damaged_global_heap_is_refused_before_hdf5_reads_it(tmp_path):
             f.paths()
     with KerasFile(str(path)) as f:  # the undamaged file reads
         assert f.paths()
+
+
+# -- one open per migration ---------------------------------------------------------------------
+
+
+def test_a_migration_opens_the_old_file_once(tmp_path, monkeypatch):
+    """Planning, the lineage record, the weights, their memory map and the optimizer layout all
+    read the old file through one file descriptor."""
+    import builtins
+    import os
+
+    import keras_surgery as ks
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,), name="obs")
+    old = keras.Model(inp, keras.layers.Dense(2, name="out")(
+        keras.layers.Dense(4, name="h")(inp)))
+    old.compile(optimizer="adam", loss="mse")
+    old.fit(np.ones((4, 3)), np.ones((4, 2)), verbose=0)
+    path = str(tmp_path / "old.keras")
+    ks.save_with_lineage(old, path, features={"obs": ["a", "b", "c"]})
+    inp = keras.Input((4,), name="obs")
+    new = keras.Model(inp, keras.layers.Dense(2, name="out")(
+        keras.layers.Dense(4, name="h")(inp)))
+    new.compile(optimizer="adam", loss="mse")
+
+    opened = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == path:
+            opened.append("open")
+        return real_open(file, *args, **kwargs)
+
+    def spy_os_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.abspath(file) == path:
+            opened.append("os.open")
+        return real_os_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(os, "open", spy_os_open)
+    report = ks.migrate_weights(path, new, new_features={"obs": ["a", "x", "b", "c"]})
+    assert report.preserves_function, report.warnings
+    assert not any("optimizer" in w for w in report.warnings), report.warnings
+    np.testing.assert_array_equal(new.get_layer("h").kernel.numpy()[[0, 2, 3]],
+                                  old.get_layer("h").kernel.numpy())
+    assert opened == ["open"]

@@ -212,7 +212,7 @@ def test_training_breaks_the_symmetry_of_copies():
 @pytest.mark.parametrize("block_bytes", [None, 8], ids=["whole", "row-blocks"])
 def test_file_to_file_gives_the_live_values(tmp_path, monkeypatch, block_bytes):
     if block_bytes is not None:  # the live migration copies row blocks (split shares too)
-        monkeypatch.setattr("keras_surgery.apply.COPY_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr("keras_surgery.fill.COPY_BLOCK_BYTES", block_bytes)
     old, batch = _old(lambda: _mlp(16, 12), (8,))
     old_path = str(tmp_path / "old.keras")
     old.save(old_path)

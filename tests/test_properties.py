@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 import keras_surgery as ks
 from keras_surgery.features import FeatureColumn, feature_columns
-from keras_surgery.plan import SurgeryPlan, index_map
+from keras_surgery.match import index_map
+from keras_surgery.plan import SurgeryPlan
 from tests.util import max_diff, predict, randomize
 
 L = keras.layers

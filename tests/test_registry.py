@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from keras_surgery.registry import find_rule
+from keras_surgery.registry import Registration, find_registration, find_rule
 from keras_surgery.rules.core import dense_rule
 from keras_surgery.rules.elementwise import passthrough_rule
 
@@ -106,3 +106,78 @@ def test_opaque_layer_whose_input_changed_cannot_preserve():
     assert any("'scale'" in w for w in report.warnings)
     # the opaque layer's weight changed shape: it keeps its initial value
     np.testing.assert_array_equal(new.get_layer("scale").scale.numpy(), before[0])
+
+
+# -- function keys -----------------------------------------------------------------------------
+
+
+class SubScale(Scale):
+    pass
+
+
+@keras.saving.register_keras_serializable(package="registry_tests")
+class Gate(keras.layers.Layer):
+    """Registered with Keras under "registry_tests>Gate", for lookups by name."""
+
+
+def test_function_keys_are_stored_beside_the_rule_and_found_through_the_mro():
+    ks.register_rule(Scale, scale_rule, function_keys=["epsilon", "activation"])
+    try:
+        for cls in (Scale, SubScale):
+            found = find_registration(cls)
+            assert found.rule is scale_rule
+            assert found.function_keys == frozenset({"epsilon", "activation"})
+    finally:
+        ks.unregister_rule(Scale)
+    assert find_registration(SubScale) is None  # the cache forgot the old lookup
+    # a built-in: Keras's Dense through a subclass
+    assert find_registration(SubDense).function_keys == {"activation", "use_bias"}
+
+
+def test_function_keys_are_found_by_name_as_the_rule_is():
+    ks.register_rule("registry_tests>Gate", scale_rule, function_keys=("epsilon",))
+    try:
+        # a live class, by the name Keras registered it under
+        assert find_registration(Gate).function_keys == {"epsilon"}
+        # a node read from a file: no class, only its names
+        assert find_registration(None, "Gate", "registry_tests>Gate").function_keys == {"epsilon"}
+    finally:
+        ks.unregister_rule("registry_tests>Gate")
+    ks.register_rule("Gate", scale_rule, function_keys=("axis",))  # by plain class name
+    try:
+        assert find_registration(None, "Gate", None).function_keys == {"axis"}
+    finally:
+        ks.unregister_rule("Gate")
+    ks.register_rule(Gate, scale_rule, function_keys=("center",))  # as a class, met in a file
+    try:
+        assert find_registration(None, "Gate", "registry_tests>Gate").function_keys == {"center"}
+    finally:
+        ks.unregister_rule(Gate)
+    assert find_registration(None, "Gate", "registry_tests>Gate") is None
+
+
+def test_an_override_keeps_the_keys_unless_given_and_unregister_removes_them():
+    ks.register_rule(Scale, scale_rule, function_keys=("epsilon",))
+    try:
+        ks.register_rule(Scale, passthrough_rule, override=True)  # the keys describe the layer
+        assert find_registration(Scale) == Registration(passthrough_rule, frozenset({"epsilon"}))
+        ks.register_rule(Scale, scale_rule, override=True, function_keys=("axis",))
+        assert find_registration(Scale).function_keys == {"axis"}
+        ks.register_rule(Scale, scale_rule, override=True, function_keys=())
+        assert find_registration(Scale).function_keys == frozenset()
+        ks.register_rule(Scale, scale_rule, override=True, function_keys=("epsilon",))
+    finally:
+        ks.unregister_rule(Scale)
+    ks.register_rule(Scale, scale_rule)  # a new registration does not inherit the old keys
+    try:
+        assert find_registration(Scale).function_keys == frozenset()
+    finally:
+        ks.unregister_rule(Scale)
+
+
+@pytest.mark.parametrize("keys", ["activation", [1], 3])
+def test_function_keys_must_be_a_collection_of_names(keys):
+    with pytest.raises(TypeError, match="function_keys must be a collection of config key "
+                                        "names. Received: "):
+        ks.register_rule(Scale, scale_rule, function_keys=keys)
+    assert find_registration(Scale) is None

@@ -9,8 +9,7 @@ import numpy as np
 
 from keras_surgery.labels import AxisLabels, TensorLabels, unit_key
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, weight
-from keras_surgery.rules.core import check_weights
+from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, check_weights, weight
 
 
 def _qkv(call: RuleCall, names: tuple[str, str, str]) -> tuple[TensorLabels, ...]:
@@ -144,6 +143,8 @@ def additive_attention_rule(call: RuleCall) -> RuleResult:
                       mixing)
 
 
-register_rule(keras.layers.MultiHeadAttention, multi_head_attention_rule)
-register_rule(keras.layers.Attention, attention_rule)
-register_rule(keras.layers.AdditiveAttention, additive_attention_rule)
+register_rule(keras.layers.MultiHeadAttention, multi_head_attention_rule,
+              function_keys=("attention_axes", "use_bias"))
+register_rule(keras.layers.Attention, attention_rule, function_keys=("use_scale", "score_mode"))
+register_rule(keras.layers.AdditiveAttention, additive_attention_rule,
+              function_keys=("use_scale",))

@@ -21,12 +21,16 @@ import numpy as np
 
 from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes, positions
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input, weight
-from keras_surgery.rules.core import (
+from keras_surgery.rules.api import (
+    Mixing,
+    RuleCall,
+    RuleResult,
     activation_mixing,
     check_weights,
     linear_starts,
     nonnegative_activation,
+    single_input,
+    weight,
 )
 
 # -- spatial geometry helpers ------------------------------------------------------------------
@@ -434,11 +438,15 @@ def separable_conv_rule(call: RuleCall) -> RuleResult:
     return RuleResult([out], check_weights(call, weights), mixing)
 
 
+# What a convolution computes besides its sizes: the rules relabel grown kernels and channels,
+# not a changed stride, padding or activation.
+CONV_KEYS = ("activation", "strides", "dilation_rate", "padding", "data_format", "use_bias")
+
 for _name in ("Conv1D", "Conv2D", "Conv3D"):
-    register_rule(getattr(keras.layers, _name), conv_rule)
+    register_rule(getattr(keras.layers, _name), conv_rule, function_keys=CONV_KEYS)
 for _name in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
-    register_rule(getattr(keras.layers, _name), conv_transpose_rule)
+    register_rule(getattr(keras.layers, _name), conv_transpose_rule, function_keys=CONV_KEYS)
 for _name in ("DepthwiseConv1D", "DepthwiseConv2D"):
-    register_rule(getattr(keras.layers, _name), depthwise_conv_rule)
+    register_rule(getattr(keras.layers, _name), depthwise_conv_rule, function_keys=CONV_KEYS)
 for _name in ("SeparableConv1D", "SeparableConv2D"):
-    register_rule(getattr(keras.layers, _name), separable_conv_rule)
+    register_rule(getattr(keras.layers, _name), separable_conv_rule, function_keys=CONV_KEYS)

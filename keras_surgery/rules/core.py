@@ -7,109 +7,18 @@ import re
 import keras
 import numpy as np
 
-from keras_surgery.labels import AxisLabels, LabelSpace, TensorLabels
+from keras_surgery.labels import AxisLabels, LabelSpace
 from keras_surgery.registry import register_rule
 from keras_surgery.rules.api import (
-    IDENTITY,
-    ZEROS,
-    Mixing,
     RuleCall,
     RuleResult,
-    Start,
-    WeightLabels,
+    activation_mixing,
+    check_weights,
+    linear_starts,
+    nonnegative_activation,
     single_input,
     weight,
 )
-
-MIXING_ACTIVATIONS = frozenset({"softmax", "log_softmax"})
-# Activations whose every value is >= 0.
-NONNEGATIVE_ACTIVATIONS = frozenset(
-    {"relu", "relu6", "sigmoid", "hard_sigmoid", "softmax", "softplus", "exponential"}
-)
-# Activations with f(0) = 0: a layer with them and zero weights outputs exactly 0.
-ZERO_AT_ZERO = frozenset({
-    "linear", "relu", "relu6", "tanh", "elu", "selu", "gelu", "silu", "swish", "leaky_relu",
-    "softsign", "mish", "hard_silu", "hard_swish", "celu", "hard_tanh", "tanh_shrink",
-    "soft_shrink", "hard_shrink",
-})
-# Activations with f(x) = x for x >= 0: a layer with them is the identity on nonnegative inputs.
-IDENTITY_ON_NONNEGATIVE = frozenset({"relu", "leaky_relu", "elu", "celu"})
-
-
-def activation_name(config: dict) -> str | None:
-    act = config.get("activation")
-    if isinstance(act, str):
-        return act
-    if isinstance(act, dict):  # a serialized activation function or layer
-        return act.get("config") if isinstance(act.get("config"), str) else act.get("class_name")
-    return None
-
-
-def activation_mixing(call: RuleCall, labels: AxisLabels) -> list[Mixing]:
-    """A softmax-like activation mixes the units of the axis it normalises."""
-    act = activation_name(call.config)
-    if act in MIXING_ACTIVATIONS:
-        return [Mixing((labels,), f"'{act}' activation normalises over its units")]
-    return []
-
-
-def linear_starts(
-    call: RuleCall,
-    x: TensorLabels,
-    out: TensorLabels,
-    axis: int,
-    *,
-    bias: bool,
-    refuse_identity: str | None = None,
-) -> dict[str, Start]:
-    """Starts of a new layer computing `activation(kernel . x + bias)` along `axis` (Dense,
-    a convolution): "zero" sets kernel and bias to 0 (exact when the activation is 0 at 0);
-    "identity" sets the kernel to the identity and the bias to 0, when the layer has as many
-    units as inputs and its activation is the identity (linear; relu-like on inputs >= 0).
-    `refuse_identity` is the layer's own reason it cannot be the identity (its geometry)."""
-    act = activation_name(call.config) or "linear"
-    roles = ("kernel", "bias") if bias else ("kernel",)
-    n_in, n_out = x[axis].length, out[axis].length
-    starts: dict[str, Start] = {}
-    if act in ZERO_AT_ZERO and n_out is not None:
-        zero_out = out[:axis] + (call.zeros(n_out),) + out[axis + 1:]
-        starts["zero"] = Start("zero", dict.fromkeys(roles, ZEROS), [zero_out])
-    else:
-        starts["zero"] = Start("zero", refused=f"its activation '{act}' is not 0 at 0")
-    reason = refuse_identity
-    if reason is None and n_in != n_out:
-        reason = f"it has {n_out} units for {n_in} inputs"
-    if reason is None and act != "linear":
-        if act not in IDENTITY_ON_NONNEGATIVE:
-            reason = f"its activation '{act}' is not the identity"
-        elif not call.nonnegative_input():
-            reason = (f"its activation '{act}' is the identity only on inputs >= 0, and its "
-                      "input may be negative")
-    if reason is not None:
-        starts["identity"] = Start("identity", refused=reason)
-    else:
-        values = {"kernel": IDENTITY, **({"bias": ZEROS} if bias else {})}
-        starts["identity"] = Start("identity", values, [x])
-    return starts
-
-
-def nonnegative_activation(call: RuleCall) -> bool:
-    return activation_name(call.config) in NONNEGATIVE_ACTIVATIONS
-
-
-def check_weights(call: RuleCall, weights: list[WeightLabels]) -> list[WeightLabels]:
-    shapes = [w.shape for w in call.weights]
-    if len(shapes) != len(weights) or any(
-        len(s) != len(w.axes)
-        or any(a.labels.ids is not None and len(a.labels.ids) != d for a, d in zip(w.axes, s))
-        for s, w in zip(shapes, weights)
-    ):
-        raise ValueError(
-            f"{call.describe()} has variables {[(w.local, w.shape) for w in call.weights]}, "
-            "but its rule expects "
-            f"{[(w.role, tuple(a.labels.length for a in w.axes)) for w in weights]}."
-        )
-    return weights
 
 
 def dense_rule(call: RuleCall) -> RuleResult:
@@ -197,5 +106,6 @@ def einsum_dense_rule(call: RuleCall) -> RuleResult:
     return RuleResult(outputs, check_weights(call, weights), activation_mixing(call, last))
 
 
-register_rule(keras.layers.Dense, dense_rule)
-register_rule(keras.layers.EinsumDense, einsum_dense_rule)
+register_rule(keras.layers.Dense, dense_rule, function_keys=("activation", "use_bias"))
+register_rule(keras.layers.EinsumDense, einsum_dense_rule,
+              function_keys=("activation", "equation", "bias_axes"))

@@ -3,7 +3,7 @@ concatenation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import keras
 import numpy as np
@@ -11,23 +11,21 @@ import numpy as np
 from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes
 from keras_surgery.registry import register_rule
 from keras_surgery.rules.api import (
+    IDENTITY_ON_NONNEGATIVE,
+    MIXING_ACTIVATIONS,
+    NONNEGATIVE_ACTIVATIONS,
     ONES,
+    ZERO_AT_ZERO,
     ZEROS,
     Mixing,
     RuleCall,
     RuleResult,
     Start,
+    activation_name,
+    check_weights,
     single_input,
     weight,
     zero_passing,
-)
-from keras_surgery.rules.core import (
-    IDENTITY_ON_NONNEGATIVE,
-    MIXING_ACTIVATIONS,
-    NONNEGATIVE_ACTIVATIONS,
-    ZERO_AT_ZERO,
-    activation_name,
-    check_weights,
 )
 
 # Activations that map values >= 0 to values >= 0 (besides the always-nonnegative ones).
@@ -70,10 +68,12 @@ def _relu_layer_nonnegative(config: dict) -> bool:
         config.get("threshold") or 0.0) >= 0.0
 
 
-def def_passthrough(*classes: type) -> None:
-    """Registers `passthrough_rule` for each class: one line per pass-through layer."""
+def def_passthrough(*classes: type, function_keys: Iterable[str] | None = None) -> None:
+    """Registers `passthrough_rule` for each class: one line per pass-through layer.
+    `function_keys` are the classes' settings that change what they compute (a ReLU's
+    threshold); see `register_rule`."""
     for cls in classes:
-        register_rule(cls, passthrough_rule)
+        register_rule(cls, passthrough_rule, function_keys=function_keys)
 
 
 def _mixing_on(call: RuleCall, x: TensorLabels, axis: int | Sequence[int], what: str) -> Mixing:
@@ -216,12 +216,25 @@ _PASSTHROUGH = (
     "ELU",
     "Masking",
 )
-def_passthrough(*(getattr(keras.layers, n) for n in _PASSTHROUGH if hasattr(keras.layers, n)))
-register_rule(keras.layers.Activation, activation_rule)
-register_rule(keras.layers.Softmax, softmax_rule)
+# Pass-throughs copy their input in inference, except the relu-like ones, which clip and bend
+# it. (A spatial dropout's data_format matters only while training; it stays declared because
+# changed settings were reported for it before rules declared their own.)
+_PASSTHROUGH_KEYS = {
+    "ReLU": ("max_value", "negative_slope", "threshold"),
+    "LeakyReLU": ("negative_slope",),
+    "ELU": ("alpha",),
+    "SpatialDropout2D": ("data_format",),
+    "SpatialDropout3D": ("data_format",),
+}
+for _name in _PASSTHROUGH:
+    if hasattr(keras.layers, _name):
+        def_passthrough(getattr(keras.layers, _name),
+                        function_keys=_PASSTHROUGH_KEYS.get(_name, ()))
+register_rule(keras.layers.Activation, activation_rule, function_keys=("activation",))
+register_rule(keras.layers.Softmax, softmax_rule, function_keys=("axis",))
 register_rule(keras.layers.PReLU, prelu_rule)
-register_rule(keras.layers.Rescaling, rescaling_rule)
-register_rule(keras.layers.Concatenate, concatenate_rule)
+register_rule(keras.layers.Rescaling, rescaling_rule, function_keys=("scale", "offset"))
+register_rule(keras.layers.Concatenate, concatenate_rule, function_keys=("axis",))
 register_rule(keras.layers.Add, add_rule)
 for _merge in (
     keras.layers.Subtract,
@@ -242,7 +255,7 @@ def _register_ops() -> None:
         if op is not None:
             register_rule(op, add_rule if name == "Add" else merge_rule)
     if getattr(knp, "Concatenate", None) is not None:
-        register_rule(knp.Concatenate, concatenate_rule)
+        register_rule(knp.Concatenate, concatenate_rule, function_keys=("axis",))
 
 
 _register_ops()

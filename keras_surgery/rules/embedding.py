@@ -16,8 +16,7 @@ import numpy as np
 
 from keras_surgery.labels import AxisLabels, TensorLabels, TokenValues, token_key
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import RuleCall, RuleResult, single_input, weight
-from keras_surgery.rules.core import check_weights
+from keras_surgery.rules.api import RuleCall, RuleResult, check_weights, single_input, weight
 
 
 def mask_key() -> tuple:
@@ -144,8 +143,13 @@ def reversible_embedding_rule(call: RuleCall) -> RuleResult:
     return RuleResult([tuple(x) + (dim,)], check_weights(call, weights))
 
 
-register_rule(keras.layers.Embedding, embedding_rule)
-register_rule(keras.layers.StringLookup, index_lookup_rule)
-register_rule(keras.layers.IntegerLookup, index_lookup_rule)
+# A masked padding id changes what the layers after an embedding compute.
+EMBEDDING_KEYS = ("mask_zero",)
+
+register_rule(keras.layers.Embedding, embedding_rule, function_keys=EMBEDDING_KEYS)
+register_rule(keras.layers.StringLookup, index_lookup_rule, function_keys=("invert", "output_mode"))
+register_rule(keras.layers.IntegerLookup, index_lookup_rule,
+              function_keys=("invert", "output_mode"))
 if hasattr(keras.layers, "ReversibleEmbedding"):  # Keras >= 3.15 (keras-hub's before: by name)
-    register_rule(keras.layers.ReversibleEmbedding, reversible_embedding_rule)
+    register_rule(keras.layers.ReversibleEmbedding, reversible_embedding_rule,
+                  function_keys=EMBEDDING_KEYS)

@@ -25,12 +25,13 @@ from keras_surgery.rules.api import (
     RuleCall,
     RuleResult,
     Start,
+    check_weights,
     weight,
 )
 from keras_surgery.rules.attention import multi_head_attention_rule
-from keras_surgery.rules.core import check_weights, dense_rule
+from keras_surgery.rules.core import dense_rule
 from keras_surgery.rules.elementwise import add_rule, passthrough_rule
-from keras_surgery.rules.embedding import reversible_embedding_rule
+from keras_surgery.rules.embedding import EMBEDDING_KEYS, reversible_embedding_rule
 from keras_surgery.rules.normalization import layer_normalization_rule
 
 
@@ -172,11 +173,19 @@ def transformer_decoder_rule(call: RuleCall) -> RuleResult:
     return t.result(x, t.residual(h, "_feedforward_layer_norm", t.feedforward))
 
 
+# The settings of a transformer layer that its sublayers' sizes do not show: the feed-forward
+# activation, the LayerNorm epsilon and where the LayerNorms sit.
+TRANSFORMER_KEYS = ("activation", "layer_norm_epsilon", "normalize_first")
+
 # keras-hub registers its layers as "keras_hub>Name"; files from keras-nlp say "keras_nlp>Name".
 for _package in ("keras_hub", "keras_nlp"):
     # keras-hub's own ReversibleEmbedding (before it moved into Keras 3.15) and files of it
-    register_rule(f"{_package}>ReversibleEmbedding", reversible_embedding_rule)
+    register_rule(f"{_package}>ReversibleEmbedding", reversible_embedding_rule,
+                  function_keys=EMBEDDING_KEYS)
     register_rule(f"{_package}>PositionEmbedding", position_embedding_rule)
-    register_rule(f"{_package}>TokenAndPositionEmbedding", token_and_position_embedding_rule)
-    register_rule(f"{_package}>TransformerEncoder", transformer_encoder_rule)
-    register_rule(f"{_package}>TransformerDecoder", transformer_decoder_rule)
+    register_rule(f"{_package}>TokenAndPositionEmbedding", token_and_position_embedding_rule,
+                  function_keys=EMBEDDING_KEYS)
+    register_rule(f"{_package}>TransformerEncoder", transformer_encoder_rule,
+                  function_keys=TRANSFORMER_KEYS)
+    register_rule(f"{_package}>TransformerDecoder", transformer_decoder_rule,
+                  function_keys=TRANSFORMER_KEYS)

@@ -14,10 +14,10 @@ from keras_surgery.rules.api import (
     RuleCall,
     RuleResult,
     Start,
+    check_weights,
     single_input,
     weight,
 )
-from keras_surgery.rules.core import check_weights
 
 
 def _axes(call: RuleCall, x: TensorLabels, axis: object) -> list[int]:
@@ -95,6 +95,9 @@ def normalization_rule(call: RuleCall) -> RuleResult:
     return RuleResult([_derive(call, x, axes)], check_weights(call, weights))
 
 
-register_rule(keras.layers.BatchNormalization, batch_normalization_rule)
-register_rule(keras.layers.LayerNormalization, layer_normalization_rule)
-register_rule(keras.layers.Normalization, normalization_rule)
+# A switched-off center or scale drops a trained weight; epsilon and axis change the statistics.
+register_rule(keras.layers.BatchNormalization, batch_normalization_rule,
+              function_keys=("axis", "epsilon", "center", "scale"))
+register_rule(keras.layers.LayerNormalization, layer_normalization_rule,
+              function_keys=("axis", "epsilon", "center", "scale", "rms_scaling"))
+register_rule(keras.layers.Normalization, normalization_rule, function_keys=("axis", "invert"))

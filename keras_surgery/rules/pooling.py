@@ -10,7 +10,7 @@ import keras
 
 from keras_surgery.labels import positions
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input
+from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, check_weights, single_input
 from keras_surgery.rules.conv import (
     as_tuple,
     geometry_mixing,
@@ -19,7 +19,6 @@ from keras_surgery.rules.conv import (
     spatial_outputs,
     window_length,
 )
-from keras_surgery.rules.core import check_weights
 
 
 def pooling_rule(call: RuleCall) -> RuleResult:
@@ -65,9 +64,11 @@ for _name in (
     "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
     "AveragePooling1D", "AveragePooling2D", "AveragePooling3D",
 ):
-    register_rule(getattr(keras.layers, _name), pooling_rule)
+    register_rule(getattr(keras.layers, _name), pooling_rule,
+                  function_keys=("pool_size", "strides", "padding", "data_format"))
 for _name in (
     "GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D",
     "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D",
 ):
-    register_rule(getattr(keras.layers, _name), global_pooling_rule)
+    register_rule(getattr(keras.layers, _name), global_pooling_rule,
+                  function_keys=("keepdims", "data_format"))

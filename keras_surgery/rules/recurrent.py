@@ -11,7 +11,6 @@ reach the old ones, and the old units compute exactly what they did.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,8 +20,7 @@ import numpy as np
 from keras_surgery.graph import resolve_keras_class
 from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes
 from keras_surgery.registry import register_rule
-from keras_surgery.rules.api import RuleCall, RuleResult, WeightLabels, weight
-from keras_surgery.rules.core import check_weights
+from keras_surgery.rules.api import RuleCall, RuleResult, WeightLabels, check_weights, weight
 
 GRU_BIAS_ROWS = (("gru_bias", "input"), ("gru_bias", "recurrent"))
 CARRY = "carry"  # role of an LSTM's cell state (the gates already use "c")
@@ -226,16 +224,19 @@ def unsupported_rule(call: RuleCall) -> RuleResult:
     raise ValueError(f"{call.layer.class_name} is not supported by the recurrent rules yet")
 
 
-def _register(classes: Sequence[type], rule) -> None:
-    for cls in classes:
-        register_rule(cls, rule)
+# Direction and sequence outputs change what every recurrent layer computes; a wrapped cell or
+# layer (`cell`, `layer`, `backward_layer`) answers for its own settings.
+_SEQUENCE_KEYS = ("go_backwards", "return_sequences")
+_CELL_KEYS = ("activation", "use_bias", *_SEQUENCE_KEYS)
+_GATED_KEYS = (*_CELL_KEYS, "recurrent_activation")
 
-
-_register((keras.layers.SimpleRNN, keras.layers.LSTM, keras.layers.GRU), recurrent_rule)
-register_rule(keras.layers.RNN, rnn_rule)
-register_rule(keras.layers.Bidirectional, bidirectional_rule)
-_register(
-    [getattr(keras.layers, n) for n in ("ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
-     if hasattr(keras.layers, n)],
-    unsupported_rule,
-)
+register_rule(keras.layers.SimpleRNN, recurrent_rule, function_keys=_CELL_KEYS)
+register_rule(keras.layers.LSTM, recurrent_rule, function_keys=_GATED_KEYS)
+register_rule(keras.layers.GRU, recurrent_rule, function_keys=(*_GATED_KEYS, "reset_after"))
+register_rule(keras.layers.RNN, rnn_rule, function_keys=_SEQUENCE_KEYS)
+register_rule(keras.layers.Bidirectional, bidirectional_rule, function_keys=("merge_mode",))
+for _name in ("ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D"):
+    if hasattr(keras.layers, _name):
+        register_rule(getattr(keras.layers, _name), unsupported_rule,
+                      function_keys=(*_GATED_KEYS, "strides", "dilation_rate", "padding",
+                                     "data_format"))

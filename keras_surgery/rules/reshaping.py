@@ -18,7 +18,7 @@ import numpy as np
 from keras_surgery.graph import LayerNode, resolve_keras_class
 from keras_surgery.labels import AxisLabels, concat_axes, positions
 from keras_surgery.registry import find_rule, register_rule
-from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, single_input
+from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, check_weights, single_input
 from keras_surgery.rules.conv import (
     as_pairs,
     as_tuple,
@@ -28,7 +28,6 @@ from keras_surgery.rules.conv import (
     spatial_mixing,
     spatial_outputs,
 )
-from keras_surgery.rules.core import check_weights
 
 # -- label helpers ------------------------------------------------------------------------------
 
@@ -291,11 +290,14 @@ def _resampler(rank: int, key: str, lengths_of, what: str):
 
 for _rank in (1, 2, 3):
     register_rule(getattr(keras.layers, f"ZeroPadding{_rank}D"),
-                  _resampler(_rank, "padding", _padded, f"ZeroPadding{_rank}D"))
+                  _resampler(_rank, "padding", _padded, f"ZeroPadding{_rank}D"),
+                  function_keys=("padding", "data_format"))
     register_rule(getattr(keras.layers, f"Cropping{_rank}D"),
-                  _resampler(_rank, "cropping", _cropped, f"Cropping{_rank}D"))
+                  _resampler(_rank, "cropping", _cropped, f"Cropping{_rank}D"),
+                  function_keys=("cropping", "data_format"))
     register_rule(getattr(keras.layers, f"UpSampling{_rank}D"),
-                  _resampler(_rank, "size", _upsampled, f"UpSampling{_rank}D"))
+                  _resampler(_rank, "size", _upsampled, f"UpSampling{_rank}D"),
+                  function_keys=("size", "interpolation", "data_format"))
 
 # -- indexing ---------------------------------------------------------------------------------
 
@@ -352,7 +354,9 @@ def _register_get_item() -> None:
 
 
 _register_get_item()
-register_rule(keras.layers.Flatten, flatten_rule)
+# A Reshape's, Permute's or RepeatVector's arguments are sizes and orders, which the rules
+# follow; a wrapped layer answers for its own settings.
+register_rule(keras.layers.Flatten, flatten_rule, function_keys=("data_format",))
 register_rule(keras.layers.Reshape, reshape_rule)
 register_rule(keras.layers.Permute, permute_rule)
 register_rule(keras.layers.RepeatVector, repeat_vector_rule)

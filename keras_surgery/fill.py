@@ -1,0 +1,284 @@
+"""The one fill kernel: which entries of a new weight are copied, zeroed or left fresh.
+
+Every writer (a live model, a `.keras` file, optimizer slots) and every reader of the result
+(the plan's counts, the visual report's maps) goes through `regions_of`, so what a report
+shows is what was done. A weight's regions are outer products of per-axis index selections,
+never weight-sized masks:
+
+* copy: every axis matched (an old index continues, or under policy "net2net" a split unit
+  copies one); the value is the old one, times the weight's scale and the split shares;
+* zero (policy "preserve" only): every output-side ("out"/"diag") axis matched while some
+  input-side index is new: a new input must not change an old unit's output, so its weight
+  starts at 0. The copy block lies inside the zero block and is written after it;
+* fresh: everything else keeps the new model's initial value.
+
+New rows of a vocabulary ("lookup") axis inside the zero block start as the mean of the copied
+rows instead of 0; a new layer's start (`WeightPlan.init`) replaces all of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from keras_surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    from keras_surgery.plan import WeightPlan
+    from keras_surgery.rules.api import Init
+
+OUT_KINDS = ("out", "diag")
+# Policies that promise the old function: "net2net" fills like "preserve", except that new
+# units start as copies of old ones (see `keras_surgery.net2net`).
+PRESERVING_POLICIES = ("preserve", "net2net")
+COPY_BLOCK_BYTES = 32 << 20
+"""A copy from an old weight larger than this goes in row blocks of about this size, the old
+file's pages released after each, so a large weight is never resident twice over."""
+
+def fill_rule(wp: WeightPlan, policy: str) -> str:
+    """The fill rule a weight actually gets under the plan's `policy`: "net2net" fills by the
+    "preserve" rule (its split units are in the axis maps), and a weight whose old inputs are
+    all gone (`zero_fill=False`) by the "random" rule."""
+    if not wp.zero_fill:
+        return "random"
+    return "preserve" if policy in PRESERVING_POLICIES else policy
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Where the values of one planned weight (with axes) come from, per axis.
+
+    Attributes:
+        copy_new: per axis, the new indices that are copied (the copy block is their outer
+            product; empty on some axis: nothing is copied).
+        copy_old: per axis, the old index each of `copy_new` copies.
+        zero: per axis, the indices (or `slice(None)`: all of them) of the zero block; None
+            when nothing is zeroed.
+        everything: every index is copied unscaled from one old index: the value is the old
+            weight gathered, and needs no fresh value at all.
+    """
+
+    copy_new: list[np.ndarray]
+    copy_old: list[np.ndarray]
+    zero: list[np.ndarray | slice] | None
+    everything: bool
+
+    def copied(self) -> int:
+        return int(np.prod([len(i) for i in self.copy_new], dtype=np.int64))
+
+    def zeroed(self, shape: Sequence[int]) -> int:
+        if self.zero is None:
+            return 0
+        size = np.prod([n if isinstance(s, slice) else len(s) for s, n in zip(self.zero, shape)],
+                       dtype=np.int64)
+        return int(size) - self.copied()
+
+    def masks(self, shape: Sequence[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per axis, boolean masks of the copy block's and the zero block's indices."""
+        copy, zero = [], []
+        for a, n in enumerate(shape):
+            c = np.zeros(n, dtype=bool)
+            c[self.copy_new[a]] = True
+            copy.append(c)
+            z = np.zeros(n, dtype=bool)
+            if self.zero is not None:
+                z[self.zero[a]] = True
+            zero.append(z)
+        return copy, zero
+
+
+def _copies_everything(wp: WeightPlan) -> bool:
+    return wp.scale == 1.0 and all(
+        a.share is None and len(a.index) and bool(a.matched.all()) for a in wp.axes or []
+    )
+
+
+def regions_of(wp: WeightPlan, policy: str) -> Regions:
+    """The regions of a weight that has axis maps (`wp.axes` not None, no start)."""
+    axes = wp.axes or []
+    copy_new = [np.nonzero(a.matched)[0] for a in axes]
+    copy_old = [a.old_index[a.matched] for a in axes]
+    everything = _copies_everything(wp)
+    zero: list[np.ndarray | slice] | None = None
+    if fill_rule(wp, policy) == "preserve" and not everything and all(
+        len(a.index) for a in axes
+    ):
+        zero = [n if a.kind in OUT_KINDS and not a.zero_new else slice(None)
+                for a, n in zip(axes, copy_new)]
+        if any(isinstance(s, np.ndarray) and not len(s) for s in zero):
+            zero = None
+    return Regions(copy_new, copy_old, zero, everything)
+
+
+def init_value(init: Init, shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """The value of a start's `Init` for a weight of `shape`: a constant, or the identity over
+    the last two axes at the centre of the leading (kernel tap) axes."""
+    if init.kind == "constant":
+        return np.full(shape, init.value, dtype=dtype)
+    if len(shape) < 2 or shape[-1] != shape[-2] or any(k % 2 == 0 for k in shape[:-2]):
+        raise SurgeryError(f"An identity start needs a square last pair of axes and odd kernel "
+                           f"axes before them. Received: shape={shape}")
+    value = np.zeros(shape, dtype=dtype)
+    value[tuple(k // 2 for k in shape[:-2])] = np.eye(shape[-1], dtype=dtype)
+    return value
+
+
+def counts(wp: WeightPlan, policy: str) -> tuple[int, int, int, int]:
+    """(copied, zeroed, fresh, preset) entries of a weight, by the regions `fill` writes;
+    preset: entries a start sets to a value other than 0."""
+    total = wp.size
+    if wp.init is not None:
+        nonzero = int(np.count_nonzero(init_value(wp.init, wp.shape)))
+        return 0, total - nonzero, 0, nonzero
+    if wp.axes is None:
+        return 0, 0, total, 0
+    regions = regions_of(wp, policy)
+    copied = regions.copied()
+    zeroed = regions.zeroed(wp.shape)
+    return copied, zeroed, total - copied - zeroed, 0
+
+
+def needs_fresh(wp: WeightPlan, policy: str) -> bool:
+    """Whether some entry of the weight keeps its fresh (current) value under `policy`; when
+    none does, the current value is not read for the new one."""
+    return wp.init is None and counts(wp, policy)[2] > 0
+
+
+def index_tuple(selections: Sequence[np.ndarray | slice], shape: tuple[int, ...]) -> tuple:
+    """An indexing tuple selecting the outer product of per-axis selections: basic slices
+    (views, no copy) when every selection is a contiguous range, else `np.ix_` arrays."""
+    slices = []
+    for sel in selections:
+        if isinstance(sel, slice):
+            slices.append(sel)
+        elif len(sel) and np.array_equal(sel, np.arange(sel[0], sel[0] + len(sel))):
+            slices.append(slice(int(sel[0]), int(sel[0]) + len(sel)))
+        else:
+            slices.append(None)
+    if all(s is not None for s in slices):
+        return tuple(slices)
+    arrays = [np.arange(n)[sel] if isinstance(sel, slice) else sel
+              for sel, n in zip(selections, shape)]
+    return np.ix_(*arrays)
+
+
+def fill(
+    wp: WeightPlan,
+    old: np.ndarray | None,
+    fresh: np.ndarray,
+    policy: str,
+    *,
+    in_place: bool = False,
+    new_rows_mean: bool = True,
+    release: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """The new value of one weight, by its regions (see the module docstring); a new layer's
+    start value when it has one (`old` is then not read and may be None).
+
+    Works on per-axis index selections, never on weight-sized masks, so its extra memory is
+    the copied block. Split units (policy "net2net") copy from their source index, times
+    their share on input-side axes.
+
+    Args:
+        wp: the weight's plan.
+        old: the old weight's value.
+        fresh: the new variable's current (initial) value.
+        policy: the plan's policy.
+        in_place: write into `fresh` (which must be a writable array the caller owns) instead
+            of a copy of it.
+        new_rows_mean: new rows of a vocabulary ("lookup") axis start as the mean of the
+            copied rows (False: they keep what the fill rule gives them, as optimizer slots do).
+        release: called after each block of at most `COPY_BLOCK_BYTES` copied from `old`
+            (a memory-mapped file drops the block's pages), so a large weight is never
+            resident twice over.
+
+    Returns:
+        An array this call allocated (or `fresh` itself, with `in_place`), never a view of
+        `old`: the caller may hand it to the backend to keep.
+    """
+    if wp.init is not None:
+        return init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
+    if in_place and isinstance(fresh, np.ndarray) and fresh.flags.writeable:
+        value = fresh
+    elif needs_fresh(wp, policy):
+        value = np.array(fresh, copy=True)
+    else:  # every index is copied or zeroed below
+        value = np.empty(fresh.shape, np.asarray(fresh).dtype)
+    if wp.axes is None:
+        return value
+    if not wp.axes:  # a weight without axes (a scalar such as a count): one value to copy
+        value[...] = old if wp.scale == 1.0 else old * wp.scale
+        return value
+    regions = regions_of(wp, policy)
+    if regions.zero is not None:
+        value[index_tuple(regions.zero, value.shape)] = 0
+    if regions.copied():
+        _copy_blocks(wp, value, old, regions, release)
+        if regions.zero is not None and new_rows_mean:
+            _new_lookup_rows_from_mean(wp, value, regions.zero)
+    return value
+
+
+def _copy_blocks(
+    wp: WeightPlan, value: np.ndarray, old: Any, regions: Regions,
+    release: Callable[[], None] | None,
+) -> None:
+    """The copy block, in row blocks of about `COPY_BLOCK_BYTES` when `release` is given."""
+    new_idx, old_idx = regions.copy_new, regions.copy_old
+    rows = len(new_idx[0])
+    step = rows
+    if release is not None and old.nbytes > COPY_BLOCK_BYTES:
+        step = max(1, rows * COPY_BLOCK_BYTES // old.nbytes)
+    for start in range(0, rows, step):
+        block = slice(start, start + step)
+        _copy_block(wp, value, old, [new_idx[0][block]] + new_idx[1:],
+                    [old_idx[0][block]] + old_idx[1:])
+        if release is not None:
+            release()
+
+
+def _copy_block(
+    wp: WeightPlan, value: np.ndarray, old: np.ndarray, new_idx: list, old_idx: list
+) -> None:
+    """value[new_idx] = old[old_idx] (outer products of per-axis indices), scaled and shared."""
+    copied = old[index_tuple(old_idx, old.shape)]
+    if wp.scale != 1.0:
+        copied = copied * wp.scale
+    for a, amap in enumerate(wp.axes or []):
+        if amap.share is not None:
+            share = amap.share[new_idx[a]]
+            copied = copied * share.reshape([-1 if i == a else 1 for i in range(copied.ndim)])
+    value[index_tuple(new_idx, value.shape)] = copied.astype(value.dtype, copy=False)
+
+
+def _new_lookup_rows_from_mean(
+    wp: WeightPlan, value: np.ndarray, zero: list[np.ndarray | slice]
+) -> None:
+    """New rows of a "lookup" axis (new vocabulary tokens) in the zero region start as the mean
+    of the copied rows, as Hugging Face does for new tokens: old inputs never select them, and
+    a new token starts as an average one rather than as an all-zero vector."""
+    for a, amap in enumerate(wp.axes or []):
+        if amap.kind != "lookup" or amap.matched.all() or not amap.matched.any():
+            continue
+        rows_new = list(zero)
+        rows_new[a] = np.nonzero(~amap.matched)[0]
+        rows_old = list(zero)
+        rows_old[a] = np.nonzero(amap.matched)[0]
+        mean = value[index_tuple(rows_old, value.shape)].mean(axis=a, keepdims=True)
+        target = index_tuple(rows_new, value.shape)
+        value[target] = np.broadcast_to(mean, value[target].shape).astype(value.dtype)
+
+
+def nonfinite_warning(wp: WeightPlan, old: np.ndarray) -> str | None:
+    """A warning when the old value of a planned weight holds NaN or Inf."""
+    # dtype kind "V": bfloat16 (ml_dtypes), which is no np.floating but has NaN and Inf too.
+    # min and max propagate NaN and show an Inf, without a weight-sized temporary.
+    if old.dtype.kind in "fV" and old.size and not (
+        np.isfinite(old.min()) and np.isfinite(old.max())
+    ):
+        return (f"layer '{wp.old_layer}': old weight '{wp.role}' holds NaN or Inf values; "
+                "they were copied as they are.")
+    return None

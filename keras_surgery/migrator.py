@@ -1,0 +1,178 @@
+"""ModelMigrator: the front door that turns an old model and a new one into a SurgeryPlan.
+
+It opens the old side once, labels both sides in one label space (the new side matched
+against the old one as it is labelled, `keras_surgery.match`), chooses the starts of new
+layers (`keras_surgery.growth`, labelling again until no start is added), and hands both
+labellings to the planner.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from keras_surgery.errors import SurgeryError
+from keras_surgery.features import FeatureSpec
+from keras_surgery.graph import ModelGraph
+from keras_surgery.growth import Growth, plan_starts
+from keras_surgery.labels import LabelSpace, gc_paused
+from keras_surgery.match import LayerMatcher
+from keras_surgery.plan import POLICIES, PRESERVING_POLICIES, SurgeryPlan
+from keras_surgery.planner import build_plan, starts_of
+from keras_surgery.propagate import GraphLabels, propagate
+from keras_surgery.side import Side, opened
+
+logger = logging.getLogger("keras_surgery")
+
+
+class ModelMigrator:
+    """Plans surgeries from one old model (a `.keras` path or a live model).
+
+    The old file is opened once, when the migrator is made, and stays open while the migrator
+    or a plan made from it is in use, so planning and applying read the same file. Close it
+    with `close()` (or use the migrator as a context manager) when done.
+
+    Args:
+        old: the old model: a `.keras` path, a keras.Model, or an opened `Side` (left open).
+        old_features: the old model's feature spec; by default the one its file records.
+        strict: raise UnsupportedLayerError for a layer without a rule.
+
+    Example:
+        >>> migrator = ks.ModelMigrator("old.keras", old_features={"obs": ["hp", "mana"]})
+        >>> plan = migrator.plan(new_model, new_features={"obs": ["hp", "armor", "mana"]})
+        >>> print(plan.summary())                                  # doctest: +SKIP
+        >>> report = plan.apply(new_model)
+    """
+
+    def __init__(
+        self, old: Any, *, old_features: FeatureSpec | None = None, strict: bool = False
+    ):
+        self.owns_side = not isinstance(old, Side)
+        self.side = old if isinstance(old, Side) else Side(old)
+        self.old = old
+        self.old_features = old_features
+        self.strict = strict
+
+    def close(self) -> None:
+        """Closes the old file (if the migrator opened it); its plans can then not be applied."""
+        if self.owns_side:
+            self.side.close()
+
+    def __enter__(self) -> ModelMigrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @gc_paused
+    def plan(
+        self,
+        new_model: Any,
+        *,
+        new_features: FeatureSpec | None = None,
+        policy: str = "preserve",
+        allow_unrelated: bool = False,
+    ) -> SurgeryPlan:
+        """Matches `new_model` against the old model and returns the SurgeryPlan.
+
+        Args:
+            new_model: the built new keras.Model, or the path of a `.keras` file of the new
+                architecture (read as data; such a plan can be applied file to file with
+                `apply_file`, using that file as the template).
+            new_features: the new model's feature spec.
+            policy: "preserve", "net2net" or "random" (see `migrate_weights`).
+            allow_unrelated: accept a plan that copies nothing from an old model that has
+                weights (the new model then keeps its initial values, with a warning); by
+                default that is an error, since it almost always means the wrong old model.
+
+        Returns:
+            The SurgeryPlan; `plan.apply(new_model)` carries it out.
+
+        Raises:
+            SurgeryFileError, FeatureSpecError, UnsupportedLayerError: see their docs.
+            SurgeryError: nothing of the old model continues in the new one and
+                `allow_unrelated` is False.
+        """
+        if policy not in POLICIES:
+            raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
+        with opened(new_model) as new_side:
+            plan = self._plan(new_side.graph(), new_side.features(new_features), policy)
+        _check_related(plan, allow_unrelated)
+        return plan
+
+    def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str) -> SurgeryPlan:
+        space = LabelSpace()
+        old = self.side
+        old_labels = propagate(
+            old.graph(), features=old.features(self.old_features), space=space,
+            strict=self.strict,
+        )
+        old_optimizer = old.optimizer_layout(old_labels.records)
+        matcher = LayerMatcher(old_labels, new_graph)
+        new_labels = propagate(
+            new_graph,
+            features=new_features,
+            space=space,
+            match_layer=matcher.match_layer,
+            match_input=matcher.match_input,
+            strict=self.strict,
+            where="the new model",
+        )
+        growth = None
+        if policy in PRESERVING_POLICIES:
+            new_labels, growth = self._grow(new_graph, new_features, old_labels, new_labels)
+        plan = build_plan(old_labels, new_labels, policy=policy, old_source=old, growth=growth)
+        plan.old_optimizer = old_optimizer
+        plan.labels = (old_labels, new_labels)
+        logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
+        return plan
+
+    def _grow(
+        self, new_graph: ModelGraph, new_features: Any, old: GraphLabels, new: GraphLabels
+    ) -> tuple[GraphLabels, Growth]:
+        """Chooses the starts of new layers (`keras_surgery.growth`), labelling the new model
+        again with them until no start is added; each layer keeps continuing the old layer it
+        was matched to first."""
+        first = new
+        growth = plan_starts(old, new)
+        # Terminates: starts are only ever added, and there are finitely many layers.
+        while growth.starts != starts_of(new):
+            new = propagate(
+                new_graph,
+                features=new_features,
+                space=new.space,
+                match_layer=lambda node, inputs, position: first.records[node.name].identity,
+                match_input=lambda spec, index: first.input_identity[spec.name],
+                strict=self.strict,
+                where="the new model",
+                starts=growth.starts,
+            )
+            growth = plan_starts(old, new, growth.starts)
+        return new, growth
+
+
+def _check_related(plan: SurgeryPlan, allow_unrelated: bool) -> None:
+    """Refuses a plan that copies nothing although both models have weights: the old model is
+    then almost surely not the one the new model was made from."""
+    old_labels = plan.labels[0] if plan.labels is not None else None
+    old_size = 0 if old_labels is None else sum(
+        int(np.prod(spec.shape, dtype=np.int64))
+        for rec in old_labels.records.values() for spec in rec.node.weights
+    )
+    if plan.totals()["copied"] or not old_size or not any(w.size for w in plan.weights):
+        return
+    matched = (f"the layer(s) that matched ({', '.join(sorted(plan.matches))}) hold no weights"
+               if plan.matches else "no layer matched")
+    what = (f"{plan.old} and {plan.new} have nothing in common: {matched} and no weight value "
+            "was copied. Layers are matched by name (auto-generated names such as 'dense_3' by "
+            "class and position) and input columns by feature name")
+    if not allow_unrelated:
+        raise SurgeryError(
+            f"{what}. Check that the old model is the one the new model was made from, or pass "
+            "allow_unrelated=True to keep the new model's initial values."
+        )
+    plan.warnings.append(f"{what}; allow_unrelated=True: the new model keeps its initial "
+                         "values.")
+    plan.preserves_function = False
