@@ -16,9 +16,10 @@ import fnmatch
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import h5py
 import numpy as np
 
 from keras_surgery.atomic import atomic_zip
@@ -72,10 +73,13 @@ def apply_file(
     warnings: list[str] = []
     with KerasFile(src) as old, KerasFile(template) as tmpl:
         _check_files(plan, old, tmpl)
+        carried, note = file_optimizer_values(plan, old, tmpl)
+        if note:
+            warnings.append(note)
         folder = os.path.dirname(os.path.abspath(out))
         with _writing(out), tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmpdir:
             weights_path = os.path.join(tmpdir, WEIGHTS_MEMBER)
-            _write_weights(plan, old, tmpl, weights_path, warnings, verbose)
+            _write_weights(plan, old, tmpl, carried, weights_path, warnings, verbose)
             members: list[tuple[str, bytes | str]] = [
                 (name, data) for name in (METADATA_MEMBER, CONFIG_MEMBER)
                 if (data := tmpl.member(name)) is not None
@@ -109,17 +113,13 @@ def _check_files(plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile) -> None:
 
 
 def _write_weights(
-    plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile, weights_path: str,
+    plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile,
+    carried: dict[str, Callable[[np.ndarray], np.ndarray]], weights_path: str,
     warnings: list[str], verbose: bool,
 ) -> None:
     """Writes the new weights file: the template's tree, each value by the fill kernel (or
-    the carried optimizer state, or the template's own), with the template's attributes."""
-    import h5py
-
+    the `carried` optimizer state, or the template's own), with the template's attributes."""
     by_path = {wp.path: wp for wp in plan.weights}
-    carried, note = file_optimizer_values(plan, old, tmpl)
-    if note:
-        warnings.append(note)
     new_paths = tmpl.paths()
     progress = progress_bar(len(new_paths), verbose)
     with h5py.File(weights_path, "w") as h5:

@@ -13,7 +13,8 @@ never weight-sized masks:
 * fresh: everything else keeps the new model's initial value.
 
 New rows of a vocabulary ("lookup") axis inside the zero block start as the mean of the copied
-rows instead of 0; a new layer's start (`WeightPlan.init`) replaces all of this.
+rows instead of 0 (they are counted with the zero block: no old value reaches them directly);
+a new layer's start (`WeightPlan.init`) replaces all of this.
 """
 
 from __future__ import annotations

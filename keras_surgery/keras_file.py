@@ -80,13 +80,22 @@ _HEAP_SCANS: dict[tuple, str | None] = {}
 _MAX_HEAP_SCANS = 64
 
 
-class _MemberReader(io.RawIOBase):
-    """A read-only, seekable file object over one byte range of an open file, read with
-    `os.pread` (so it shares the file descriptor without sharing a file position)."""
+def read_at(raw: Any, size: int, offset: int) -> bytes:
+    """`size` bytes of open file `raw` from `offset`, without moving a position anything else
+    relies on (`os.pread`; where there is none, as on Windows, a seek and read of `raw`)."""
+    if hasattr(os, "pread"):
+        return os.pread(raw.fileno(), size, offset)
+    raw.seek(offset)
+    return raw.read(size)
 
-    def __init__(self, fd: int, start: int, size: int):
+
+class _MemberReader(io.RawIOBase):
+    """A read-only, seekable file object over one byte range of an open file, with a position
+    of its own (`read_at`), so that readers of one file descriptor never disturb each other."""
+
+    def __init__(self, raw: Any, start: int, size: int):
         super().__init__()
-        self._fd = fd
+        self._raw = raw
         self._start = start
         self._size = size
         self._pos = 0
@@ -109,9 +118,13 @@ class _MemberReader(io.RawIOBase):
         n = min(len(buffer), self._size - self._pos)
         if n <= 0:
             return 0
-        data = os.pread(self._fd, n, self._start + self._pos)
-        got = len(data)
-        memoryview(buffer)[:got] = data
+        view = memoryview(buffer)[:n]
+        if hasattr(os, "preadv"):  # straight into the caller's buffer
+            got = os.preadv(self._raw.fileno(), [view], self._start + self._pos)
+        else:
+            data = read_at(self._raw, n, self._start + self._pos)
+            got = len(data)
+            view[:got] = data
         self._pos += got
         return got
 
@@ -167,11 +180,13 @@ class KerasFile(WeightSource):
             raise SurgeryFileError(f"Cannot read '{self.path}': {exc}.") from exc
 
     def _zip(self) -> zipfile.ZipFile:
-        """The archive, read through the open file (closing it leaves the file open)."""
+        """The archive, read through the open file with a position of its own (closing it
+        leaves the file open)."""
         if self._raw is None:
             raise SurgeryFileError(f"'{self.path}' is closed.")
         try:
-            return zipfile.ZipFile(self._raw)
+            return zipfile.ZipFile(io.BufferedReader(_MemberReader(self._raw, 0,
+                                                                   self.identity[2])))
         except ZIP_ERRORS as exc:
             raise SurgeryFileError(
                 f"'{self.path}' is not a .keras file: expected a zip archive with "
@@ -180,7 +195,7 @@ class KerasFile(WeightSource):
 
     def _format_hint(self) -> str:
         try:
-            head = os.pread(self._raw.fileno(), 8, 0)
+            head = read_at(self._raw, 8, 0)
         except OSError:
             return ""
         if head == b"\x89HDF\r\n\x1a\n":
@@ -235,22 +250,7 @@ class KerasFile(WeightSource):
             SurgeryFileError: the member is encrypted, larger than `limit` or unreadable.
         """
         with self._zip() as archive:
-            try:
-                info = archive.getinfo(name)
-            except KeyError:
-                return None
-            if info.flag_bits & 0x1:
-                raise SurgeryFileError(f"'{self.path}': {name} is encrypted.")
-            if info.file_size > limit:
-                raise SurgeryFileError(
-                    f"'{self.path}': {name} is {info.file_size} bytes, more than the {limit} "
-                    "allowed."
-                )
-            try:
-                with archive.open(info) as stream:
-                    return stream.read(limit + 1)
-            except ZIP_ERRORS as exc:
-                raise SurgeryFileError(f"'{self.path}': unreadable {name} ({exc}).") from exc
+            return read_member(archive, name, limit, self.path)
 
     def sha256(self, chunk: int = 1 << 22) -> str:
         """The SHA-256 of the whole file as opened (not of whatever its path names now).
@@ -260,14 +260,18 @@ class KerasFile(WeightSource):
                 file changed since it was opened.
         """
         if self._raw is not None:
-            return _sha256(self._raw.fileno(), chunk)
-        with open(self.path, "rb") as raw:
-            if _identity(raw) != self.identity:
-                raise SurgeryFileError(
-                    f"'{self.path}' changed since it was read (another file, or rewritten), "
-                    "so its hash would not be that of the weights that were read."
-                )
-            return _sha256(raw.fileno(), chunk)
+            self.check_unchanged()
+            return _sha256(self._raw, chunk)
+        try:
+            with open(self.path, "rb") as raw:
+                if _identity(raw) != self.identity:
+                    raise SurgeryFileError(
+                        f"'{self.path}' changed since it was read (another file, or rewritten), "
+                        "so its hash would not be that of the weights that were read."
+                    )
+                return _sha256(raw, chunk)
+        except OSError as exc:
+            raise SurgeryFileError(f"Cannot read '{self.path}' again to hash it: {exc}.") from exc
 
     # -- weights -------------------------------------------------------------------------
 
@@ -339,9 +343,8 @@ class KerasFile(WeightSource):
 
     def _stored_member(self, info: zipfile.ZipInfo) -> _MemberReader:
         """A file object over the bytes of an uncompressed member, read in place."""
-        fd = self._raw.fileno()
-        header = os.pread(fd, _LOCAL_HEADER.size, info.header_offset)
-        file_size = os.fstat(fd).st_size
+        header = read_at(self._raw, _LOCAL_HEADER.size, info.header_offset)
+        file_size = os.fstat(self._raw.fileno()).st_size
         if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
             raise SurgeryFileError(f"'{self.path}': corrupt zip entry {WEIGHTS_MEMBER}.")
         fields = _LOCAL_HEADER.unpack(header)
@@ -351,7 +354,7 @@ class KerasFile(WeightSource):
                 f"'{self.path}': zip entry {WEIGHTS_MEMBER} claims {info.file_size} bytes "
                 "beyond the end of the file; the file is truncated or corrupt."
             )
-        return _MemberReader(fd, start, info.file_size)
+        return _MemberReader(self._raw, start, info.file_size)
 
     def check_unchanged(self) -> None:
         """Raises SurgeryFileError if the open file was written since it was opened (a path
@@ -609,16 +612,41 @@ class KerasFile(WeightSource):
             pass
 
 
+def read_member(archive: zipfile.ZipFile, name: str, limit: int, path: str) -> bytes | None:
+    """The bytes of member `name` of an open archive (at most `limit`), or None if it has none.
+
+    Raises:
+        SurgeryFileError: the member is encrypted, larger than `limit` or unreadable.
+    """
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        return None
+    if info.flag_bits & 0x1:
+        raise SurgeryFileError(f"'{path}': {name} is encrypted.")
+    if info.file_size > limit:
+        raise SurgeryFileError(
+            f"'{path}': {name} is {info.file_size} bytes, more than the {limit} allowed."
+        )
+    try:
+        with archive.open(info) as stream:
+            return stream.read(limit + 1)
+    except ZIP_ERRORS as exc:
+        raise SurgeryFileError(f"'{path}': unreadable {name} ({exc}).") from exc
+
+
 def _identity(raw: Any) -> tuple[int, ...]:
-    """What tells one file from another and a changed file from itself."""
+    """What tells one file from another and a changed file from itself: a rewrite in place
+    changes the size or the modification time (one of a same-size rewrite within the file
+    system's timestamp granularity is not seen); reading (atime) and chmod (ctime) do not."""
     st = os.fstat(raw.fileno())
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _sha256(fd: int, chunk: int) -> str:
+def _sha256(raw: Any, chunk: int) -> str:
     digest = hashlib.sha256()
     offset = 0
-    while block := os.pread(fd, chunk, offset):
+    while block := read_at(raw, chunk, offset):
         digest.update(block)
         offset += len(block)
     return digest.hexdigest()

@@ -17,7 +17,7 @@ from typing import Any
 from keras_surgery.atomic import atomic_zip
 from keras_surgery.errors import SurgeryFileError
 from keras_surgery.features import FeatureSpec
-from keras_surgery.keras_file import ZIP_ERRORS
+from keras_surgery.keras_file import MAX_CONFIG_BYTES, ZIP_ERRORS, read_member
 
 LINEAGE_MEMBER = "keras_surgery.json"
 
@@ -56,12 +56,7 @@ def read_lineage(path: str | os.PathLike) -> dict[str, Any] | None:
     except ZIP_ERRORS:
         return None
     with archive:
-        if LINEAGE_MEMBER not in archive.namelist():
-            return None
-        try:
-            raw = archive.read(LINEAGE_MEMBER)
-        except (*ZIP_ERRORS, RuntimeError) as exc:  # RuntimeError: encrypted
-            raise SurgeryFileError(f"'{path}': unreadable {LINEAGE_MEMBER} ({exc}).") from exc
+        raw = read_member(archive, LINEAGE_MEMBER, MAX_CONFIG_BYTES, os.fspath(path))
     return parse_lineage(raw, os.fspath(path))
 
 
@@ -77,7 +72,8 @@ def _history_entry(report: Any) -> dict[str, Any]:
         **plan.totals(),
         "warnings": len(report.warnings),
     }
-    if old_path is not None:
+    # The hash of the file that was read; a closed one whose path is gone is not hashed.
+    if old_path is not None and (not source.closed or os.path.exists(old_path)):
         entry["old_sha256"] = source.sha256()
     return entry
 

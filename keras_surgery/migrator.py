@@ -97,6 +97,9 @@ class ModelMigrator:
         """
         if policy not in POLICIES:
             raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
+        if self.side.closed:
+            raise SurgeryError(f"This ModelMigrator of '{self.side.path}' is closed; make a new "
+                               "one to plan.")
         with opened(new_model) as new_side:
             plan = self._plan(new_side.graph(), new_side.features(new_features), policy)
         _check_related(plan, allow_unrelated)

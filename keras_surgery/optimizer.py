@@ -269,9 +269,10 @@ def optimizer_writes(
 def file_optimizer_values(
     plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile
 ) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], str | None]:
-    """The optimizer state carried from `src` into the new file: for each optimizer variable
-    of the template that takes an old value (the iteration count, every slot), a function of
-    the template's value giving the new one; and why nothing is carried, when it is not.
+    """The optimizer state carried from checkpoint `old` into a file made from template
+    `tmpl`: for each optimizer variable of the template that takes an old value (the iteration
+    count, every slot), a function of the template's value giving the new one; and why nothing
+    is carried, when it is not.
 
     Slots are paired as on a live model (`keras_surgery.optimizer.slot_fills`); the learning
     rate and any variable not carried keep the template's value.

@@ -13,6 +13,8 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import keras
+
 from keras_surgery.errors import SurgeryError
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import ModelGraph, WeightSource, graph_from_model
@@ -45,8 +47,6 @@ class Side:
             self.path = os.fspath(model_or_path)
             self.file = KerasFile(self.path)
         else:
-            import keras
-
             if not isinstance(model_or_path, keras.Model):
                 raise SurgeryError(
                     "Expected a path to a .keras file or a keras.Model. "

@@ -110,7 +110,6 @@ class Write:
     reads_current: bool = True
 
 
-
 def current_value(var: Any, *, copy: bool) -> tuple[np.ndarray, bool]:
     """The current value of `var` as a numpy array, and whether the caller owns it (may write
     into it).
@@ -245,7 +244,6 @@ def stream(
             f"Writing the new weights failed at {what} and was undone: {exc}"
         ) from exc
     journal.close()
-
 
 
 def progress_bar(total: int, verbose: bool):

@@ -29,8 +29,9 @@ def region_map(wp: WeightPlan, policy: str, max_cells: int = 64) -> np.ndarray:
     """A small int grid (FRESH/ZEROED/COPIED) of one weight's regions over its last two axes,
     from the regions the fill kernel writes (`keras_surgery.fill.regions_of`)."""
     shape = wp.shape if wp.shape else (1,)
-    if wp.axes is None or not wp.axes:
-        grid = np.full(shape[-2:] if len(shape) > 1 else (1, shape[-1]), FRESH)
+    if wp.axes is None or not wp.axes:  # a scalar with a map (a count) is copied whole
+        grid = np.full(shape[-2:] if len(shape) > 1 else (1, shape[-1]),
+                       COPIED if wp.axes is not None else FRESH)
         return _coarsen(grid, max_cells)
     copy_masks, zero_masks = regions_of(wp, policy).masks(wp.shape)
     # An earlier axis (a conv tap) that is partly copied or zeroed makes the folded cells

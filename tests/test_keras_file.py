@@ -483,3 +483,63 @@ def test_a_migration_opens_the_old_file_once(tmp_path, monkeypatch):
     np.testing.assert_array_equal(new.get_layer("h").kernel.numpy()[[0, 2, 3]],
                                   old.get_layer("h").kernel.numpy())
     assert opened == ["open"]
+
+
+def _small_pair(tmp_path):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((3,), name="obs")
+    old = keras.Model(inp, keras.layers.Dense(2, name="out")(inp))
+    path = tmp_path / "old.keras"
+    old.save(path)
+    inp = keras.Input((3,), name="obs")
+    return path, keras.Model(inp, keras.layers.Dense(2, name="out")(inp))
+
+
+def test_lineage_hash_is_of_the_file_that_was_read(tmp_path):
+    import hashlib
+    import os
+
+    import keras_surgery as ks
+
+    path, new = _small_pair(tmp_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    report = ks.migrate_weights(path, new)
+    ks.save_with_lineage(new, tmp_path / "v2.keras", report=report)
+    assert ks.read_lineage(tmp_path / "v2.keras")["history"][-1]["old_sha256"] == digest
+
+    other = tmp_path / "other.keras"
+    new.save(other)
+    os.replace(other, path)  # the path now names another file
+    with pytest.raises(ks.SurgeryFileError, match="changed since it was read"):
+        ks.save_with_lineage(new, tmp_path / "v3.keras", report=report)
+    os.remove(path)  # gone: the history says where the weights came from, without a hash
+    ks.save_with_lineage(new, tmp_path / "v4.keras", report=report)
+    entry = ks.read_lineage(tmp_path / "v4.keras")["history"][-1]
+    assert entry["old"] == str(path) and "old_sha256" not in entry
+
+
+def test_a_file_written_in_place_while_open_is_refused(tmp_path):
+    import keras_surgery as ks
+
+    path, new = _small_pair(tmp_path)
+    with ks.ModelMigrator(path) as migrator:
+        plan = migrator.plan(new)
+        with open(path, "ab") as f:  # in place: same inode, new size
+            f.write(b"\0" * 16)
+        with pytest.raises(ks.SurgeryFileError, match="old.keras' changed while"):
+            migrator.side.sha256()
+        with pytest.raises(ks.SurgeryFileError, match="old.keras' changed while"):
+            plan.apply(new)
+
+
+def test_a_closed_migrator_says_so(tmp_path):
+    import keras_surgery as ks
+
+    path, new = _small_pair(tmp_path)
+    migrator = ks.ModelMigrator(path)
+    plan = migrator.plan(new)
+    migrator.close()
+    with pytest.raises(ks.SurgeryError, match="is closed; make a new one"):
+        migrator.plan(new)
+    with pytest.raises(ks.SurgeryError, match="was closed after planning"):
+        plan.apply(new)
