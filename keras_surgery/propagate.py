@@ -1,7 +1,8 @@
 """Label propagation: a walk over the graph that carries labels instead of values.
 
-Like an interpreter: an environment from tensor to labels, and a loop over the calls in
-topological order, each handled by its layer's rule (or the opaque fallback, loudly).
+Like an interpreter: an environment from each tensor to what is known of it (`TensorFacts`),
+read and write helpers, and a loop over the calls in topological order, each handled by its
+layer's rule (or the opaque fallback, loudly).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,9 +59,33 @@ class LayerRecord:
         return self.result.opaque
 
 
+@dataclass(frozen=True)
+class TensorFacts:
+    """What the walk knows of one tensor: its labels, what its integer values select (token
+    ids), and whether its values are known to be >= 0."""
+
+    # None for an index a rule said something about but gave no labels: never readable.
+    labels: TensorLabels | None
+    values: TokenValues | None = None
+    nonnegative: bool = False
+
+    def updated(self, later: TensorFacts) -> TensorFacts:
+        """These facts after `later` is written over them: its labels replace these, a known
+        meaning or sign stays known."""
+        return TensorFacts(
+            self.labels if later.labels is None else later.labels,
+            self.values if later.values is None else later.values,
+            self.nonnegative or later.nonnegative,
+        )
+
+
 @dataclass
 class GraphLabels:
-    """The labels of every tensor and weight of one graph."""
+    """The labels of every tensor and weight of one graph.
+
+    `tensors`, `values` and `nonnegative` are the walk's environment split by kind, filled
+    when it ends.
+    """
 
     graph: ModelGraph
     space: LabelSpace
@@ -132,94 +158,150 @@ def propagate(
     Returns:
         GraphLabels.
     """
-    space = LabelSpace() if space is None else space
-    deps = DepSets()
     where = where or graph.description
     widths = {i.name: (i.shape[-1] if i.shape else 1) for i in graph.inputs}
     columns = feature_columns(features, widths, where=where)
     tokens = vocabularies(features, where=where)
-    labels = GraphLabels(graph, space, deps, columns, {})
+    labels = GraphLabels(graph, LabelSpace() if space is None else space, DepSets(), columns, {})
+    env: dict[TensorRef, TensorFacts] = {}
 
+    def read(ref: TensorRef, reader: str) -> TensorFacts:
+        facts = env.get(ref)
+        if facts is None or facts.labels is None:
+            raise SurgeryFileError(
+                f"{graph.description}: layer '{reader}' reads output {ref[2]} of layer "
+                f"'{ref[0]}' (call {ref[1]}), which that layer does not produce."
+            )
+        return facts
+
+    def write(ref: TensorRef, facts: TensorFacts) -> None:
+        # Each tensor is written once, unless a damaged config names a layer like an input.
+        known = env.get(ref)
+        env[ref] = facts if known is None else known.updated(facts)
+
+    _bind_inputs(labels, tokens, match_input, write)
+    shapes = _shapes_by_call(graph)
+    for position, (name, call_index) in enumerate(graph.order):
+        facts = [read(ref, name) for ref in graph.layers[name].calls[call_index].inputs]
+        outputs = _label_call(
+            labels, position, name, call_index, facts, shapes.get((name, call_index), {}),
+            match_layer=match_layer, strict=strict, start=(starts or {}).get(name),
+        )
+        for t, out in enumerate(outputs):
+            write((name, call_index, t), out)
+    _publish(labels, env)
+    return labels
+
+
+def _label_call(
+    labels: GraphLabels, position: int, name: str, call_index: int, facts: list[TensorFacts],
+    shapes: dict[int, Any], *, match_layer: LayerMatcher | None, strict: bool,
+    start: str | None,
+) -> list[TensorFacts]:
+    """Runs the rule of one call (the first call of a layer is matched and recorded, a later
+    one renames the units it creates); returns the facts of the call's outputs."""
+    node = labels.graph.layers[name]
+    inputs = [f.labels for f in facts]
+    record = labels.records.get(name)
+    if record is None:
+        identity = (match_layer(node, inputs, position) if match_layer else None) or name
+    else:
+        identity = record.identity
+    rule_call = _rule_call(labels, name, call_index, identity, inputs, facts, record, shapes)
+    result = _run_rule(rule_call, strict)
+    if start is not None:
+        result = _started(result, rule_call, name, start)
+    outputs = result.outputs
+    if record is None:
+        labels.records[name] = LayerRecord(node, identity, inputs, result, position,
+                                           start=start)
+        labels.warnings.extend(result.warnings)
+    else:
+        outputs = [_per_call(labels.space, inputs, out, len(record.later_calls) + 1)
+                   for out in outputs]
+        record.later_calls.append(result)
+    return _output_facts(outputs, result)
+
+
+def _bind_inputs(
+    labels: GraphLabels, tokens: Mapping[str, tuple], match_input: InputMatcher | None,
+    write: Callable[[TensorRef, TensorFacts], None],
+) -> None:
+    """Writes the facts of the model inputs: feature labels, one dependency bit per column."""
     bit = 0
-    for index, spec in enumerate(graph.inputs):
+    for index, spec in enumerate(labels.graph.inputs):
         identity = (match_input(spec, index) if match_input else None) or spec.name
         labels.input_identity[spec.name] = identity
-        labels.tensors[(spec.name, 0, 0)] = _input_labels(
-            spec, identity, columns[spec.name], bit, space, deps
-        )
+        columns = labels.columns[spec.name]
+        axes = _input_labels(spec, identity, columns, bit, labels.space, labels.deps)
         # Integer inputs are token ids: of the vocabulary the spec gives, else raw ids of
         # their own (an Embedding's rows by id).
-        labels.values[(spec.name, 0, 0)] = TokenValues(
-            identity, tuple(token_key(t) for t in tokens.get(spec.name, ()))
-        )
-        bit += len(columns[spec.name])
+        meaning = TokenValues(identity, tuple(token_key(t) for t in tokens.get(spec.name, ())))
+        write((spec.name, 0, 0), TensorFacts(axes, meaning))
+        bit += len(columns)
 
-    for position, (name, call_index) in enumerate(graph.order):
-        node = graph.layers[name]
-        call = node.calls[call_index]
-        inputs = []
-        for ref in call.inputs:
-            if ref not in labels.tensors:
-                raise SurgeryFileError(
-                    f"{graph.description}: layer '{name}' reads output {ref[2]} of layer "
-                    f"'{ref[0]}' (call {ref[1]}), which that layer does not produce."
-                )
-            inputs.append(labels.tensors[ref])
-        record = labels.records.get(name)
-        if record is None:
-            identity = (match_layer(node, inputs, position) if match_layer else None) or name
-        else:
-            identity = record.identity
-        output_shapes = _output_shapes(graph, name, call_index)
-        rule_call = RuleCall(
-            layer=node,
-            identity=identity,
-            inputs=inputs,
-            input_shapes=[graph.tensor_shapes.get(ref) for ref in call.inputs],
-            space=space,
-            deps=deps,
-            output_shapes=output_shapes,
-            kwarg_inputs=call.kwarg_inputs,
-            call_args=call.args,
-            call_kwargs=call.kwargs,
-            earlier=record.result if record is not None else None,
-            input_values=[labels.values.get(ref) for ref in call.inputs],
-            input_nonnegative=[ref in labels.nonnegative for ref in call.inputs],
+
+def _rule_call(
+    labels: GraphLabels, name: str, call_index: int, identity: str,
+    inputs: list[TensorLabels], facts: list[TensorFacts], record: LayerRecord | None,
+    shapes: dict[int, Any],
+) -> RuleCall:
+    """What the rule of call `call_index` of layer `name` is given."""
+    graph = labels.graph
+    node = graph.layers[name]
+    call = node.calls[call_index]
+    output_shapes = _output_shapes(graph, name, shapes)
+    return RuleCall(
+        layer=node,
+        identity=identity,
+        inputs=inputs,
+        input_shapes=[graph.tensor_shapes.get(ref) for ref in call.inputs],
+        space=labels.space,
+        deps=labels.deps,
+        output_shapes=output_shapes,
+        kwarg_inputs=call.kwarg_inputs,
+        call_args=call.args,
+        call_kwargs=call.kwargs,
+        earlier=record.result if record is not None else None,
+        input_values=[f.values for f in facts],
+        input_nonnegative=[f.nonnegative for f in facts],
+    )
+
+
+def _started(result: RuleResult, call: RuleCall, name: str, start: str) -> RuleResult:
+    """`result` with its outputs replaced by those of the start the layer was told to take."""
+    chosen = result.starts.get(start)
+    if chosen is None or chosen.refused is not None:
+        raise SurgeryError(
+            f"layer '{name}' ({call.layer.class_name}) cannot start as '{start}'"
+            + (f": {chosen.refused}" if chosen is not None else ".")
         )
-        result = _run_rule(rule_call, strict)
-        start = (starts or {}).get(name)
-        if start is not None:
-            chosen = result.starts.get(start)
-            if chosen is None or chosen.refused is not None:
-                raise SurgeryError(
-                    f"layer '{name}' ({node.class_name}) cannot start as '{start}'"
-                    + (f": {chosen.refused}" if chosen is not None else ".")
-                )
-            # The identity passes on what is known of its input's sign.
-            kept = start == "identity" and all(rule_call.input_nonnegative)
-            nonnegative = [kept or (t < len(result.nonnegative) and result.nonnegative[t])
-                           for t in range(len(chosen.outputs))]
-            result = dataclasses.replace(result, outputs=list(chosen.outputs),
-                                         nonnegative=nonnegative)
-        outputs = result.outputs
-        if record is not None:
-            outputs = [_per_call(space, inputs, out, len(record.later_calls) + 1)
-                       for out in outputs]
-        for t, out in enumerate(outputs):
-            labels.tensors[(name, call_index, t)] = out
-        for t, meaning in enumerate(result.values):
-            if meaning is not None:
-                labels.values[(name, call_index, t)] = meaning
-        for t, known in enumerate(result.nonnegative):
-            if known:
-                labels.nonnegative.add((name, call_index, t))
-        if record is None:
-            labels.records[name] = LayerRecord(node, identity, inputs, result, position,
-                                               start=start)
-            labels.warnings.extend(result.warnings)
-        else:
-            record.later_calls.append(result)
-    return labels
+    # The identity passes on what is known of its input's sign.
+    kept = start == "identity" and all(call.input_nonnegative)
+    nonnegative = [kept or (t < len(result.nonnegative) and result.nonnegative[t])
+                   for t in range(len(chosen.outputs))]
+    return dataclasses.replace(result, outputs=list(chosen.outputs), nonnegative=nonnegative)
+
+
+def _output_facts(outputs: list[TensorLabels], result: RuleResult) -> list[TensorFacts]:
+    """The facts of one call's outputs. A rule may state a meaning or a sign for more outputs
+    than it labels; those are kept too (unreadable, as they have no labels)."""
+    n = max(len(outputs), len(result.values), len(result.nonnegative))
+    return [
+        TensorFacts(
+            outputs[t] if t < len(outputs) else None,
+            result.values[t] if t < len(result.values) else None,
+            t < len(result.nonnegative) and bool(result.nonnegative[t]),
+        )
+        for t in range(n)
+    ]
+
+
+def _publish(labels: GraphLabels, env: Mapping[TensorRef, TensorFacts]) -> None:
+    """Splits the environment into the per-kind views the rest of the package reads."""
+    labels.tensors = {ref: f.labels for ref, f in env.items() if f.labels is not None}
+    labels.values = {ref: f.values for ref, f in env.items() if f.values is not None}
+    labels.nonnegative = {ref for ref, f in env.items() if f.nonnegative}
 
 
 def _per_call(
@@ -242,9 +324,17 @@ def _per_call(
     return tuple(renamed)
 
 
-def _output_shapes(graph: ModelGraph, name: str, call_index: int) -> list:
-    known = {ref[2]: shape for ref, shape in graph.tensor_shapes.items()
-             if ref[0] == name and ref[1] == call_index}
+def _shapes_by_call(graph: ModelGraph) -> dict[tuple[str, int], dict[int, Any]]:
+    """The graph's known tensor shapes grouped by call, then by output index: one pass over
+    them all, not one per call."""
+    by_call: dict[tuple[str, int], dict[int, Any]] = {}
+    for ref, shape in graph.tensor_shapes.items():
+        by_call.setdefault((ref[0], ref[1]), {})[ref[2]] = shape
+    return by_call
+
+
+def _output_shapes(graph: ModelGraph, name: str, known: dict[int, Any]) -> list:
+    """The shapes of one call's outputs by index (None where unknown), from `known`."""
     if not known:
         return []
     if max(known) > MAX_OUTPUTS:

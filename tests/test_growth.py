@@ -15,7 +15,7 @@ import pytest
 
 import keras_surgery as ks
 from keras_surgery.labels import LabelSpace, feature_key, unit_key, zero_key
-from tests.util import max_diff, predict, randomized_old
+from tests.util import max_diff, predict, preservation_bound, randomized_old
 
 TOL = 1e-6
 BATCH = 32
@@ -151,7 +151,8 @@ def test_batch_normalization_inserted_starts_as_identity():
     # variance + epsilon = 1, so nothing is divided (1 + epsilon would scale by 0.9995)
     np.testing.assert_array_equal(bn.moving_variance.numpy(),
                                   np.full(16, 1 - 1e-3, dtype="float32"))
-    assert _truthful(report, new, old, batch) <= 1e-7
+    # Exact up to rounding: a few float32 epsilons at the scale of the outputs.
+    assert _truthful(report, new, old, batch) <= preservation_bound(predict(old, batch))
 
 
 def test_chain_of_inserted_layers_starts_one_after_another():

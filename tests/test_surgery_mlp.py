@@ -1,7 +1,8 @@
 """Numeric surgery tests on small MLP-shaped models: features, widths, heads, merges, policies.
 
-Every test builds an old model with non-trivial weights (`randomize`), checks that its outputs
-depend on its input, saves it, changes the architecture, migrates, and then checks
+Every test sets up its old model the one shared way (the `saved_old` fixture, over
+`tests.util.old_model`: non-trivial weights, outputs that depend on the input, saved), changes
+the architecture, migrates, and then checks
 
 * the function: max |new(x_new) - old(x_old)| <= 1e-5 on the old outputs, where x_new holds
   random values for new features and x_old holds 0 for removed ones;
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from tests.util import assert_input_sensitive, columns_from, max_diff, predict, randomize
+from tests.util import columns_from, max_diff, normal, old_model, predict, to_numpy
 
 TOL = 1e-5
 BATCH = 64
@@ -34,10 +35,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:The structure of `inputs`:UserWa
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def _save(model, tmp_path, name="old.keras") -> str:
-    path = str(tmp_path / name)
-    model.save(path)
-    return path
+@pytest.fixture
+def saved_old(tmp_path):
+    """The old side of every test here: `saved_old(build, shape, rng, seed=...)` sets the model
+    up the usual way (`tests.util.old_model`, batches of BATCH) and saves it in `tmp_path`;
+    returns (model, batch, path)."""
+
+    def make(build, shape, rng, *, seed, **kwargs):
+        return old_model(build, shape, rng, seed=seed, batch_size=BATCH,
+                         path=tmp_path / "old.keras", **kwargs)
+
+    return make
 
 
 def _snapshot(model) -> list[np.ndarray]:
@@ -59,10 +67,6 @@ def _columns(spec_entries) -> list[str]:
             name, width = entry
             out.extend(f"{name}:{k}" for k in range(width))
     return out
-
-
-def _normal(rng, *shape) -> np.ndarray:
-    return rng.normal(size=shape).astype("float32")
 
 
 def _sha256(path) -> str:
@@ -111,20 +115,15 @@ def _mlp(n_in, widths, n_out, *, names=("h1", "h2"), bn=True):
 
 
 @pytest.mark.parametrize("block_bytes", [None, 8], ids=["whole", "row-blocks"])
-def test_features_inserted_removed_and_reordered(tmp_path, monkeypatch, block_bytes):
+def test_features_inserted_removed_and_reordered(saved_old, monkeypatch, block_bytes):
     if block_bytes is not None:  # copy a row at a time, releasing the file's pages after each
-        monkeypatch.setattr("keras_surgery.apply.COPY_BLOCK_BYTES", block_bytes)
+        monkeypatch.setattr("keras_surgery.fill.COPY_BLOCK_BYTES", block_bytes)
     old_spec = ["hp", "mana", ("pos", 2), "armor", "speed"]
     new_spec = ["speed", "hp", "gold", ("pos", 2), "mana", "xp"]
     old_cols, new_cols = _columns(old_spec), _columns(new_spec)
     rng = np.random.default_rng(1)
-
-    keras.utils.set_random_seed(1)
-    old = _mlp(len(old_cols), (32, 16), 3)
-    batch = _normal(rng, BATCH, len(old_cols))
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, len(old_cols)))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(len(old_cols), (32, 16), 3), (len(old_cols),),
+                                 rng, seed=1)
 
     keras.utils.set_random_seed(2)
     new = _mlp(len(new_cols), (32, 16), 3)
@@ -157,14 +156,9 @@ def test_features_inserted_removed_and_reordered(tmp_path, monkeypatch, block_by
 # -- 2. a hidden layer widened and narrowed --------------------------------------------------
 
 
-def test_hidden_layer_widened(tmp_path):
+def test_hidden_layer_widened(saved_old):
     rng = np.random.default_rng(2)
-    keras.utils.set_random_seed(3)
-    old = _mlp(8, (32, 16), 4)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(8, (32, 16), 4), (8,), rng, seed=3)
 
     keras.utils.set_random_seed(4)
     new = _mlp(8, (48, 16), 4)
@@ -192,17 +186,12 @@ def test_hidden_layer_widened(tmp_path):
     _assert_copied(new, old, "out")
     # The new units are alive, so the zero rows of h2 are what keeps the function.
     probe = keras.Model(new.inputs, new.get_layer("bn").output)
-    assert np.abs(np.asarray(probe(batch))[:, 32:]).max() > 1e-2
+    assert np.abs(predict(probe, batch)[:, 32:]).max() > 1e-2
 
 
-def test_hidden_layer_narrowed_cannot_preserve(tmp_path):
+def test_hidden_layer_narrowed_cannot_preserve(saved_old):
     rng = np.random.default_rng(3)
-    keras.utils.set_random_seed(5)
-    old = _mlp(8, (48, 16), 4, bn=False)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(8, (48, 16), 4, bn=False), (8,), rng, seed=5)
 
     keras.utils.set_random_seed(6)
     new = _mlp(8, (32, 16), 4, bn=False)
@@ -227,14 +216,9 @@ def test_hidden_layer_narrowed_cannot_preserve(tmp_path):
 # -- 3. a new output head --------------------------------------------------------------------
 
 
-def test_new_output_head(tmp_path):
+def test_new_output_head(saved_old):
     rng = np.random.default_rng(4)
-    keras.utils.set_random_seed(7)
-    old = _mlp(8, (32, 16), 4)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(8, (32, 16), 4), (8,), rng, seed=7)
 
     keras.utils.set_random_seed(8)
     base = _mlp(8, (32, 16), 4)
@@ -258,14 +242,9 @@ def test_new_output_head(tmp_path):
 # -- 4. a new model input concatenated in ----------------------------------------------------
 
 
-def test_new_input_concatenated(tmp_path):
+def test_new_input_concatenated(saved_old):
     rng = np.random.default_rng(5)
-    keras.utils.set_random_seed(9)
-    old = _mlp(6, (32, 16), 3)
-    batch = _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(6, (32, 16), 3), (6,), rng, seed=9)
 
     keras.utils.set_random_seed(10)
     obs = keras.Input((6,), name="obs")
@@ -279,7 +258,7 @@ def test_new_input_concatenated(tmp_path):
     report = ks.migrate_weights(path, new)
 
     assert report.preserves_function, report.warnings
-    x_extra = _normal(rng, BATCH, 3)
+    x_extra = normal(rng, BATCH, 3)
     _assert_preserved(new, [batch, x_extra], old, batch)
     old_k, new_k = _weight(old, "h1", "kernel"), _weight(new, "h1", "kernel")
     np.testing.assert_array_equal(new_k[3:], old_k)
@@ -301,14 +280,9 @@ def _residual(width, hidden, blocks=2):
     return keras.Model(inp, keras.layers.Dense(3, name="out")(x))
 
 
-def test_residual_stream_widened(tmp_path):
+def test_residual_stream_widened(saved_old):
     rng = np.random.default_rng(6)
-    keras.utils.set_random_seed(11)
-    old = _residual(16, 24)
-    batch = _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _residual(16, 24), (6,), rng, seed=11)
 
     keras.utils.set_random_seed(12)
     new = _residual(24, 24)
@@ -368,14 +342,9 @@ def _layer_norm(width):
     ],
     ids=["dense-softmax", "softmax-layer", "layer-norm"],
 )
-def test_mixing_over_grown_axis_cannot_preserve(tmp_path, build, small, big, mixer, grown):
+def test_mixing_over_grown_axis_cannot_preserve(saved_old, build, small, big, mixer, grown):
     rng = np.random.default_rng(7)
-    keras.utils.set_random_seed(13)
-    old = build(small)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: build(small), (8,), rng, seed=13)
 
     keras.utils.set_random_seed(14)
     new = build(big)
@@ -416,14 +385,9 @@ def _auto_named(kind):
     return keras.Model(inp, x)
 
 
-def test_path_and_live_model_give_the_same_plan(tmp_path):
+def test_path_and_live_model_give_the_same_plan(saved_old):
     rng = np.random.default_rng(8)
-    keras.utils.set_random_seed(15)
-    old = _mlp(6, (32, 16), 3)
-    batch = _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(6, (32, 16), 3), (6,), rng, seed=15)
 
     keras.utils.set_random_seed(16)
     new = _mlp(7, (48, 16), 3)
@@ -443,14 +407,9 @@ def test_path_and_live_model_give_the_same_plan(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["functional", "sequential"])
-def test_rebuilt_model_with_new_auto_names_matches(tmp_path, kind):
+def test_rebuilt_model_with_new_auto_names_matches(saved_old, kind):
     rng = np.random.default_rng(9)
-    keras.utils.set_random_seed(17)
-    old = _auto_named(kind)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _auto_named(kind), (8,), rng, seed=17)
 
     keras.utils.set_random_seed(18)
     new = _auto_named(kind)
@@ -477,23 +436,18 @@ def test_rebuilt_model_with_new_auto_names_matches(tmp_path, kind):
 # -- 8. the old file is never written; a failed migration changes nothing ------------------------
 
 
-def _failure_setup(tmp_path, seed):
+def _failure_setup(saved_old, seed):
     """An old MLP saved to a file (and its hash) and a widened new MLP with a snapshot of its
     weights, for tests of failures half-way through a migration."""
-    rng = np.random.default_rng(seed)
-    keras.utils.set_random_seed(2 * seed - 1)
-    old = _mlp(8, (32, 16), 4)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(8, (32, 16), 4), (8,), np.random.default_rng(seed),
+                                 seed=2 * seed - 1)
     keras.utils.set_random_seed(2 * seed)
     new = _mlp(8, (48, 16), 4)
     return old, batch, path, _sha256(path), new, _snapshot(new)
 
 
-def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
-    old, batch, path, digest, new, before = _failure_setup(tmp_path, 10)
+def test_old_file_unchanged_and_failed_assign_rolls_back(saved_old, monkeypatch):
+    old, batch, path, digest, new, before = _failure_setup(saved_old, 10)
 
     # The last variable to be assigned (weights go smallest first: h2's kernel, 48x16, is the
     # largest) fails on its first call; earlier ones were written.
@@ -528,10 +482,10 @@ def test_old_file_unchanged_and_failed_assign_rolls_back(tmp_path, monkeypatch):
     assert _sha256(path) == digest
 
 
-def test_unreadable_old_weight_changes_nothing(tmp_path, monkeypatch):
+def test_unreadable_old_weight_changes_nothing(saved_old, monkeypatch):
     from keras_surgery.keras_file import KerasFile
 
-    old, batch, path, digest, new, before = _failure_setup(tmp_path, 11)
+    old, batch, path, digest, new, before = _failure_setup(saved_old, 11)
     real_read = KerasFile.read
     reads = []
 
@@ -550,17 +504,18 @@ def test_unreadable_old_weight_changes_nothing(tmp_path, monkeypatch):
     assert _sha256(path) == digest
 
 
-def test_spilled_rollback_restores_every_value_exactly(tmp_path, monkeypatch):
+def test_spilled_rollback_restores_every_value_exactly(saved_old, tmp_path, monkeypatch):
     """With no memory budget every previous value goes to the temporary undo file; a failure
     on the last weight still restores all of them bit for bit, and nothing is left on disk."""
     from keras_surgery.apply import apply_plan
     from keras_surgery.keras_file import KerasFile
 
-    old, batch, path, digest, new, before = _failure_setup(tmp_path, 14)
+    old, batch, path, digest, new, before = _failure_setup(saved_old, 14)
     undo_dir = tmp_path / "undo"
     undo_dir.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(undo_dir))
-    plan = ks.ModelMigrator(path).plan(new)
+    migrator = ks.ModelMigrator(path)
+    plan = migrator.plan(new)
     real_read = KerasFile.read
     opened = []
 
@@ -572,24 +527,25 @@ def test_spilled_rollback_restores_every_value_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(KerasFile, "read", read_until_out)
     with pytest.raises(ks.SurgeryError, match="could not read"):
-        apply_plan(plan, new, path, spill_bytes=0)
+        apply_plan(plan, new, migrator.side.weights, spill_bytes=0)
     for v, b in zip(new.weights, before):
         np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
     assert os.listdir(undo_dir) == []  # the undo file is anonymous and closed
     monkeypatch.setattr(KerasFile, "read", real_read)
-    report = apply_plan(plan, new, path, spill_bytes=0)
+    report = apply_plan(plan, new, migrator.side.weights, spill_bytes=0)
+    migrator.close()
     assert report.preserves_function, report.warnings
     _assert_preserved(new, batch, old, batch)
     assert _sha256(path) == digest
 
 
-def test_failure_after_the_last_write_names_what_could_not_be_undone(tmp_path, monkeypatch):
+def test_failure_after_the_last_write_names_what_could_not_be_undone(saved_old, monkeypatch):
     """The largest weight is written last without an undo entry; if finishing fails after it,
     the error says that weight was not restored instead of claiming the migration was undone."""
-    from keras_surgery import apply as apply_module
+    from keras_surgery import stream as stream_module
 
-    old, batch, path, digest, new, before = _failure_setup(tmp_path, 16)
-    real_finalize = apply_module.finalize_layers
+    old, batch, path, digest, new, before = _failure_setup(saved_old, 16)
+    real_finalize = stream_module.finalize_layers
     calls = []
 
     def finalize_once_broken(model, variables):
@@ -598,7 +554,7 @@ def test_failure_after_the_last_write_names_what_could_not_be_undone(tmp_path, m
             raise RuntimeError("finalize broke")
         return real_finalize(model, variables)
 
-    monkeypatch.setattr(apply_module, "finalize_layers", finalize_once_broken)
+    monkeypatch.setattr(stream_module, "finalize_layers", finalize_once_broken)
     with pytest.raises(ks.SurgeryError, match=r"failed for h2/kernel .*no undo entry"):
         ks.migrate_weights(path, new)
     for v, b in zip(new.weights, before):
@@ -607,8 +563,8 @@ def test_failure_after_the_last_write_names_what_could_not_be_undone(tmp_path, m
     assert _sha256(path) == digest
 
 
-def test_interrupt_mid_migration_restores_and_propagates(tmp_path, monkeypatch):
-    old, batch, path, digest, new, before = _failure_setup(tmp_path, 15)
+def test_interrupt_mid_migration_restores_and_propagates(saved_old, monkeypatch):
+    old, batch, path, digest, new, before = _failure_setup(saved_old, 15)
     victim = new.get_layer("h2").kernel
     real_assign = victim.assign
     calls = []
@@ -631,15 +587,10 @@ def test_interrupt_mid_migration_restores_and_propagates(tmp_path, monkeypatch):
 # -- 9. policy="random" ----------------------------------------------------------------------
 
 
-def test_random_policy_keeps_fresh_values_outside_full_matches(tmp_path):
+def test_random_policy_keeps_fresh_values_outside_full_matches(saved_old):
     old_spec, new_spec = ["a", "b", "c", "d"], ["a", "b", "new", "c", "d"]
     rng = np.random.default_rng(12)
-    keras.utils.set_random_seed(23)
-    old = _mlp(4, (32, 16), 3)
-    batch = _normal(rng, BATCH, 4)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 4))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(4, (32, 16), 3), (4,), rng, seed=23)
 
     keras.utils.set_random_seed(24)
     new = _mlp(5, (48, 16), 3)
@@ -668,14 +619,9 @@ def test_random_policy_keeps_fresh_values_outside_full_matches(tmp_path):
     assert max_diff(predict(new, x_new), predict(old, x_old)) > 1e-3  # no promise, and none kept
 
 
-def test_random_policy_on_an_unchanged_model_preserves(tmp_path):
+def test_random_policy_on_an_unchanged_model_preserves(saved_old):
     rng = np.random.default_rng(13)
-    keras.utils.set_random_seed(25)
-    old = _mlp(8, (32, 16), 4)
-    batch = _normal(rng, BATCH, 8)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 8))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _mlp(8, (32, 16), 4), (8,), rng, seed=25)
 
     keras.utils.set_random_seed(26)
     new = _mlp(8, (32, 16), 4)
@@ -697,14 +643,9 @@ def _ops_model(width):
     return keras.Model(inp, keras.layers.Dense(4, name="out")(c))
 
 
-def test_keras_ops_merges_widened(tmp_path):
+def test_keras_ops_merges_widened(saved_old):
     rng = np.random.default_rng(14)
-    keras.utils.set_random_seed(27)
-    old = _ops_model(16)
-    batch = _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _ops_model(16), (6,), rng, seed=27)
 
     keras.utils.set_random_seed(28)
     new = _ops_model(24)
@@ -740,22 +681,18 @@ def _normalized(n_in, data):
     [["a", "b", "d", "e"], ["a", "b", "x", "c", "d", "e"]],
     ids=["feature-removed", "feature-added"],
 )
-def test_normalization_in_front_of_dense(tmp_path, new_spec):
+def test_normalization_in_front_of_dense(saved_old, new_spec):
     old_spec = ["a", "b", "c", "d", "e"]
     rng = np.random.default_rng(15)
-    keras.utils.set_random_seed(29)
     # Column "c" is far from zero-mean, so 0 in the old input is far from 0 once normalised.
-    data = _normal(rng, 256, 5) * 2.0 + np.array([0.5, -1.0, 3.0, 0.0, 1.5], "float32")
-    old = _normalized(5, data)
-    batch = data[:BATCH]
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 5))
-    path = _save(old, tmp_path)
+    data = normal(rng, 256, 5) * 2.0 + np.array([0.5, -1.0, 3.0, 0.0, 1.5], "float32")
+    old, batch, path = saved_old(lambda: _normalized(5, data), (5,), rng, seed=29,
+                                 batch=data[:BATCH])
 
     keras.utils.set_random_seed(30)
     # Adapted on other data, so that copied statistics can be told from its own.
-    new = _normalized(len(new_spec), _normal(rng, 256, len(new_spec)) * 0.5 - 2.0)
-    fresh = {w: np.asarray(getattr(new.get_layer("norm"), w)).reshape(-1) for w in
+    new = _normalized(len(new_spec), normal(rng, 256, len(new_spec)) * 0.5 - 2.0)
+    fresh = {w: to_numpy(getattr(new.get_layer("norm"), w)).reshape(-1) for w in
              ("mean", "variance")}
     report = ks.migrate_weights(
         path, new, old_features={"obs": old_spec}, new_features={"obs": new_spec}
@@ -783,8 +720,8 @@ def test_normalization_in_front_of_dense(tmp_path, new_spec):
     np.testing.assert_array_equal(new_k[kept_new], np.delete(old_k, removed, axis=0))
     assert np.all(new_k[added] == 0.0)
     for w in ("mean", "variance"):
-        got = np.asarray(getattr(new.get_layer("norm"), w)).reshape(-1)
-        want = np.asarray(getattr(old.get_layer("norm"), w)).reshape(-1)
+        got = to_numpy(getattr(new.get_layer("norm"), w)).reshape(-1)
+        want = to_numpy(getattr(old.get_layer("norm"), w)).reshape(-1)
         np.testing.assert_array_equal(got[kept_new], np.take(want, kept_old))
         np.testing.assert_array_equal(got[added], fresh[w][added])
     _assert_copied(new, old, "out")
@@ -840,15 +777,12 @@ def _behaviour_model(seq: bool = False, **changes):
     (True, {"inner_act": "relu"}, "changed its backward_layer.activation: 'tanh' -> 'relu', "
                                   "layer.activation: 'tanh' -> 'relu'"),
 ], ids=["dense-activation", "bn-epsilon", "leaky-slope", "bidirectional-merge", "lstm-activation"])
-def test_changed_behaviour_under_the_same_name_is_reported(tmp_path, seq, changes, what):
+def test_changed_behaviour_under_the_same_name_is_reported(saved_old, seq, changes, what):
     """Same names, same weight shapes, different function: nothing in the labels differs, so
     the layer configs say it; the flag agrees with the outputs."""
     rng = np.random.default_rng(12)
-    keras.utils.set_random_seed(12)
-    old = _behaviour_model(seq)
-    batch = _normal(rng, BATCH, 5, 3) if seq else _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    path = _save(old, tmp_path)
+    old, batch, path = saved_old(lambda: _behaviour_model(seq), (5, 3) if seq else (6,), rng,
+                                 seed=12)
     new = _behaviour_model(seq, **changes)
     report = ks.migrate_weights(path, new)
     assert not report.preserves_function
@@ -857,22 +791,17 @@ def test_changed_behaviour_under_the_same_name_is_reported(tmp_path, seq, change
     assert max_diff(predict(new, batch), predict(old, batch)) > 1e-3  # really changed
 
 
-def test_training_only_settings_and_initialisers_may_change(tmp_path):
-    rng = np.random.default_rng(13)
-    keras.utils.set_random_seed(13)
-    old = _behaviour_model()
-    batch = _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
+def test_training_only_settings_and_initialisers_may_change(saved_old):
+    old, batch, path = saved_old(_behaviour_model, (6,), np.random.default_rng(13), seed=13)
     new = _behaviour_model(momentum=0.5, rate=0.6, init="he_normal")
-    report = ks.migrate_weights(_save(old, tmp_path), new)
+    report = ks.migrate_weights(path, new)
     assert report.preserves_function, report.warnings
     assert not any("changed its" in w for w in report.warnings)
     _assert_preserved(new, batch, old, batch)
 
 
 @pytest.mark.parametrize("change", ["bias-off", "rescale", "custom-size"])
-def test_switched_off_weights_and_scales_are_reported_custom_keys_are_not(tmp_path, change):
+def test_switched_off_weights_and_scales_are_reported_custom_keys_are_not(change):
     """A bias switched off drops a trained weight and a Rescaling factor scales everything:
     both reported. A custom layer's own config key named like a Keras one ('size', here its
     width) is its rule's business: a widened custom layer still preserves."""
@@ -907,13 +836,13 @@ def test_switched_off_weights_and_scales_are_reported_custom_keys_are_not(tmp_pa
         return keras.Model(inp, keras.layers.Dense(3, name="out")(x))
 
     rng = np.random.default_rng(21)
-    keras.utils.set_random_seed(21)
-    old = build()
-    batch = _normal(rng, BATCH, 6)
-    randomize(old, batch)
-    if change == "custom-size":
-        old.get_layer("gain").g.assign(rng.uniform(0.5, 1.5, 8).astype("float32"))
-    assert_input_sensitive(old, batch, _normal(rng, BATCH, 6))
+
+    def trained_gains(model):  # a weight `randomize` leaves alone
+        if change == "custom-size":
+            model.get_layer("gain").g.assign(rng.uniform(0.5, 1.5, 8).astype("float32"))
+
+    # Migrated from the live model, so not saved.
+    old, batch, _ = old_model(build, (6,), rng, seed=21, batch_size=BATCH, tweak=trained_gains)
     new = {"bias-off": lambda: build(use_bias=False), "rescale": lambda: build(factor=3.0),
            "custom-size": lambda: build(width=10)}[change]()
     if change == "custom-size":

@@ -32,7 +32,7 @@ def randomize(model, data, *, seed: int = 0, bias_scale: float = 0.3) -> None:
                 layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
                 continue
             probe = keras.Model(model.inputs, layer.input)
-            acts = np.asarray(probe(data, training=False))
+            acts = to_numpy(probe(data, training=False))
             axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
             axes = tuple(i for i in range(acts.ndim) if i != axis % acts.ndim)
             mean = acts.mean(axis=axes)
@@ -51,13 +51,26 @@ def _all_layers(model):
             yield layer
 
 
+def to_numpy(value) -> np.ndarray:
+    """A NumPy array of a backend tensor, a variable or an array, on every backend.
+
+    `keras.ops.convert_to_numpy`, not `np.asarray`: NumPy refuses a PyTorch tensor that requires
+    grad (and one on a GPU), and a JAX array would come back read-only.
+    """
+    import keras
+
+    if isinstance(value, np.ndarray):
+        return value
+    return keras.ops.convert_to_numpy(value)
+
+
 def predict(model, x):
     out = model(x, training=False)
     if isinstance(out, (list, tuple)):
-        return [np.asarray(o) for o in out]
+        return [to_numpy(o) for o in out]
     if isinstance(out, dict):
-        return {k: np.asarray(v) for k, v in out.items()}
-    return np.asarray(out)
+        return {k: to_numpy(v) for k, v in out.items()}
+    return to_numpy(out)
 
 
 def max_diff(a, b) -> float:
@@ -66,7 +79,7 @@ def max_diff(a, b) -> float:
         return max(max_diff(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
         return max(max_diff(x, y) for x, y in zip(a, b))
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    return float(np.max(np.abs(to_numpy(a) - to_numpy(b))))
 
 
 def assert_input_sensitive(model, x1, x2, *, min_diff: float = 1e-3) -> None:
@@ -85,25 +98,47 @@ def columns_from(old_x: np.ndarray, old_names, new_names, rng) -> np.ndarray:
 
 
 def prepare_old(model, batch, other_batch, path) -> str:
-    """The usual old side of a surgery test: non-trivial weights (`randomize`), outputs that
-    depend on the input, saved to `path`. Returns the path as a string."""
+    """The usual old side of a surgery test for a model already built: non-trivial weights
+    (`randomize`), outputs that depend on the input, saved to `path`. Returns the path as a
+    string."""
     randomize(model, batch)
     assert_input_sensitive(model, batch, other_batch)
     model.save(path)
     return str(path)
 
 
+def old_model(build, shape, rng, *, seed=1, batch=None, batch_size=16, path=None, tweak=None):
+    """The old side of a surgery test, set up the one usual way.
+
+    Seeds Keras with `seed`, calls `build()`, gives the model non-trivial weights (`randomize`
+    on `batch`, by default `batch_size` samples of `shape` drawn from `rng`; then `tweak(model)`
+    for weights `randomize` leaves alone), checks that its outputs depend on its input (on a
+    second batch from `rng`) and saves it to `path`, if one is given.
+
+    Returns:
+        (model, batch, path as a string, or None when not saved).
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build()
+    if batch is None:
+        batch = normal(rng, batch_size, *shape)
+    randomize(model, batch)
+    if tweak is not None:
+        tweak(model)
+    assert_input_sensitive(model, batch, normal(rng, batch_size, *shape))
+    if path is None:
+        return model, batch, None
+    model.save(path)
+    return model, batch, str(path)
+
+
 def randomized_old(build, shape, seed: int = 0, batch_size: int = 32):
     """`build()` an old model with non-trivial weights that depends on its input; returns
     (model, the batch its BatchNorm statistics came from)."""
-    import keras
-
-    rng = np.random.default_rng(seed)
-    batch = rng.normal(size=(batch_size, *shape)).astype("float32")
-    keras.utils.set_random_seed(seed + 1)
-    model = build()
-    randomize(model, batch)
-    assert_input_sensitive(model, batch, rng.normal(size=batch.shape).astype("float32"))
+    model, batch, _ = old_model(build, shape, np.random.default_rng(seed), seed=seed + 1,
+                                batch_size=batch_size)
     return model, batch
 
 
@@ -120,12 +155,22 @@ def model_of(shape, body, name: str = "obs"):
 
 
 def saved_old_model(tmp_path, shape, body, rng, *, seed=1, batch_size=16, name="obs"):
-    """`model_of(shape, body)` prepared as an old model (see `prepare_old`) and saved in
+    """`model_of(shape, body)` set up as an old model (see `old_model`) and saved in
     `tmp_path`; returns (model, batch, path)."""
-    import keras
+    return old_model(lambda: model_of(shape, body, name), shape, rng, seed=seed,
+                     batch_size=batch_size, path=tmp_path / "old.keras")
 
-    keras.utils.set_random_seed(seed)
-    old = model_of(shape, body, name)
-    batch = normal(rng, batch_size, *shape)
-    path = prepare_old(old, batch, normal(rng, batch_size, *shape), tmp_path / "old.keras")
-    return old, batch, path
+
+def preservation_bound(reference, ulps: float = 8) -> float:
+    """The largest max |new - old| to accept where a surgery keeps the function: `ulps`
+    float32 epsilons at the scale of the old outputs `reference` (at least 1), so the bound
+    holds on every CPU whatever order its kernels sum in."""
+    return ulps * float(np.finfo(np.float32).eps) * max(1.0, _max_abs(reference))
+
+
+def _max_abs(a) -> float:
+    if isinstance(a, dict):
+        return max(_max_abs(v) for v in a.values())
+    if isinstance(a, (list, tuple)):
+        return max(_max_abs(v) for v in a)
+    return float(np.max(np.abs(to_numpy(a))))
