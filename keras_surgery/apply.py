@@ -126,8 +126,18 @@ def apply_plan(
         warnings.extend(slot_notes)
     elif plan.old_optimizer is not None:
         warnings.append("optimizer state was not migrated (optimizer=False).")
-    stream(writes, model, release=getattr(old_weights, "release", None),
-           progress=progress_bar(len(writes), verbose), spill_bytes=spill_bytes)
+    # The old file's bytes are checked against their CRC-32 while the weights stream in, and
+    # before the last write (the one without an undo entry): damage undoes the migration.
+    check = old_weights.integrity_check() if hasattr(old_weights, "integrity_check") else None
+    try:
+        stream(writes, model, release=getattr(old_weights, "release", None),
+               progress=progress_bar(len(writes), verbose), spill_bytes=spill_bytes,
+               before_last=None if check is None else check.wait)
+        if check is not None:
+            check.wait()  # also when there was nothing to write
+    finally:
+        if check is not None:
+            check.cancel()
     warnings[len(plan.warnings):len(plan.warnings)] = [notes[i] for i in sorted(notes)]
     report = SurgeryReport(plan, warnings=warnings)
     logger.info("%s", report.one_line())

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from keras_surgery.atomic import atomic_zip
+from keras_surgery.atomic import TEMP_SUFFIX, atomic_zip, is_temporary, same_file
 from keras_surgery.errors import SurgeryError, SurgeryFileError
 from keras_surgery.fill import fill, nonfinite_warning
 from keras_surgery.keras_file import CONFIG_MEMBER, METADATA_MEMBER, WEIGHTS_MEMBER, KerasFile
@@ -68,8 +68,11 @@ def apply_file(
         >>> plan.apply_file("run/ckpt_7.keras", "grown/ckpt_7.keras", template="new.keras")
     """
     src, out, template = os.fspath(src), os.fspath(out), os.fspath(template)
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise SurgeryError(f"apply_file would overwrite its source: '{src}'.")
+    # By identity, not by spelling: through a linked folder, `..` or a hard link.
+    if same_file(src, out):
+        raise SurgeryError(f"apply_file would overwrite its source: '{src}' (as '{out}').")
+    if same_file(template, out):
+        raise SurgeryError(f"apply_file would overwrite its template: '{template}' (as '{out}').")
     warnings: list[str] = []
     with KerasFile(src) as old, KerasFile(template) as tmpl:
         _check_files(plan, old, tmpl)
@@ -77,9 +80,16 @@ def apply_file(
         if note:
             warnings.append(note)
         folder = os.path.dirname(os.path.abspath(out))
-        with _writing(out), tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmpdir:
+        with _writing(out), tempfile.TemporaryDirectory(
+            dir=folder, prefix=".ks-", suffix=TEMP_SUFFIX
+        ) as tmpdir:
             weights_path = os.path.join(tmpdir, WEIGHTS_MEMBER)
-            _write_weights(plan, old, tmpl, carried, weights_path, warnings, verbose)
+            check = old.integrity_check()
+            try:
+                _write_weights(plan, old, tmpl, carried, weights_path, warnings, verbose)
+                check.wait()  # damaged old bytes: nothing is written
+            finally:
+                check.cancel()
             members: list[tuple[str, bytes | str]] = [
                 (name, data) for name in (METADATA_MEMBER, CONFIG_MEMBER)
                 if (data := tmpl.member(name)) is not None
@@ -206,8 +216,19 @@ def migrate_folder(
         SurgeryFileError: a checkpoint could not be migrated (see `apply_file`).
     """
     src_dir, out_dir = os.fspath(src_dir), os.fspath(out_dir)
+    if same_file(src_dir, out_dir):
+        raise SurgeryError(
+            f"migrate_folder would overwrite its source checkpoints: '{out_dir}' is the folder "
+            f"'{src_dir}'. Choose another output folder."
+        )
     os.makedirs(out_dir, exist_ok=True)
-    names = sorted(n for n in os.listdir(src_dir) if fnmatch.fnmatch(n, pattern))
+    names = []
+    for name in sorted(os.listdir(src_dir)):
+        if is_temporary(name):
+            logger.warning("keras-surgery: skipped '%s' in '%s': a temporary file an "
+                           "interrupted run left behind (safe to delete)", name, src_dir)
+        elif fnmatch.fnmatch(name, pattern):
+            names.append(name)
     results = []
     progress = progress_bar(len(names), verbose)
     for i, name in enumerate(names):

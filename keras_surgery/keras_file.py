@@ -17,6 +17,7 @@ error naming the layer instead of being read as a layer of another shape.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import io
@@ -26,6 +27,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -78,6 +80,9 @@ _NUMBER_CLASSES = (0, 1, 4, 5, 8)  # H5T_INTEGER, FLOAT, BITFIELD, OPAQUE, ENUM
 # member range: planning and applying open the same file, and the scan reads every byte of it.
 _HEAP_SCANS: dict[tuple, str | None] = {}
 _MAX_HEAP_SCANS = 64
+# Stored weights members whose CRC-32 matched, by the same key: a file is checked once.
+_CRC_CHECKED: set[tuple] = set()
+CRC_CHUNK_BYTES = 32 << 20
 
 
 def read_at(raw: Any, size: int, offset: int) -> bytes:
@@ -147,6 +152,7 @@ class KerasFile(WeightSource):
         self._mmap: mmap.mmap | None = None
         self._paths: dict[str, tuple[tuple[int, ...], str]] | None = None
         self._raw: Any = None
+        self._weights_crc: int | None = None  # of a stored weights member, read in place
         self._raw = self._open()
         self.identity = _identity(self._raw)
         try:
@@ -286,6 +292,7 @@ class KerasFile(WeightSource):
                 raise SurgeryFileError(f"'{self.path}': {WEIGHTS_MEMBER} is encrypted.")
             if info.compress_type == zipfile.ZIP_STORED:
                 self._reader = self._stored_member(info)
+                self._weights_crc = info.CRC
             else:
                 # Compressed (not how Keras writes it): decompress once into memory, refusing
                 # a decompression bomb as Keras does.
@@ -483,6 +490,41 @@ class KerasFile(WeightSource):
             self._mmap = mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mmap
 
+    def integrity_check(self) -> IntegrityCheck:
+        """Starts checking the weights member read in place against the CRC-32 the archive
+        records for it, in a background thread (zlib releases the GIL, so it overlaps the
+        migration's own work). A compressed member needs none: zipfile checked it when it
+        was decompressed. See `IntegrityCheck`."""
+        self._open_h5()
+        reader = self._reader
+        if self._weights_crc is None or not isinstance(reader, _MemberReader):
+            return IntegrityCheck(None)
+        st = os.fstat(self._raw.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+               reader._start, reader._size)
+        if key in _CRC_CHECKED or reader._size == 0:
+            return IntegrityCheck(None)
+        data, start, size, expected = self._map(), reader._start, reader._size, self._weights_crc
+
+        def crc(cancelled: threading.Event) -> str | None:
+            value = 0
+            for offset in range(start, start + size, CRC_CHUNK_BYTES):
+                if cancelled.is_set():
+                    return None
+                end = min(offset + CRC_CHUNK_BYTES, start + size)
+                with memoryview(data) as whole, whole[offset:end] as chunk:
+                    value = zlib.crc32(chunk, value)
+                _drop_pages(data, offset, end)
+            if value != expected:
+                return (f"'{self.path}': {WEIGHTS_MEMBER} is damaged: its bytes have CRC-32 "
+                        f"{value:08x}, the archive records {expected:08x}.")
+            if len(_CRC_CHECKED) >= _MAX_HEAP_SCANS:
+                _CRC_CHECKED.clear()
+            _CRC_CHECKED.add(key)
+            return None
+
+        return IntegrityCheck(crc)
+
     def release(self) -> None:
         """Drops the pages of the memory-mapped archive from this process's resident memory.
 
@@ -610,6 +652,47 @@ class KerasFile(WeightSource):
             self.close()
         except Exception:
             pass
+
+
+def _drop_pages(data: mmap.mmap, start: int, end: int) -> None:
+    """Drops the whole pages of `data[start:end]` from resident memory (they come back from
+    the page cache if touched again); only an optimisation."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    if end - first >= mmap.PAGESIZE and hasattr(data, "madvise"):
+        with contextlib.suppress(OSError, ValueError):
+            data.madvise(mmap.MADV_DONTNEED, first, (end - first) // mmap.PAGESIZE
+                         * mmap.PAGESIZE)
+
+
+class IntegrityCheck:
+    """A check of the bytes a migration reads, running in the background: `wait()` blocks
+    until it is done and raises SurgeryFileError if the bytes are damaged; `cancel()` stops it
+    (a migration that failed anyway). Call one of them before the file is closed."""
+
+    def __init__(self, check: Any):
+        self._cancelled = threading.Event()
+        self._problem: list[str | None] = [None]
+        self._thread = None if check is None else threading.Thread(
+            target=self._run, args=(check,), name="keras-surgery-crc", daemon=True)
+        if self._thread is not None:
+            self._thread.start()
+
+    def _run(self, check: Any) -> None:
+        try:
+            self._problem[0] = check(self._cancelled)
+        except Exception as exc:  # a damaged or vanished mapping: not checked is not "fine"
+            self._problem[0] = f"the integrity check of the weights could not run ({exc})."
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._problem[0] is not None:
+            raise SurgeryFileError(self._problem[0])
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def read_member(archive: zipfile.ZipFile, name: str, limit: int, path: str) -> bytes | None:

@@ -177,6 +177,7 @@ def handed_over(value: Any) -> Any:
 def stream(
     writes: list[Write], model: Any, *, release: Callable[[], None] | None = None,
     progress: Callable[[int], None] | None = None, spill_bytes: int = SPILL_BYTES,
+    before_last: Callable[[], None] | None = None,
 ) -> None:
     """Runs `writes` into `model`'s variables, all or nothing.
 
@@ -186,6 +187,8 @@ def stream(
         release: called after each write (a memory-mapped old file drops its pages).
         progress: called with the number of writes done.
         spill_bytes: rollback values kept in memory, in bytes; the rest go to a file.
+        before_last: called before the last write, the only one without an undo entry (the
+            check that the old values read were sound): if it raises, every write is undone.
 
     Raises:
         SurgeryError: a write failed; every variable written before is restored (or the
@@ -202,7 +205,11 @@ def stream(
     try:
         for count, write in enumerate(writes, start=1):
             what, var = write.what, write.var
-            stage, journaled = "read", False
+            journaled = False
+            if count == len(writes) and before_last is not None:
+                stage = "check"
+                before_last()
+            stage = "read"
             current, owned = current_value(var, copy=write.reads_current)
             if count < len(writes):
                 owned = journal.save(var, current) and owned
