@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
+from keras_surgery.feature_changes import check_inputs_continue, feature_changes, likely_typos
 from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import ModelGraph
 from keras_surgery.growth import Growth, plan_starts
@@ -84,14 +85,18 @@ class ModelMigrator:
             new_features: the new model's feature spec.
             policy: "preserve", "net2net" or "random" (see `migrate_weights`).
             allow_unrelated: accept a plan that copies nothing from an old model that has
-                weights (the new model then keeps its initial values, with a warning); by
-                default that is an error, since it almost always means the wrong old model.
+                weights (the new model then keeps its initial values, with a warning), and an
+                input none of whose old features is among the new ones; by default both are
+                errors, since they almost always mean the wrong old model or a feature spec
+                given for one side only.
 
         Returns:
             The SurgeryPlan; `plan.apply(new_model)` carries it out.
 
         Raises:
-            SurgeryFileError, FeatureSpecError, UnsupportedLayerError: see their docs.
+            FeatureSpecError: a bad feature spec, or an input none of whose old features
+                continues (see `allow_unrelated`).
+            SurgeryFileError, UnsupportedLayerError: see their docs.
             SurgeryError: nothing of the old model continues in the new one and
                 `allow_unrelated` is False.
         """
@@ -101,11 +106,13 @@ class ModelMigrator:
             raise SurgeryError(f"This ModelMigrator of '{self.side.path}' is closed; make a new "
                                "one to plan.")
         with opened(new_model) as new_side:
-            plan = self._plan(new_side.graph(), new_side.features(new_features), policy)
+            plan = self._plan(new_side.graph(), new_side.features(new_features), policy,
+                              allow_unrelated)
         _check_related(plan, allow_unrelated)
         return plan
 
-    def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str) -> SurgeryPlan:
+    def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str,
+              allow_unrelated: bool) -> SurgeryPlan:
         space = LabelSpace()
         old = self.side
         old_labels = propagate(
@@ -126,7 +133,11 @@ class ModelMigrator:
         growth = None
         if policy in PRESERVING_POLICIES:
             new_labels, growth = self._grow(new_graph, new_features, old_labels, new_labels)
+        changes = feature_changes(old_labels, new_labels)
+        check_inputs_continue(changes, old_labels, allow_unrelated=allow_unrelated)
         plan = build_plan(old_labels, new_labels, policy=policy, old_source=old, growth=growth)
+        plan.features = changes
+        plan.warnings[:0] = likely_typos(changes)
         plan.old_optimizer = old_optimizer
         plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())

@@ -187,6 +187,9 @@ class SurgeryPlan:
     old_optimizer: OptimizerLayout | None = None
     # New layers started so that the old function is kept: layer -> "identity" | "zero".
     starts: dict[str, str] = field(default_factory=dict)
+    # Per new input: the old input it continues and its features kept, moved, added, removed
+    # (`keras_surgery.feature_changes`).
+    features: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Where `apply` reads the old values: the old model's `keras_surgery.side.Side` (its file
     # held open from planning on); None for a plan loaded from JSON.
     old_source: Any = field(default=None, repr=False, compare=False)
@@ -249,6 +252,7 @@ class SurgeryPlan:
             "matches": dict(self.matches),
             "new_layers": list(self.new_layers),
             "starts": dict(self.starts),
+            "features": dict(self.features),
             "dropped": list(self.dropped),
             "totals": self.totals(),
             "weights": [w.to_dict() for w in self.weights],
@@ -272,6 +276,7 @@ class SurgeryPlan:
             preserves_function=bool(data["preserves_function"]),
             old_optimizer=_layout_from_dict(data.get("old_optimizer")),
             starts=dict(data.get("starts") or {}),
+            features=dict(data.get("features") or {}),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from keras_surgery.feature_changes import describe_changes
 from keras_surgery.visual import plot, to_html
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ def summary_footer(plan: SurgeryPlan, warnings: list[str] | None = None) -> list
         f"total: {totals['copied']} copied, {totals['zeroed']} zeroed, {totals['fresh']} fresh"
         f"{preset}; {len(plan.dropped)} old weight(s) dropped"
     )
+    lines.extend(describe_changes(plan.features))
     if plan.starts:
         lines.append("new layers started: " + ", ".join(
             f"{name} as the identity" if how == "identity" else f"{name} at zero"

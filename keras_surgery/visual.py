@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from keras_surgery.atomic import atomic_path, write_text
+from keras_surgery.feature_changes import describe_changes
 from keras_surgery.fill import regions_of
 
 if TYPE_CHECKING:
@@ -89,6 +90,8 @@ def to_html(plan: SurgeryPlan, path: str | os.PathLike, warnings: list[str] | No
             f"<td>{w.zeroed}</td><td>{w.fresh}</td><td>{picture}</td></tr>"
         )
     items = "".join(f"<li>{html.escape(x)}</li>" for x in warnings) or "<li>none</li>"
+    features = "".join(f"<li>{html.escape(x)}</li>" for x in describe_changes(plan.features)
+                       ) or "<li>none</li>"
     dropped = "".join(f"<li>{html.escape(x)}</li>" for x in plan.dropped) or "<li>none</li>"
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>keras-surgery report</title>
@@ -100,6 +103,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;vertical-align:top}}</style></hea
 <p>Maps show each changed weight over its last two axes (rows: second to last): {legend}</p>
 <table><tr><th>layer</th><th>weight</th><th>shape</th><th>status</th><th>copied</th>
 <th>zeroed</th><th>fresh</th><th>regions</th></tr>{''.join(rows)}</table>
+<h2>Features</h2><ul>{features}</ul>
 <h2>Warnings</h2><ul>{items}</ul>
 <h2>Old weights dropped</h2><ul>{dropped}</ul>
 </body></html>
