@@ -32,6 +32,7 @@ class SurgeryCallback(keras.callbacks.Callback):
         old_path: the old `.keras` file (read as data, never deserialised or written).
         old_features: the old model's feature spec, e.g. `{"obs": ["hp", "mana"]}`.
         new_features: the new model's feature spec.
+        unit_maps: chosen units of matched layers (see `migrate_weights`).
         policy: "preserve" (default), "net2net" or "random" (see `migrate_weights`).
         optimizer: carry the optimizer state (the model is compiled inside `fit`).
         verify: passed to the verifier when available (see `migrate_weights`).
@@ -55,6 +56,7 @@ class SurgeryCallback(keras.callbacks.Callback):
         *,
         old_features: FeatureSpec | None = None,
         new_features: FeatureSpec | None = None,
+        unit_maps: dict[str, list[int]] | None = None,
         policy: str = "preserve",
         optimizer: bool = True,
         verify: bool = False,
@@ -65,6 +67,7 @@ class SurgeryCallback(keras.callbacks.Callback):
         self.old_path = os.fspath(old_path)
         self.old_features = old_features
         self.new_features = new_features
+        self.unit_maps = unit_maps
         self.policy = policy
         self.optimizer = optimizer
         self.verify = verify
@@ -87,12 +90,13 @@ class SurgeryCallback(keras.callbacks.Callback):
         if self.verify:
             self.report = migrate_weights(
                 self.old_path, model, old_features=self.old_features,
-                new_features=self.new_features, policy=self.policy,
+                new_features=self.new_features, unit_maps=self.unit_maps, policy=self.policy,
                 optimizer=self.optimizer, verify=True,
             )
         else:
             with ModelMigrator(self.old_path, old_features=self.old_features) as migrator:
-                plan = migrator.plan(model, new_features=self.new_features, policy=self.policy)
+                plan = migrator.plan(model, new_features=self.new_features,
+                                     policy=self.policy, unit_maps=self.unit_maps)
                 self.report = plan.apply(model, optimizer=self.optimizer, verbose=self.verbose)
         setattr(model, _APPLIED_ATTR, self.old_path)
         (logger.info if self.verbose else logger.debug)("%s", self.report.summary())

@@ -9,10 +9,11 @@ each new label the position of the same label among the old ones.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from keras_surgery.errors import SurgeryError
 from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, is_auto_name
 from keras_surgery.labels import TensorLabels
 from keras_surgery.propagate import GraphLabels, LayerRecord
@@ -168,3 +169,66 @@ class LayerMatcher:
             new_all = np.concatenate(new_ids)
             shares.append(float(np.isin(new_all, np.concatenate(old_ids)).mean()))
         return float(np.mean(shares))
+
+
+def check_unit_maps(
+    unit_maps: Mapping[str, Sequence[int]], old: GraphLabels, new: GraphLabels
+) -> list[str]:
+    """Validates the user's unit choices against the labelled graphs; returns warnings naming
+    the old units no new unit continues.
+
+    Raises:
+        SurgeryError: a layer that is not in the new model or continues no old layer, a map
+            whose length is no unit count of the layer, an entry that is no old unit, or an
+            old unit chosen twice.
+    """
+    warnings = []
+    for name, chosen in unit_maps.items():
+        rec = new.records.get(name)
+        if rec is None:
+            raise SurgeryError(f"unit_maps names layer '{name}', which the new model does not "
+                               f"have. Layers: {sorted(new.records)[:20]}")
+        old_rec = old.records.get(rec.identity)
+        if old_rec is None or old_rec.node.class_name != rec.node.class_name:
+            raise SurgeryError(f"unit_maps names layer '{name}', which continues no layer of "
+                               "the old model: its units have no old units to choose from.")
+        if any(not isinstance(e, (int, np.integer)) or isinstance(e, bool) or e < -1
+               for e in chosen):
+            raise SurgeryError(f"unit_maps['{name}'] must list, per new unit, an old unit index "
+                               f"or -1. Received: {list(chosen)!r}")
+        old_n = _unit_count(old_rec, len(chosen), rec)
+        if old_n is None:
+            sizes = sorted({len(a.labels.ids) for w in rec.result.weights for a in w.axes
+                            if a.kind == "out" and a.labels.ids is not None})
+            raise SurgeryError(f"unit_maps['{name}'] has {len(chosen)} entries, but the layer's "
+                               f"units come in groups of {sizes}.")
+        kept = [int(e) for e in chosen if e >= 0]
+        if any(e >= old_n for e in kept) or len(set(kept)) < len(kept):
+            raise SurgeryError(f"unit_maps['{name}'] must name each old unit (0 to {old_n - 1}) "
+                               f"at most once. Received: {list(chosen)!r}")
+        dropped = sorted(set(range(old_n)) - set(kept))
+        if dropped:
+            shown = ", ".join(map(str, dropped[:12])) + (", ..." if len(dropped) > 12 else "")
+            warnings.append(f"layer '{name}': unit_maps drops {len(dropped)} old unit(s) "
+                            f"({shown}) of layer '{old_rec.node.name}'.")
+    return warnings
+
+
+def _unit_count(old_rec: LayerRecord, n_new: int, rec: LayerRecord) -> int | None:
+    """The old layer's number of units on the output axis the map applies to: an "out" axis of
+    the new layer holding `n_new` units (or k blocks of them: an LSTM's four gates), at the same
+    weight and axis of the old one (holding k blocks of the old units)."""
+    old_weights = {w.role: w for w in old_rec.result.weights}
+    found = []
+    for w in rec.result.weights:
+        old_w = old_weights.get(w.role)
+        for a, axis in enumerate(w.axes):
+            ids = axis.labels.ids
+            if axis.kind != "out" or ids is None or not n_new or len(ids) % n_new:
+                continue
+            if old_w is None or a >= len(old_w.axes) or old_w.axes[a].labels.ids is None:
+                continue
+            blocks, old_len = len(ids) // n_new, len(old_w.axes[a].labels.ids)
+            if old_len % blocks == 0:
+                found.append((blocks, old_len // blocks))
+    return min(found)[1] if found else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from keras_surgery.features import FeatureSpec
@@ -23,6 +24,7 @@ def migrate_weights(
     *,
     old_features: FeatureSpec | None = None,
     new_features: FeatureSpec | None = None,
+    unit_maps: Mapping[str, Sequence[int]] | None = None,
     policy: str = "preserve",
     optimizer: bool = True,
     strict: bool = False,
@@ -41,6 +43,12 @@ def migrate_weights(
         new_model: the built new keras.Model; its variables are overwritten, all or nothing.
         old_features: names of the old model's input columns, e.g. `{"obs": ["hp", "mana"]}`.
         new_features: the same for the new model; features are matched by name.
+        unit_maps: chosen units of matched layers, `{new layer name: [old unit index or -1,
+            per new unit]}`: keep, drop or reorder units (pruning, as keras-surgeon's
+            `delete_channels`); every weight that reads them follows (the next layers' input
+            rows, BatchNorm statistics, LSTM gate blocks, Flatten positions). Dropped units are
+            named in the warnings; dropping units whose outgoing weights are all exactly zero
+            keeps the old function.
         policy: "preserve" (default; exact preservation where possible), "net2net" (the same,
             but new units of a widened layer start as copies of old units, their outgoing
             weights split among the copies: Net2WiderNet) or "random" (copy full matches, keep
@@ -65,8 +73,10 @@ def migrate_weights(
             `report.warnings` and sets `preserves_function` to False instead. What was checked
             is in `report.verification`.
         allow_unrelated: accept an old model that has nothing in common with the new one
-            (no weight value copied; the new model keeps its initial values, with a warning).
-            By default that raises SurgeryError, as it almost always means the wrong old model.
+            (no weight value copied; the new model keeps its initial values, with a warning),
+            or an input none of whose old features is among the new ones. By default both
+            raise, as they almost always mean the wrong old model or a feature spec given for
+            one side only.
 
     Returns:
         SurgeryReport with `preserves_function`, `warnings`, `summary()` and `to_dict()`.
@@ -83,12 +93,12 @@ def migrate_weights(
     with Side(old) as side:
         return _migrate(side, new_model, mode, old_features=old_features,
                         new_features=new_features, policy=policy, optimizer=optimizer,
-                        strict=strict, allow_unrelated=allow_unrelated)
+                        strict=strict, allow_unrelated=allow_unrelated, unit_maps=unit_maps)
 
 
 def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
              new_features: Any, policy: str, optimizer: bool, strict: bool,
-             allow_unrelated: bool) -> SurgeryReport:
+             allow_unrelated: bool, unit_maps: Any) -> SurgeryReport:
     """`migrate_weights` on the opened old side (the file is read through it, once)."""
     mapping = None
     if mode is not None:
@@ -98,7 +108,8 @@ def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
             # any weight is written.
             require_gradient_evidence(mapping)
     plan = ModelMigrator(side, old_features=old_features, strict=strict).plan(
-        new_model, new_features=new_features, policy=policy, allow_unrelated=allow_unrelated
+        new_model, new_features=new_features, policy=policy, allow_unrelated=allow_unrelated,
+        unit_maps=unit_maps,
     )
     restore = snapshot(new_model) if mode == "raise" and not side.is_file else None
     report = plan.apply(new_model, optimizer=optimizer)

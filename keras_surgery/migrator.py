@@ -9,6 +9,7 @@ labellings to the planner.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from keras_surgery.features import FeatureSpec
 from keras_surgery.graph import ModelGraph
 from keras_surgery.growth import Growth, plan_starts
 from keras_surgery.labels import LabelSpace, gc_paused
-from keras_surgery.match import LayerMatcher
+from keras_surgery.match import LayerMatcher, check_unit_maps
 from keras_surgery.plan import POLICIES, PRESERVING_POLICIES, SurgeryPlan
 from keras_surgery.planner import build_plan, starts_of
 from keras_surgery.propagate import GraphLabels, propagate
@@ -75,6 +76,7 @@ class ModelMigrator:
         new_features: FeatureSpec | None = None,
         policy: str = "preserve",
         allow_unrelated: bool = False,
+        unit_maps: Mapping[str, Sequence[int]] | None = None,
     ) -> SurgeryPlan:
         """Matches `new_model` against the old model and returns the SurgeryPlan.
 
@@ -89,6 +91,9 @@ class ModelMigrator:
                 input none of whose old features is among the new ones; by default both are
                 errors, since they almost always mean the wrong old model or a feature spec
                 given for one side only.
+            unit_maps: chosen units, `{new layer name: [old unit index or -1, per new
+                unit]}`: keep, drop or reorder units of a matched layer (pruning); every weight
+                that reads them follows. The report names the old units dropped.
 
         Returns:
             The SurgeryPlan; `plan.apply(new_model)` carries it out.
@@ -107,12 +112,12 @@ class ModelMigrator:
                                "one to plan.")
         with opened(new_model) as new_side:
             plan = self._plan(new_side.graph(), new_side.features(new_features), policy,
-                              allow_unrelated)
+                              allow_unrelated, dict(unit_maps or {}))
         _check_related(plan, allow_unrelated)
         return plan
 
     def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str,
-              allow_unrelated: bool) -> SurgeryPlan:
+              allow_unrelated: bool, unit_maps: dict[str, Sequence[int]]) -> SurgeryPlan:
         space = LabelSpace()
         old = self.side
         old_labels = propagate(
@@ -129,7 +134,9 @@ class ModelMigrator:
             match_input=matcher.match_input,
             strict=self.strict,
             where="the new model",
+            unit_maps=unit_maps,
         )
+        unit_warnings = check_unit_maps(unit_maps, old_labels, new_labels)
         growth = None
         if policy in PRESERVING_POLICIES:
             new_labels, growth = self._grow(new_graph, new_features, old_labels, new_labels)
@@ -137,7 +144,7 @@ class ModelMigrator:
         check_inputs_continue(changes, old_labels, allow_unrelated=allow_unrelated)
         plan = build_plan(old_labels, new_labels, policy=policy, old_source=old, growth=growth)
         plan.features = changes
-        plan.warnings[:0] = likely_typos(changes)
+        plan.warnings[:0] = likely_typos(changes) + unit_warnings
         plan.old_optimizer = old_optimizer
         plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
@@ -162,6 +169,7 @@ class ModelMigrator:
                 strict=self.strict,
                 where="the new model",
                 starts=growth.starts,
+                unit_maps=new.unit_maps,
             )
             growth = plan_starts(old, new, growth.starts)
         return new, growth

@@ -7,6 +7,7 @@ index gone) records it in one `Verdict`, which decides `preserves_function` at t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,8 @@ def build_plan(
     if policy not in POLICIES:
         raise SurgeryError(f"policy must be one of {POLICIES}. Received: policy={policy!r}")
     growth = Growth() if growth is None else growth
+    source_weights = getattr(old_source, "weights", None)
+    old_value = None if source_weights is None else source_weights.read
     verdict = Verdict(list(new.warnings) + list(growth.warnings), growth.breaks)
     weights: list[WeightPlan] = []
     splittable: list[tuple[WeightPlan, WeightLabels, WeightLabels]] = []
@@ -93,7 +96,8 @@ def build_plan(
                                                             old_rec.node.weights)}
         for w, spec in zip(rec.result.weights, rec.node.weights):
             found = old_weights.get(w.role)
-            wp = _matched_weight(name, rec, old_rec, w, spec, found, new.space, verdict)
+            wp = _matched_weight(name, rec, old_rec, w, spec, found, new.space, verdict,
+                                 old_value)
             wp.count(policy)
             weights.append(wp)
             if found is not None:
@@ -184,6 +188,7 @@ def _matched_weight(
     found: tuple[WeightLabels, WeightSpec] | None,
     space: LabelSpace,
     verdict: Verdict,
+    old_value: Callable[[str], np.ndarray] | None,
 ) -> WeightPlan:
     """The plan of one weight of a matched layer: index maps from its old counterpart, or
     fresh (with a warning) when it has none or cannot be mapped."""
@@ -210,7 +215,7 @@ def _matched_weight(
         return wp
     wp.axes = []
     for axis, (na, oa) in enumerate(zip(w.axes, old_w.axes)):
-        wp.axes.append(_axis_map(name, w.role, axis, na, oa, wp, space, verdict))
+        wp.axes.append(_axis_map(name, w.role, axis, na, oa, wp, space, verdict, old_value))
     _check_shared_calls(rec, old_rec, w.role, wp, verdict)
     if w.rescale is not None:
         axis, power = w.rescale
@@ -220,7 +225,7 @@ def _matched_weight(
 
 def _axis_map(
     name: str, role: str, axis: int, na: Any, oa: Any, wp: WeightPlan, space: LabelSpace,
-    verdict: Verdict,
+    verdict: Verdict, old_value: Callable[[str], np.ndarray] | None,
 ) -> AxisMap:
     """The index map of one axis of a matched weight, and what it says about the promise:
     ambiguous labels, and input indices that are gone (features set to 0 are harmless)."""
@@ -238,6 +243,14 @@ def _axis_map(
     lost = np.setdiff1d(o_ids, n_ids)
     unsafe = lost[~space.zero_safe(lost)]
     if not len(unsafe):
+        return amap
+    if old_value is not None and _all_zero(old_value(wp.old_path), o_ids, unsafe, axis):
+        # Values decide, not only labels: what read the gone indices was exactly 0.
+        verdict.warn(
+            f"layer '{name}': {len(unsafe)} input index(es) of weight '{role}' axis {axis} are "
+            f"gone from the new model ({describe_labels(space, unsafe)}); their old weights are "
+            "all exactly 0, so the old outputs do not change.", breaks=False
+        )
         return amap
     if not np.any(amap.matched):
         wp.zero_fill = False
@@ -274,6 +287,12 @@ def _check_shared_calls(
                     "call's mapping was used, so the old outputs change."
                 )
                 return
+
+
+def _all_zero(old: np.ndarray, o_ids: np.ndarray, gone: np.ndarray, axis: int) -> bool:
+    """Whether the old weight is exactly 0 at every index of `axis` labelled one of `gone`."""
+    rows = np.nonzero(np.isin(o_ids, gone))[0]
+    return bool(len(rows)) and not np.any(np.take(old, rows, axis=axis))
 
 
 def describe_labels(space: LabelSpace, ids: np.ndarray, limit: int = 3) -> str:

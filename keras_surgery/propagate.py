@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +97,8 @@ class GraphLabels:
     nonnegative: set[TensorRef] = field(default_factory=set)  # tensors known to be >= 0
     records: dict[str, LayerRecord] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # The user's unit choices: layer -> per unit, the old unit it continues or -1.
+    unit_maps: Mapping[str, Sequence[int]] = field(default_factory=dict)
 
     @property
     def bits(self) -> list[FeatureColumn]:
@@ -138,6 +140,7 @@ def propagate(
     strict: bool = False,
     where: str | None = None,
     starts: Mapping[str, str] | None = None,
+    unit_maps: Mapping[str, Sequence[int]] | None = None,
 ) -> GraphLabels:
     """Labels every tensor and weight of `graph`.
 
@@ -154,6 +157,9 @@ def propagate(
         where: how to name the model in messages.
         starts: layer name -> the `Start` kind ("identity", "zero") it takes: its outputs
             then carry that start's labels (see `keras_surgery.growth`).
+        unit_maps: layer name -> per unit of the layer, the old unit it continues or -1 (a
+            new unit); the layer's units of that many are labelled so, and every weight that
+            reads them follows.
 
     Returns:
         GraphLabels.
@@ -162,7 +168,8 @@ def propagate(
     widths = {i.name: (i.shape[-1] if i.shape else 1) for i in graph.inputs}
     columns = feature_columns(features, widths, where=where)
     tokens = vocabularies(features, where=where)
-    labels = GraphLabels(graph, LabelSpace() if space is None else space, DepSets(), columns, {})
+    labels = GraphLabels(graph, LabelSpace() if space is None else space, DepSets(), columns, {},
+                         unit_maps=dict(unit_maps or {}))
     env: dict[TensorRef, TensorFacts] = {}
 
     def read(ref: TensorRef, reader: str) -> TensorFacts:
@@ -265,6 +272,7 @@ def _rule_call(
         earlier=record.result if record is not None else None,
         input_values=[f.values for f in facts],
         input_nonnegative=[f.nonnegative for f in facts],
+        unit_map=labels.unit_maps.get(name),
     )
 
 

@@ -176,6 +176,9 @@ class RuleCall:
     # For a later call of a shared layer: what its first call's rule returned (a reversed
     # embedding labels its rows as the forward call did).
     earlier: RuleResult | None = None
+    # The user's choice of units for this (new) layer: per new unit, the old unit it
+    # continues or -1 (`migrate_weights(unit_maps=...)`); applies to every role of that size.
+    unit_map: Sequence[int] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
@@ -213,12 +216,15 @@ class RuleCall:
         return n
 
     def units(self, n: int, dep: int, role: str = "") -> AxisLabels:
-        """`n` fresh output units of this layer, each depending on `dep`."""
+        """`n` output units of this layer, each depending on `dep`: unit j continues unit j of
+        the old layer, or the old unit the user's `unit_map` names for it (-1: a new unit)."""
         n = self.weight_backed(n, f"{role or 'units'}")
-        return AxisLabels(
-            self.space.intern_many(unit_key(self.identity, role, j) for j in range(n)),
-            np.full(n, dep, dtype=np.int64),
-        )
+        if self.unit_map is not None and len(self.unit_map) == n:
+            chosen = [unit_key(self.identity, role, int(e) if e >= 0 else ("new", j))
+                      for j, e in enumerate(self.unit_map)]
+        else:
+            chosen = [unit_key(self.identity, role, j) for j in range(n)]
+        return AxisLabels(self.space.intern_many(chosen), np.full(n, dep, dtype=np.int64))
 
     def union(self, *axes: AxisLabels) -> int:
         """The dependency set of everything in `axes` (one id)."""
