@@ -166,6 +166,15 @@ def slot_fills(
             f"optimizer state was not migrated: the {which} {old.class_name} variables are not "
             "laid out one slot set per trainable variable (factored or extra state)."
         )
+    if any(old_slots) and new.trainable and not any(new_slots):
+        # Keras saves an optimizer that was compiled but never built with its iteration count
+        # and no slots: carrying the count alone would resume Adam's bias correction at step
+        # N with zero moments.
+        return None, (
+            f"optimizer state was not migrated: the new {new.class_name} has no slot variables "
+            "(it was compiled but not built when saved: call model.optimizer.build("
+            "model.trainable_variables) before saving the template)."
+        )
     old_index = {p: t for t, p in enumerate(old.trainable)}
     by_path = {wp.path: wp for wp in plan.weights}
     fills: list[SlotFill] = []

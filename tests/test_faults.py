@@ -156,3 +156,35 @@ def test_leftovers_of_killed_runs_are_skipped_with_a_log_line(tmp_path, caplog):
     assert [os.path.basename(r["out"]) for r in results] == ["ckpt_0.keras"]
     assert sum("interrupted run left behind" in r.message for r in caplog.records) == 2
     assert not any(n.endswith(".ks-partial") for n in os.listdir(out))
+
+
+def test_a_template_whose_optimizer_was_never_built_gets_no_half_state(tmp_path):
+    """Compiled but not built, Keras saves the iteration count and no slots; carrying the count
+    alone would resume Adam at step N with zero moments: nothing is carried, and it says why."""
+    old = _mlp()
+    old.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    old.fit(np.ones((8, 4)), np.ones((8, 2)), epochs=2, verbose=0)
+    src = tmp_path / "old.keras"
+    old.save(src)
+    template = tmp_path / "template.keras"
+    new = _mlp(4, 8, seed=1)
+    new.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+    new.save(template)
+    with zipfile.ZipFile(template) as archive, archive.open(WEIGHTS_MEMBER) as member:
+        import io
+
+        with h5py.File(io.BytesIO(member.read()), "r") as h5:
+            saved = sorted(h5["optimizer/vars"].keys()) if "optimizer/vars" in h5 else []
+    plan = ks.ModelMigrator(src).plan(template)
+    result = plan.apply_file(src, tmp_path / "out.keras", template=template)
+    notes = [w for w in result["warnings"] if "optimizer" in w]
+    if saved:  # this Keras writes the iteration count (and the learning rate) only
+        assert len(saved) <= 2
+        assert notes == ["optimizer state was not migrated: the new Adam has no slot variables "
+                         "(it was compiled but not built when saved: call model.optimizer.build("
+                         "model.trainable_variables) before saving the template). The "
+                         "template's optimizer variables are written as they are."]
+        migrated = keras.saving.load_model(tmp_path / "out.keras")
+        assert int(keras.ops.convert_to_numpy(migrated.optimizer.iterations)) == 0
+    else:
+        assert any("has no optimizer variables" in w for w in notes), notes
