@@ -7,7 +7,15 @@ from keras_surgery.verify.preservation import (
     check_preservation,
     pack_inputs,
 )
-from keras_surgery.verify.probe import GradientProbe, TensorFlowProbe, probe_copy, probe_for_backend
+from keras_surgery.verify.probe import (
+    GradientProbe,
+    JaxProbe,
+    StatelessProbe,
+    TensorFlowProbe,
+    TorchProbe,
+    probe_copy,
+    probe_for_backend,
+)
 from keras_surgery.verify.surgery import (
     VERIFY_MODES,
     SurgeryVerification,
@@ -27,7 +35,10 @@ __all__ = [
     "OutputDiff",
     "PreservationCheck",
     "SurgeryVerification",
+    "JaxProbe",
+    "StatelessProbe",
     "TensorFlowProbe",
+    "TorchProbe",
     "Unverified",
     "VerificationResult",
     "check_preservation",

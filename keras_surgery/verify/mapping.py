@@ -399,8 +399,9 @@ def verify_mapping(
         VerificationResult with `ok`, `mismatches`, `unverified` and `summary()`.
 
     Raises:
-        SurgeryError: the model cannot be copied for probing (clone_model fails), or Keras
-            runs on a backend that has no gradient probe yet (only TensorFlow has one).
+        SurgeryError: the model cannot be copied for probing (clone_model fails), Keras
+            runs on a backend that has no gradient probe (TensorFlow, JAX and PyTorch have
+            one), or a string input cannot be fed on JAX or PyTorch.
 
     Example:
         >>> result = ks.verify_mapping(model, features={"obs": ["hp", ("pos", 2)]})

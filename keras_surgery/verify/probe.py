@@ -14,8 +14,10 @@ whatever happens downstream. Positive kernels keep every ReLU on the feature's p
 second, negated draw revives the units a user's layer with negative weights turns off.
 
 Gradients are taken with each backend's own machinery: `GradientProbe` is what the verifier
-asks of a backend, `TensorFlowProbe` answers it with tf.GradientTape, and `probe_for_backend`
-picks the one for the backend Keras runs on. Only this module imports TensorFlow.
+asks of a backend; `TensorFlowProbe` (the reference) answers it with tf.GradientTape, and
+`JaxProbe` and `TorchProbe` by differentiating the probe copy as a function of its variables'
+values (`StatelessProbe`: jax.grad/vmap/jit, torch.func.grad/vmap). `probe_for_backend` picks the
+one for the backend Keras runs on. Only this module imports a backend, and only inside a probe.
 """
 
 from __future__ import annotations
@@ -163,6 +165,13 @@ def _call_for_inference(layer: Any, x: Any) -> Any:
         return layer(x)
 
 
+def _to_numpy(x: Any) -> np.ndarray:
+    # Not np.asarray: a PyTorch tensor that requires grad refuses it.
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
 # -- gradient probes ----------------------------------------------------------------------------
 
 
@@ -201,8 +210,9 @@ class GradientProbe(abc.ABC):
         """The random projection of the outputs: one float32 array per float output."""
         import keras
 
-        zero = zero_inputs(self.inputs)
-        outs = keras.tree.flatten(self.probe(self.pack([z[None] for z in zero]), training=False))
+        # Shapes from a symbolic call: an eager one compiles every op on JAX, one by one.
+        specs = [keras.KerasTensor((1,) + i.shape, i.dtype) for i in self.inputs]
+        outs = keras.tree.flatten(self.probe.compute_output_spec(self.pack(specs)))
         rng = np.random.default_rng(seed + 1)
         return [
             rng.normal(size=tuple(o.shape)).astype("float32")
@@ -212,8 +222,8 @@ class GradientProbe(abc.ABC):
 
     def reduce(self, gradients: list[Any]) -> list[np.ndarray]:
         """|gradients| summed onto each target axis, as numpy arrays."""
-        return [np.abs(np.asarray(gradients[v])).sum(axis=axes) if axes
-                else np.abs(np.asarray(gradients[v])) for v, axes in self.reductions]
+        return [np.abs(_to_numpy(gradients[v])).sum(axis=axes) if axes
+                else np.abs(_to_numpy(gradients[v])) for v, axes in self.reductions]
 
     def run(self, examples: list[np.ndarray]) -> list[np.ndarray]:
         """Reduced gradient differences for a batch of examples (one array per input)."""
@@ -229,7 +239,7 @@ class GradientProbe(abc.ABC):
         n = len(part[0])
         if n < self.chunk:  # pad with copies of the last example: one traced graph only
             part = [np.concatenate([p, np.repeat(p[-1:], self.chunk - n, axis=0)]) for p in part]
-        return [np.asarray(o)[:n] for o in self.reduced_chunk(part)]
+        return [_to_numpy(o)[:n] for o in self.reduced_chunk(part)]
 
     @abc.abstractmethod
     def reduced_chunk(self, part: list[np.ndarray]) -> list[Any]:
@@ -257,7 +267,7 @@ class GradientProbe(abc.ABC):
         for _ in range(2):
             x = rng.normal(size=shape).astype("float32")
             grad = cls.layer_gradient(layer, x, variable, cotangent)
-            grads.append(np.zeros(variable.shape) if grad is None else np.asarray(grad))
+            grads.append(np.zeros(variable.shape) if grad is None else _to_numpy(grad))
         scale = max(float(np.max(np.abs(grads[0]))), float(np.max(np.abs(grads[1]))))
         if scale == 0:
             return "none"
@@ -340,7 +350,191 @@ class TensorFlowProbe(GradientProbe):
         return tape.gradient(loss, variable.value)
 
 
-PROBES: dict[str, type[GradientProbe]] = {p.backend: p for p in (TensorFlowProbe,)}
+class StatelessProbe(GradientProbe):
+    """A probe that differentiates the probe copy as a pure function of its variables' values.
+
+    JAX and PyTorch take gradients of functions, not of recorded variable reads: the probe copy
+    is called inside a `keras.StatelessScope` that maps every variable to an argument (what
+    `stateless_call` does, but through `__call__`, so masks and `training` take the path the
+    TensorFlow probe's call takes), and a backend only says how to differentiate (`grad`),
+    map over examples (`vmap`) and compile (`jit`) such a function.
+    """
+
+    def __init__(self, probe: Any, inputs: list[ProbeInput], variables: list[Any],
+                 reductions: list[Reduction], seed: int, chunk: int = 8):
+        import keras
+
+        super().__init__(probe, inputs, variables, reductions, seed, chunk)
+        self._refuse_text_inputs()
+        probed = {id(v) for v in variables}
+        self.variables = list(variables)
+        # Every other variable is an argument too, not a constant the compiled function holds.
+        self.others = [v for v in probe.variables if id(v) not in probed]
+        self.values = [v.value for v in self.variables]
+        self.other_values = [v.value for v in self.others]
+        self.cotangents = [None if c is None else keras.ops.convert_to_tensor(c)
+                           for c in self.output_cotangents(seed)]
+        self._chunk_fn = self.jit(self._chunk_function())
+        # Gradients at the all-zero input, subtracted as in TensorFlowProbe (a sigmoid's
+        # entries then show only what moved). Taken by the same compiled function as every
+        # chunk, from a chunk of zeros, so that JAX compiles one function and not two.
+        self.base = [keras.ops.zeros(v.shape, "float32") for v in self.variables]
+        reduced, self.base = self._chunk_fn(self.values, self.other_values, self.base,
+                                            self._tensors(zero_inputs(inputs, (chunk,))))
+        self.base_reduced = [_to_numpy(r)[0] for r in reduced]
+
+    def _chunk_function(self) -> Callable[..., Any]:
+        """(values, others, base, examples) -> (reduced differences, first example's gradients).
+        """
+        import keras
+
+        gradient = self.grad(self._loss)
+
+        def one(values: list[Any], others: list[Any], base: list[Any],
+                example: list[Any]) -> tuple[list[Any], list[Any]]:
+            grads = [keras.ops.cast(g, "float32") for g in gradient(values, others, example)]
+            diffs = [g - b for g, b in zip(grads, base)]
+            return [keras.ops.sum(keras.ops.abs(diffs[v]), axis=axes) if axes
+                    else keras.ops.abs(diffs[v]) for v, axes in self.reductions], grads
+
+        mapped = self.vmap(one)
+
+        def chunk_fn(*args: Any) -> tuple[list[Any], list[Any]]:
+            reduced, grads = mapped(*args)
+            return reduced, [g[0] for g in grads]
+
+        return chunk_fn
+
+    @staticmethod
+    def _tensors(arrays: list[np.ndarray]) -> list[Any]:
+        import keras
+
+        return [keras.ops.convert_to_tensor(a) for a in arrays]
+
+    def _refuse_text_inputs(self) -> None:
+        text = [i.name for i in self.inputs if not i.float_like and "int" not in i.dtype]
+        if text:
+            raise SurgeryError(
+                f"Gradient verification on the '{self.backend}' backend cannot feed the "
+                f"probe copy of model '{self.probe.name}': input(s) {text} hold strings, "
+                "which only TensorFlow tensors can. Run it with KERAS_BACKEND=tensorflow. "
+                f"Received: dtypes={[i.dtype for i in self.inputs]}"
+            )
+
+    def _loss(self, values: list[Any], others: list[Any], example: list[Any]) -> Any:
+        """The projected outputs for one example, with the variables reading `values`."""
+        import keras
+
+        mapping = list(zip(self.variables, values)) + list(zip(self.others, others))
+        with keras.StatelessScope(state_mapping=mapping):
+            outs = self.probe(self.pack([keras.ops.expand_dims(x, 0) for x in example]),
+                              training=False)
+        loss = keras.ops.zeros((), "float32")
+        for y, c in zip(keras.tree.flatten(outs), self.cotangents):
+            if c is not None:
+                loss = loss + keras.ops.sum(keras.ops.cast(y, "float32") * c)
+        return loss
+
+    def reduced_chunk(self, part: list[np.ndarray]) -> list[Any]:
+        return self._chunk_fn(self.values, self.other_values, self.base, self._tensors(part))[0]
+
+    @classmethod
+    def layer_gradient(cls, layer: Any, x: np.ndarray, variable: Any,
+                       cotangent: Callable[[tuple[int, ...]], np.ndarray]) -> Any:
+        import keras
+
+        def loss(values: list[Any], x: Any) -> Any:
+            with keras.StatelessScope(state_mapping=[(variable, values[0])]):
+                y = _call_for_inference(layer, x)
+            # A constant of the compiled function: the output's shape is static when traced.
+            c = keras.ops.convert_to_tensor(cotangent(tuple(y.shape)))
+            return keras.ops.sum(keras.ops.cast(y, "float32") * c)
+
+        return cls.jit(cls.grad(loss))([variable.value], keras.ops.convert_to_tensor(x))[0]
+
+    @staticmethod
+    @abc.abstractmethod
+    def grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn`'s gradient with respect to its first argument (a list of tensors)."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` mapped over the first axis of its last argument (the examples)."""
+
+    @staticmethod
+    def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` compiled, where compiling pays for itself."""
+        return fn
+
+
+class JaxProbe(StatelessProbe):
+    """The JAX probe: jax.grad of the stateless call, vmapped over a chunk, jitted."""
+
+    backend = "jax"
+
+    @staticmethod
+    def grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+        import jax
+
+        return jax.grad(fn)
+
+    @staticmethod
+    def vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        import jax
+
+        return jax.vmap(fn, in_axes=(None, None, None, 0))
+
+    @staticmethod
+    def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+        import jax
+
+        return jax.jit(fn)
+
+
+class TorchProbe(StatelessProbe):
+    """The PyTorch probe: torch.autograd of the stateless call, one example at a time.
+
+    Not torch.func.vmap: Keras's PyTorch convolutions clone to channels-last, which vmap
+    refuses, and its attention has no batching rule. Not compiled: torch.compile costs seconds
+    per graph, more than the eager probe of a model this verifier is run on takes.
+    """
+
+    backend = "torch"
+
+    @staticmethod
+    def grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+        import torch
+
+        def gradient(values: list[Any], *args: Any) -> list[Any]:
+            # Fresh leaves: non-trainable variables do not require grad, and the variables'
+            # own parameters must not collect gradients.
+            leaves = [v.detach().requires_grad_(True) for v in values]
+            with torch.enable_grad():
+                loss = fn(leaves, *args)
+            if not loss.requires_grad:  # no probed variable reaches an output
+                return [torch.zeros_like(v) for v in leaves]
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            return [torch.zeros_like(v) if g is None else g for g, v in zip(grads, leaves)]
+
+        return gradient
+
+    @staticmethod
+    def vmap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        import keras
+        import torch
+
+        def mapped(*args: Any) -> Any:
+            *fixed, examples = args
+            rows = [fn(*fixed, [e[i] for e in examples]) for i in range(len(examples[0]))]
+            return keras.tree.map_structure(lambda *leaves: torch.stack(leaves), *rows)
+
+        return mapped
+
+
+PROBES: dict[str, type[GradientProbe]] = {
+    p.backend: p for p in (TensorFlowProbe, JaxProbe, TorchProbe)
+}
 
 
 def probe_for_backend(backend: str | None = None) -> type[GradientProbe]:
