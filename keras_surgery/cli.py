@@ -1,20 +1,48 @@
 """The `keras-surgery` command line: inspect a surgery and the phi table of a saved model.
 
 Exit codes: 0 success; 1 the surgery cannot preserve the function and --require-preserve was
-given (or `verify` found a mismatch); 2 errors (bad files, bad feature specs, bad arguments).
+given (or `verify` found a mismatch); 2 errors (bad files, bad feature specs, bad arguments,
+no Keras backend that imports).
+
+Start-up: `--help` and argument errors import no Keras. The commands that only read and write
+files (diff, migrate, phi) run on Keras's "numpy" backend when KERAS_BACKEND is not set and that
+backend can be imported (it needs JAX and SciPy): their output does not depend on the backend,
+and it takes about a third of TensorFlow's start-up time (benchmarks/bench_cli.py). `verify`
+runs the model and takes gradients: it keeps the backend Keras would choose (KERAS_BACKEND,
+then ~/.keras/keras.json). A KERAS_BACKEND the user set is always kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_NOT_PRESERVED, EXIT_ERROR = 0, 1, 2
+
+logger = logging.getLogger(__name__)
+
+# Commands that read models as data and write files: no model is run, no gradient is taken, so
+# any backend gives the same output (byte for byte, checked on Dense/Conv/RNN/attention models
+# and MobileNetV3). Keras's layer classes are still used: to rebuild built-in layers from their
+# configs (in a StatelessScope, no variable allocated) and check the stored variables.
+FILE_COMMANDS = frozenset({"diff", "migrate", "phi"})
+FILE_BACKEND = "numpy"
+# What Keras's numpy backend imports besides numpy (keras/src/backend/numpy: jax.lax, the jax
+# backend's fft, scipy.linalg); without them it cannot be imported.
+_FILE_BACKEND_NEEDS = ("jax", "jaxlib", "scipy")
+# Optional imports Keras makes while it is imported, each inside try/except ImportError, for
+# features no command uses: matplotlib.pyplot (keras.visualization's galleries), IPython (the
+# saving file editor's notebook display) and requests (the RemoteMonitor callback). Together a
+# third of the numpy backend's import time when they are installed. Kept out only while Keras is
+# imported on the file backend, then importable again (`--plot` uses matplotlib).
+_NOT_NEEDED_BY_KERAS = ("matplotlib", "IPython", "requests")
 
 
 def _load_features(path: str | None) -> Any:
@@ -166,37 +194,122 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _import_keras_quietly() -> None:
-    """Imports Keras (and its backend) with file descriptor 2 pointed at /dev/null.
+def file_backend(command: str | None) -> str | None:
+    """The backend the command line chooses for `command`, or None to leave Keras's own choice.
+
+    Keras's numpy backend for a command in FILE_COMMANDS, when the user has not set
+    KERAS_BACKEND (an empty value counts as unset, as for Keras), Keras is not imported yet (its
+    backend is fixed at import time) and the backend's own imports are installed.
+    """
+    if command not in FILE_COMMANDS or os.environ.get("KERAS_BACKEND") or "keras" in sys.modules:
+        return None
+    if any(importlib.util.find_spec(name) is None for name in _FILE_BACKEND_NEEDS):
+        return None
+    return FILE_BACKEND
+
+
+@contextlib.contextmanager
+def _quiet_stderr(quiet: bool) -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null, unless `quiet` is false or there is no stderr.
 
     TensorFlow's C++ side writes start-up lines ("All log messages before
     absl::InitializeLog() is called ...", oneDNN's notice) straight to the process's stderr
     while it is imported, before any setting can silence them; they would bury the command's
-    own messages. Python errors raised by the import still propagate (and print after the
-    descriptor is back); `--verbose` keeps every line.
+    own messages. Python errors raised inside still propagate (and print after the descriptor
+    is back); `--verbose` keeps every line.
     """
-    if "keras" in sys.modules:
-        return
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to save: import as it is
-        import keras  # noqa: F401
-
+    saved = None
+    if quiet:
+        with contextlib.suppress(OSError):  # no stderr to save: import as it is
+            saved = os.dup(2)
+    if saved is None:
+        yield
         return
     try:
         with open(os.devnull, "w") as null:
             sys.stderr.flush()
             os.dup2(null.fileno(), 2)
             try:
-                import keras  # noqa: F401
+                yield
             finally:
                 os.dup2(saved, 2)
     finally:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def _unimportable(names: Sequence[str]) -> Iterator[None]:
+    """`import NAME` raises ImportError inside (for names not imported yet), as if not installed."""
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in added:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def _forget_keras() -> None:
+    """Drops a failed or partial Keras import, as `keras.config.set_backend` does, so that Keras
+    can be imported again with another backend."""
+    for name in [n for n in sys.modules if n == "keras" or n.startswith("keras.")]:
+        del sys.modules[name]
+
+
+def _import_keras(command: str | None, quiet: bool = True) -> None:
+    """Imports Keras and its backend before the command runs (see `file_backend`).
+
+    The file backend is imported with KERAS_BACKEND set for the import only (Keras reads it
+    then; os.environ is put back after) and the optional imports it does not need kept out; if
+    it fails to import (a broken JAX), Keras is imported again as the user's environment says.
+
+    Raises:
+        ImportError: Keras cannot be imported on the backend it chose (none is installed).
+    """
+    if "keras" in sys.modules:
+        return
+    backend = file_backend(command)
+    if backend is not None:
+        saved = os.environ.get("KERAS_BACKEND")
+        os.environ["KERAS_BACKEND"] = backend
+        try:
+            with _quiet_stderr(quiet), _unimportable(_NOT_NEEDED_BY_KERAS):
+                import keras  # noqa: F401
+            logger.info("Keras backend: %s (chosen for '%s', which only reads and writes "
+                        "files; set KERAS_BACKEND to choose another)", backend, command)
+            return
+        except ImportError as exc:
+            logger.info("Keras's %s backend did not import (%s); using Keras's own choice",
+                        backend, exc)
+            _forget_keras()
+        finally:
+            if saved is None:
+                os.environ.pop("KERAS_BACKEND", None)
+            else:
+                os.environ["KERAS_BACKEND"] = saved
+    with _quiet_stderr(quiet):
+        import keras  # noqa: F401, F811
+
+
+def _chosen_backend() -> str:
+    """The backend Keras tried to import (after a failed import), for the error message."""
+    config = sys.modules.get("keras.src.backend.config")
+    backend = getattr(config, "backend", None)
+    if callable(backend):
+        with contextlib.suppress(Exception):
+            return str(backend())
+    return os.environ.get("KERAS_BACKEND") or "tensorflow"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `keras-surgery` console script."""
+    """Entry point of the `keras-surgery` console script.
+
+    Run in a process that has not imported Keras, it imports Keras for the command (on the
+    numpy backend for diff, migrate and phi, unless KERAS_BACKEND is set: see the module's
+    docstring); import Keras first to keep the backend it would choose.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = build_parser()
     try:
@@ -205,8 +318,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR if exc.code else EXIT_OK
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        _import_keras_quietly()
+    try:
+        _import_keras(args.command, quiet=not args.verbose)
+    except ImportError as exc:
+        print(f"keras-surgery: error: cannot import Keras on its '{_chosen_backend()}' backend "
+              f"({exc}). Install TensorFlow, JAX or PyTorch, or set KERAS_BACKEND to a backend "
+              "that is installed.", file=sys.stderr)
+        return EXIT_ERROR
     from keras_surgery.errors import SurgeryError
 
     try:
