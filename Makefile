@@ -37,8 +37,8 @@ demo: install
 test: install
 	$(BIN)/python -m ruff check .
 	$(TF_ENV) $(BIN)/python -m pytest -q
-	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m "not tensorflow_only"
-	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m "not tensorflow_only"
+	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m "not tensorflow_only and not slow_on_other_backends"
+	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m "not tensorflow_only and not slow_on_other_backends"
 
 bench: install
 	$(TF_ENV) $(BIN)/python benchmarks/bench_five.py --json benchmarks/results_five.json

@@ -120,6 +120,8 @@ def check_rule(
         >>> check_rule(lambda **kw: Scale(name="scale"), (6,))
         RuleCheck(preserves_function=True, max_diff=0.0, ...)
     """
+    import keras
+
     old_kwargs = dict(old_kwargs or {})
     new_kwargs = dict(old_kwargs if new_kwargs is None else new_kwargs)
     values, dtype = _values_and_dtype(input_values)
@@ -142,7 +144,10 @@ def check_rule(
     for j, name in enumerate(new_names):
         if name in old_names:
             x_new[..., j] = x_old[..., old_names.index(name)]
-    diff = float(np.max(np.abs(np.asarray(old(x_old)) - np.asarray(new(x_new)))))
+    # convert_to_numpy, not np.asarray: a PyTorch output that requires grad refuses the latter
+    diff = float(np.max(np.abs(
+        keras.ops.convert_to_numpy(old(x_old)) - keras.ops.convert_to_numpy(new(x_new))
+    )))
     if not report.preserves_function:
         raise AssertionError(
             "the surgery does not promise to preserve the function:\n  "

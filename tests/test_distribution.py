@@ -8,6 +8,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+# tf.distribute is TensorFlow's; keras.distribution on JAX is in test_distribution_jax.py
+pytestmark = pytest.mark.tensorflow_only
+
 SCRIPT = textwrap.dedent(
     """
     import os, sys

@@ -97,6 +97,7 @@ def _check_cli_on_tutorial_files(folder: Path) -> None:
 
     import keras_surgery as ks
     from keras_surgery.cli import main
+    from tests.util import max_diff
 
     v1, v2, out = folder / "agent_v1.keras", folder / "agent_v2.keras", folder / "v1_as_v2.keras"
     assert main(["diff", str(v1), str(v2), "--require-preserve"]) == 0
@@ -118,7 +119,7 @@ def _check_cli_on_tutorial_files(folder: Path) -> None:
         x_old.append(xo)
         x_new.append(xn)
     for a, b in zip(keras.tree.flatten(old(x_old)), keras.tree.flatten(migrated(x_new))):
-        assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-5
+        assert max_diff(a, b) <= 1e-5
 
 
 def _names(entries, width):

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 
 import keras_surgery as ks
 
@@ -54,6 +55,7 @@ def test_phi_from_file_equals_phi_from_live_model(tmp_path):
     assert live == from_file
 
 
+@pytest.mark.tensorflow_only  # the gradient comes from tf.GradientTape directly
 def test_phi_slices_are_the_dependent_rows_numerically():
     """Gradient check: perturbing a feature changes exactly the first-layer rows phi names."""
     import tensorflow as tf

@@ -34,6 +34,10 @@ def _block(width, heads, key_dim, value_dim, *, seed, extra_feature=False):
 )
 def test_multi_head_attention_growth_is_exact(tmp_path, change):
     base = dict(width=8, heads=2, key_dim=4, value_dim=4)
+    dims = {**base, **change}
+    if keras.backend.backend() == "jax" and dims["key_dim"] != dims["value_dim"]:
+        pytest.skip("Keras 3.15's MultiHeadAttention on JAX cannot run key_dim != value_dim "
+                    "(jax.nn.dot_product_attention wants one head size), surgery or not")
     rng = np.random.default_rng(0)
     x_old = rng.normal(size=(STEPS, T, 5)).astype("float32")
     old = _block(**base, seed=1)

@@ -109,7 +109,7 @@ def test_conv_filters_grown_through_flatten(tmp_path):
     np.testing.assert_array_equal(_w(new, "head", "bias"), _w(old, "head", "bias"))
     # The zero rows matter: the new filters are alive.
     probe = keras.Model(new.inputs, new.get_layer("conv").output)
-    assert np.abs(np.asarray(probe(batch))[..., 8:]).max() > 1e-2
+    assert np.abs(predict(probe, batch)[..., 8:]).max() > 1e-2
 
 
 # -- kernel grown, centred / left / right aligned ----------------------------------------------

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from tests.util import assert_input_sensitive, max_diff, predict, randomize
+from tests.util import assert_input_sensitive, max_diff, predict, randomize, to_numpy
 
 T = 10  # tokens per sequence
 TOL = 1e-5
@@ -38,13 +38,14 @@ def make_old(model, data, other, tmp_path):
 
 
 def row_of(model, token: str) -> int:
-    return int(np.asarray(model.get_layer("lookup")(np.array([token])))[0])
+    return int(to_numpy(model.get_layer("lookup")(np.array([token])))[0])
 
 
 def embeddings(model) -> np.ndarray:
     return np.asarray(model.get_layer("embed").embeddings.numpy())
 
 
+@pytest.mark.tensorflow_only  # a model with a string Input runs on TensorFlow only
 @pytest.mark.parametrize(
     "lookup_kwargs",
     [{}, {"mask_token": "", "num_oov_indices": 2}],
@@ -74,6 +75,7 @@ def test_grown_reordered_vocabulary_keeps_each_tokens_row(lookup_kwargs, tmp_pat
         np.testing.assert_allclose(new_e[row_of(new, token)], old_e.mean(axis=0), atol=1e-6)
 
 
+@pytest.mark.tensorflow_only  # a model with a string Input runs on TensorFlow only
 def test_removed_token_breaks_preservation_with_a_warning(tmp_path):
     old = text_model(OLD_VOCAB)
     data = token_batch(OLD_VOCAB, 2)

@@ -88,7 +88,9 @@ def _axis_selections(old_axes: Sequence[Any], new_axes: Sequence[Any],
 def _outputs(model: Any, inputs: Any) -> list[np.ndarray]:
     import keras
 
-    return [np.asarray(o) for o in keras.tree.flatten(model(inputs, training=False))]
+    # convert_to_numpy, not np.asarray: a PyTorch output that requires grad refuses the latter
+    return [keras.ops.convert_to_numpy(o)
+            for o in keras.tree.flatten(model(inputs, training=False))]
 
 
 def _cannot_feed(spec: Any) -> str:
