@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from keras_surgery.features import FeatureSpec
+from keras_surgery.outputs import OutputSpec
 from keras_surgery.migrator import ModelMigrator
 from keras_surgery.report import SurgeryReport
 from keras_surgery.side import Side
@@ -24,7 +26,10 @@ def migrate_weights(
     *,
     old_features: FeatureSpec | None = None,
     new_features: FeatureSpec | None = None,
+    old_outputs: OutputSpec | None = None,
+    new_outputs: OutputSpec | None = None,
     unit_maps: Mapping[str, Sequence[int]] | None = None,
+    old_weights: str | os.PathLike | None = None,
     policy: str = "preserve",
     optimizer: bool = True,
     strict: bool = False,
@@ -43,6 +48,11 @@ def migrate_weights(
         new_model: the built new keras.Model; its variables are overwritten, all or nothing.
         old_features: names of the old model's input columns, e.g. `{"obs": ["hp", "mana"]}`.
         new_features: the same for the new model; features are matched by name.
+        old_outputs: names of the old model's output columns, per output: class names
+            (`{"species": ["cat", "dog"]}`) or a vocabulary for a logits head
+            (`{"logits": {"vocabulary": [...]}}`). With `new_outputs`, a head's columns
+            follow their names through reordering and growth (see `keras_surgery.outputs`).
+        new_outputs: the same for the new model.
         unit_maps: chosen units of matched layers, `{new layer name: [old unit index or -1,
             per new unit]}`: keep, drop or reorder units (pruning, as keras-surgeon's
             `delete_channels`); every weight that reads them follows (the next layers' input
@@ -81,6 +91,19 @@ def migrate_weights(
     Returns:
         SurgeryReport with `preserves_function`, `warnings`, `summary()` and `to_dict()`.
 
+    Raises:
+        FeatureSpecError: a feature or output spec that does not fit its model (wrong widths,
+            an unknown input or output name), or an input none of whose old features
+            continues (see `allow_unrelated`).
+        SurgeryFileError: the old file (or `old_weights`) cannot be read as what it claims
+            to be, or changed while it was read; the new model is left as it was.
+        UnsupportedLayerError: `strict=True` and a layer has no rule.
+        SurgeryError: anything else that stops the surgery (the base class of the above);
+            the new model is left as it was.
+
+    Input and output names are the models' own: `[t.name for t in model.inputs]` (the
+    `keras.Input(name=...)`) and `model.output_names` (the names of the output layers).
+
     Example:
         >>> report = ks.migrate_weights(                                  # doctest: +SKIP
         ...     "old.keras", new_model,
@@ -90,15 +113,17 @@ def migrate_weights(
         True
     """
     mode = verify_mode(verify)
-    with Side(old) as side:
+    with Side(old, weights=old_weights) as side:
         return _migrate(side, new_model, mode, old_features=old_features,
-                        new_features=new_features, policy=policy, optimizer=optimizer,
+                        new_features=new_features, old_outputs=old_outputs,
+                        new_outputs=new_outputs, policy=policy, optimizer=optimizer,
                         strict=strict, allow_unrelated=allow_unrelated, unit_maps=unit_maps)
 
 
 def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
-             new_features: Any, policy: str, optimizer: bool, strict: bool,
-             allow_unrelated: bool, unit_maps: Any) -> SurgeryReport:
+             new_features: Any, old_outputs: Any, new_outputs: Any, policy: str,
+             optimizer: bool, strict: bool, allow_unrelated: bool,
+             unit_maps: Any) -> SurgeryReport:
     """`migrate_weights` on the opened old side (the file is read through it, once)."""
     mapping = None
     if mode is not None:
@@ -107,9 +132,10 @@ def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
             # Without the old model to run, the gradients are the only evidence: stop before
             # any weight is written.
             require_gradient_evidence(mapping)
-    plan = ModelMigrator(side, old_features=old_features, strict=strict).plan(
-        new_model, new_features=new_features, policy=policy, allow_unrelated=allow_unrelated,
-        unit_maps=unit_maps,
+    plan = ModelMigrator(side, old_features=old_features, old_outputs=old_outputs,
+                         strict=strict).plan(
+        new_model, new_features=new_features, new_outputs=new_outputs, policy=policy,
+        allow_unrelated=allow_unrelated, unit_maps=unit_maps,
     )
     restore = snapshot(new_model) if mode == "raise" and not side.is_file else None
     report = plan.apply(new_model, optimizer=optimizer)

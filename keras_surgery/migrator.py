@@ -9,6 +9,7 @@ labellings to the planner.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from keras_surgery.errors import SurgeryError
 from keras_surgery.feature_changes import check_inputs_continue, feature_changes, likely_typos
 from keras_surgery.features import FeatureSpec
+from keras_surgery.outputs import OutputSpec
 from keras_surgery.graph import ModelGraph
 from keras_surgery.growth import Growth, plan_starts
 from keras_surgery.labels import LabelSpace, gc_paused
@@ -39,6 +41,8 @@ class ModelMigrator:
     Args:
         old: the old model: a `.keras` path, a keras.Model, or an opened `Side` (left open).
         old_features: the old model's feature spec; by default the one its file records.
+        old_outputs: the old model's output spec (see `migrate_weights`).
+        old_weights: a weights-only checkpoint with the old values (see `migrate_weights`).
         strict: raise UnsupportedLayerError for a layer without a rule.
 
     Example:
@@ -49,12 +53,22 @@ class ModelMigrator:
     """
 
     def __init__(
-        self, old: Any, *, old_features: FeatureSpec | None = None, strict: bool = False
+        self,
+        old: Any,
+        *,
+        old_features: FeatureSpec | None = None,
+        old_outputs: OutputSpec | None = None,
+        old_weights: str | os.PathLike | None = None,
+        strict: bool = False,
     ):
+        if isinstance(old, Side) and old_weights is not None:
+            raise SurgeryError("old_weights cannot be given with an opened Side (open the Side "
+                               "with them instead).")
         self.owns_side = not isinstance(old, Side)
-        self.side = old if isinstance(old, Side) else Side(old)
+        self.side = old if isinstance(old, Side) else Side(old, weights=old_weights)
         self.old = old
         self.old_features = old_features
+        self.old_outputs = old_outputs
         self.strict = strict
 
     def close(self) -> None:
@@ -74,6 +88,7 @@ class ModelMigrator:
         new_model: Any,
         *,
         new_features: FeatureSpec | None = None,
+        new_outputs: OutputSpec | None = None,
         policy: str = "preserve",
         allow_unrelated: bool = False,
         unit_maps: Mapping[str, Sequence[int]] | None = None,
@@ -85,6 +100,8 @@ class ModelMigrator:
                 architecture (read as data; such a plan can be applied file to file with
                 `apply_file`, using that file as the template).
             new_features: the new model's feature spec.
+            new_outputs: the new model's output spec; with the old one, the columns of the
+                heads they name follow their class names or tokens.
             policy: "preserve", "net2net" or "random" (see `migrate_weights`).
             allow_unrelated: accept a plan that copies nothing from an old model that has
                 weights (the new model then keeps its initial values, with a warning), and an

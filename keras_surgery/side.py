@@ -39,7 +39,9 @@ class Side:
         ...     graph = side.graph()
     """
 
-    def __init__(self, model_or_path: Any):
+    def __init__(self, model_or_path: Any, *, weights: str | os.PathLike | None = None):
+        if weights is not None:
+            raise SurgeryError("old_weights (weights-only checkpoints) are not supported yet.")
         self.path: str | None = None
         self.model: Any = None
         self.file: KerasFile | None = None
