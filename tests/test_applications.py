@@ -145,7 +145,15 @@ def _relative(a: np.ndarray, b: np.ndarray, scale: np.ndarray) -> float:
 # -- the surgery -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("app", APPS, ids=[a.name for a in APPS])
+# 1-2 minutes each on JAX or PyTorch (2 cores): there, ConvNeXtTiny stands for the family.
+SLOW_ON_OTHER_BACKENDS = {"ResNet50", "EfficientNetB0", "InceptionV3"}
+
+
+@pytest.mark.parametrize("app", [
+    pytest.param(a, id=a.name, marks=[pytest.mark.slow_on_other_backends]
+                 if a.name in SLOW_ON_OTHER_BACKENDS else [])
+    for a in APPS
+])
 def test_image_gains_a_channel_and_classes(app, tmp_path):
     rng = np.random.default_rng(0)
     old, x = _old_model(app, rng)
@@ -194,6 +202,7 @@ def test_image_gains_a_channel_and_classes(app, tmp_path):
         np.testing.assert_array_equal(w[..., OLD_CLASSES:], fresh_w[..., OLD_CLASSES:])
 
 
+@pytest.mark.slow_on_other_backends  # ~50 s on PyTorch (EfficientNetB0 built twice)
 def test_efficientnet_normalization_follows_the_channels():
     """EfficientNet's Normalization keeps the old statistics for the old channels; the new
     channel's are fresh (0 and 1); the stem convolution ignores it (its row is zero)."""
