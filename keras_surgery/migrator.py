@@ -18,12 +18,12 @@ import numpy as np
 from keras_surgery.errors import SurgeryError
 from keras_surgery.feature_changes import check_inputs_continue, feature_changes, likely_typos
 from keras_surgery.features import FeatureSpec
-from keras_surgery.outputs import OutputSpec
 from keras_surgery.graph import ModelGraph
 from keras_surgery.growth import Growth, plan_starts
 from keras_surgery.labels import LabelSpace, gc_paused
 from keras_surgery.match import LayerMatcher, check_unit_maps
-from keras_surgery.plan import POLICIES, PRESERVING_POLICIES, SurgeryPlan
+from keras_surgery.outputs import OutputSpec, plan_outputs
+from keras_surgery.plan import OUT_KINDS, POLICIES, PRESERVING_POLICIES, SurgeryPlan
 from keras_surgery.planner import build_plan, starts_of
 from keras_surgery.propagate import GraphLabels, propagate
 from keras_surgery.side import Side, opened
@@ -128,18 +128,18 @@ class ModelMigrator:
             raise SurgeryError(f"This ModelMigrator of '{self.side.path}' is closed; make a new "
                                "one to plan.")
         with opened(new_model) as new_side:
-            plan = self._plan(new_side.graph(), new_side.features(new_features), policy,
-                              allow_unrelated, dict(unit_maps or {}))
+            plan = self._plan(new_side.graph(), new_side.features(new_features), new_outputs,
+                              policy, allow_unrelated, dict(unit_maps or {}))
         _check_related(plan, allow_unrelated)
         return plan
 
-    def _plan(self, new_graph: ModelGraph, new_features: Any, policy: str,
+    def _plan(self, new_graph: ModelGraph, new_features: Any, new_outputs: Any, policy: str,
               allow_unrelated: bool, unit_maps: dict[str, Sequence[int]]) -> SurgeryPlan:
         space = LabelSpace()
         old = self.side
+        old_features = old.features(self.old_features)
         old_labels = propagate(
-            old.graph(), features=old.features(self.old_features), space=space,
-            strict=self.strict,
+            old.graph(), features=old_features, space=space, strict=self.strict,
         )
         old_optimizer = old.optimizer_layout(old_labels.records)
         matcher = LayerMatcher(old_labels, new_graph)
@@ -153,6 +153,12 @@ class ModelMigrator:
             where="the new model",
             unit_maps=unit_maps,
         )
+        outputs = plan_outputs(old_labels, new_labels, self.old_outputs, new_outputs, unit_maps,
+                               old_features, new_features)
+        if outputs.unit_maps:  # the heads' columns follow their names: label them so
+            new_labels = self._relabel(new_graph, new_features, new_labels,
+                                       starts=starts_of(new_labels),
+                                       unit_maps={**unit_maps, **outputs.unit_maps})
         unit_warnings = check_unit_maps(unit_maps, old_labels, new_labels)
         growth = None
         if policy in PRESERVING_POLICIES:
@@ -161,7 +167,11 @@ class ModelMigrator:
         check_inputs_continue(changes, old_labels, allow_unrelated=allow_unrelated)
         plan = build_plan(old_labels, new_labels, policy=policy, old_source=old, growth=growth)
         plan.features = changes
-        plan.warnings[:0] = likely_typos(changes) + unit_warnings
+        plan.outputs = outputs.changes
+        mark_mean_units(plan, outputs.mean_layers)
+        plan.warnings[:0] = likely_typos(changes) + unit_warnings + outputs.warnings
+        if outputs.breaks:
+            plan.preserves_function = False
         plan.old_optimizer = old_optimizer
         plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
@@ -177,19 +187,36 @@ class ModelMigrator:
         growth = plan_starts(old, new)
         # Terminates: starts are only ever added, and there are finitely many layers.
         while growth.starts != starts_of(new):
-            new = propagate(
-                new_graph,
-                features=new_features,
-                space=new.space,
-                match_layer=lambda node, inputs, position: first.records[node.name].identity,
-                match_input=lambda spec, index: first.input_identity[spec.name],
-                strict=self.strict,
-                where="the new model",
-                starts=growth.starts,
-                unit_maps=new.unit_maps,
-            )
+            new = self._relabel(new_graph, new_features, first, starts=growth.starts,
+                                unit_maps=new.unit_maps)
             growth = plan_starts(old, new, growth.starts)
         return new, growth
+
+    def _relabel(self, new_graph: ModelGraph, new_features: Any, first: GraphLabels, *,
+                 starts: Any, unit_maps: Mapping[str, Sequence[int]]) -> GraphLabels:
+        """The new model labelled again, each layer and input continuing what it continued in
+        `first`, with other starts or unit choices."""
+        return propagate(
+            new_graph,
+            features=new_features,
+            space=first.space,
+            match_layer=lambda node, inputs, position: first.records[node.name].identity,
+            match_input=lambda spec, index: first.input_identity[spec.name],
+            strict=self.strict,
+            where="the new model",
+            starts=starts,
+            unit_maps=unit_maps,
+        )
+
+
+def mark_mean_units(plan: SurgeryPlan, layers: set[str]) -> None:
+    """The new units of the named heads in `layers` start as the mean of their old units
+    (`init="mean"` in the output spec): their output-side axes that have new units say so."""
+    for wp in plan.weights:
+        if wp.layer in layers and wp.axes and wp.init is None:
+            for amap in wp.axes:
+                if amap.kind in OUT_KINDS and (amap.index < 0).any():
+                    amap.mean_new = True
 
 
 def _check_related(plan: SurgeryPlan, allow_unrelated: bool) -> None:

@@ -39,6 +39,9 @@ class AxisMap:
     it copies (a split unit), else -1; and `share`: per index, the factor copied values are
     multiplied by (on an input-side axis, each copy of a split unit gets a share of the unit's
     outgoing weights, the shares of one unit summing to 1).
+
+    `mean_new` (an output-side axis of a head whose output spec says `init="mean"`): the new
+    indices start as the mean of the continued ones, as Hugging Face starts new tokens.
     """
 
     kind: str
@@ -46,6 +49,7 @@ class AxisMap:
     zero_new: bool = False
     source: np.ndarray | None = None
     share: np.ndarray | None = None
+    mean_new: bool = False
 
     @property
     def old_index(self) -> np.ndarray:
@@ -60,7 +64,7 @@ class AxisMap:
 
     def without_splits(self) -> AxisMap:
         """This map as policy "preserve" sees it: only continued indices."""
-        return AxisMap(self.kind, self.index, self.zero_new)
+        return AxisMap(self.kind, self.index, self.zero_new, mean_new=self.mean_new)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"kind": self.kind, "index": self.index.tolist(),
@@ -69,6 +73,8 @@ class AxisMap:
             data["source"] = self.source.tolist()
         if self.share is not None:
             data["share"] = self.share.tolist()
+        if self.mean_new:
+            data["mean_new"] = True
         return data
 
     @classmethod
@@ -80,6 +86,7 @@ class AxisMap:
             bool(data.get("zero_new", False)),
             None if source is None else np.asarray(source, dtype=np.int64),
             None if share is None else np.asarray(share, dtype=np.float64),
+            bool(data.get("mean_new", False)),
         )
 
 
@@ -190,6 +197,9 @@ class SurgeryPlan:
     # Per new input: the old input it continues and its features kept, moved, added, removed
     # (`keras_surgery.feature_changes`).
     features: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Per named output (output specs): its old output and the columns kept, moved, added,
+    # removed (`keras_surgery.outputs`).
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Where `apply` reads the old values: the old model's `keras_surgery.side.Side` (its file
     # held open from planning on); None for a plan loaded from JSON.
     old_source: Any = field(default=None, repr=False, compare=False)
@@ -253,6 +263,7 @@ class SurgeryPlan:
             "new_layers": list(self.new_layers),
             "starts": dict(self.starts),
             "features": dict(self.features),
+            "outputs": dict(self.outputs),
             "dropped": list(self.dropped),
             "totals": self.totals(),
             "weights": [w.to_dict() for w in self.weights],
@@ -261,6 +272,11 @@ class SurgeryPlan:
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> SurgeryPlan:
+        """The plan `to_json` wrote (without its old source: apply it with `apply_file`)."""
+        return cls.from_dict(json.loads(text))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SurgeryPlan:
@@ -277,6 +293,7 @@ class SurgeryPlan:
             old_optimizer=_layout_from_dict(data.get("old_optimizer")),
             starts=dict(data.get("starts") or {}),
             features=dict(data.get("features") or {}),
+            outputs=dict(data.get("outputs") or {}),
         )
 
 

@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from keras_surgery.feature_changes import describe_changes
+from keras_surgery.outputs import describe_output_changes
 from keras_surgery.visual import plot, to_html
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def summary_footer(plan: SurgeryPlan, warnings: list[str] | None = None) -> list
         f"{preset}; {len(plan.dropped)} old weight(s) dropped"
     )
     lines.extend(describe_changes(plan.features))
+    lines.extend(describe_output_changes(getattr(plan, "outputs", {})))
     if plan.starts:
         lines.append("new layers started: " + ", ".join(
             f"{name} as the identity" if how == "identity" else f"{name} at zero"
