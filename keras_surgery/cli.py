@@ -67,7 +67,8 @@ def _plan(args: argparse.Namespace) -> Any:
     """Both files are read as data; neither model is deserialised."""
     from keras_surgery.migrator import ModelMigrator
 
-    return ModelMigrator(args.old, old_features=_load_features(args.old_features)).plan(
+    return ModelMigrator(args.old, old_features=_load_features(args.old_features),
+                         old_weights=args.old_weights).plan(
         args.new, new_features=_load_features(args.new_features), policy=args.policy
     )
 
@@ -98,7 +99,9 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         print("keras-surgery: the old function cannot be preserved; nothing written.",
               file=sys.stderr)
         return EXIT_NOT_PRESERVED
-    result = plan.apply_file(args.old, args.output, template=args.new, verbose=args.verbose)
+    # With --old-weights, OLD gave only the architecture: the values come from the checkpoint.
+    src = args.old if args.old_weights is None else args.old_weights
+    result = plan.apply_file(src, args.output, template=args.new, verbose=args.verbose)
     print_summary(plan)
     _pictures(args, plan)
     for warning in result["warnings"]:
@@ -118,6 +121,13 @@ def _cmd_phi(args: argparse.Namespace) -> int:
         parts = ", ".join(f"{s.path}[axis {s.axis}: {len(s.indices)}]" for s in slices)
         print(f"{inp}:{feat} -> {parts or '(no weights)'}")
     return EXIT_OK
+
+
+def _old_weights_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--old-weights", metavar="W",
+        help="weights-only checkpoint with the old values (.weights.h5, or the .weights.json "
+             "index of a sharded one); OLD then gives only the architecture")
 
 
 def _picture_options(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("new", help="new .keras file")
     diff.add_argument("--old-features", help="JSON file with the old feature spec")
     diff.add_argument("--new-features", help="JSON file with the new feature spec")
+    _old_weights_option(diff)
     diff.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
     diff.add_argument("--json", action="store_true", help="print the plan as JSON")
     diff.add_argument("--require-preserve", action="store_true",
@@ -171,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("-o", "--output", required=True, help="the .keras file to write")
     migrate.add_argument("--old-features", help="JSON file with the old feature spec")
     migrate.add_argument("--new-features", help="JSON file with the new feature spec")
+    _old_weights_option(migrate)
     migrate.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
     migrate.add_argument("--require-preserve", action="store_true",
                          help="exit 1 and write nothing if the function cannot be preserved")

@@ -7,6 +7,13 @@ through the plan's index maps and the fill kernel. Optimizer state comes along a
 model (`keras_surgery.optimizer.file_optimizer_values`) when the template has optimizer
 variables. Every file is written to a temporary name in the target folder and renamed into
 place, so a failed migration leaves nothing behind.
+
+Weights-only checkpoints take part both ways: `src` may be a `.weights.h5` file or a sharded
+`.weights.json` index (`keras_surgery.weights_file`; the plan gives the old architecture, and
+the checkpoint must hold its variables), and an `out` named `*.weights.h5` is written as a
+weights-only file (what `model.save_weights` writes: `new_model.load_weights(out)` reads it)
+instead of a `.keras` archive. So a pool of `ModelCheckpoint(save_weights_only=True)` files
+migrates into a pool of the same kind.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
-from keras_surgery.atomic import TEMP_SUFFIX, atomic_zip, is_temporary, same_file
+from keras_surgery.atomic import TEMP_SUFFIX, atomic_path, atomic_zip, is_temporary, same_file
 from keras_surgery.errors import SurgeryError, SurgeryFileError
 from keras_surgery.fill import fill, nonfinite_warning
 from keras_surgery.keras_file import CONFIG_MEMBER, METADATA_MEMBER, WEIGHTS_MEMBER, KerasFile
 from keras_surgery.optimizer import file_optimizer_values
 from keras_surgery.stream import progress_bar
+from keras_surgery.weights_file import WeightsFile, is_weights_only
 
 if TYPE_CHECKING:
     from keras_surgery.plan import SurgeryPlan
@@ -47,8 +55,14 @@ def apply_file(
 
     Args:
         plan: the SurgeryPlan (made once, applied to many checkpoints).
-        src: a `.keras` checkpoint of the old architecture; never written.
-        out: the `.keras` file to write (atomically); must not be `src`.
+        src: a checkpoint of the old architecture, never written: a `.keras` file, or a
+            weights-only `.weights.h5` file or sharded `.weights.json` index (the plan gives
+            the architecture; a plan made with `old_weights=` applies to its checkpoint and
+            to any other of the same architecture).
+        out: the file to write (atomically); must not be `src`. A name ending in
+            `.weights.h5` gets a weights-only file (the template's weights tree, as
+            `model.save_weights` writes it); any other name a `.keras` archive. Sharded
+            output (`.weights.json`) is not written.
         template: a `.keras` file of the new architecture: its config, and the fresh values of
             every entry the plan does not copy or zero (save the new model once to make one).
             When it has optimizer variables (the new model compiled and its optimizer built
@@ -60,6 +74,7 @@ def apply_file(
         A summary dict: counts and warnings.
 
     Raises:
+        SurgeryError: `out` is `src` or the template, or names a sharded `.weights.json`.
         SurgeryFileError: `src` is not a checkpoint of the plan's old architecture, a file
             cannot be read, or `out` cannot be written; nothing is left in `out`'s folder then.
 
@@ -73,8 +88,14 @@ def apply_file(
         raise SurgeryError(f"apply_file would overwrite its source: '{src}' (as '{out}').")
     if same_file(template, out):
         raise SurgeryError(f"apply_file would overwrite its template: '{template}' (as '{out}').")
+    if out.endswith(".weights.json"):
+        raise SurgeryError(
+            f"apply_file writes a .keras file or a .weights.h5 file, not a sharded checkpoint: "
+            f"'{out}'. Name the output '*.weights.h5' (or '*.keras') and re-shard it with "
+            "model.save_weights(..., max_shard_size=...) if needed."
+        )
     warnings: list[str] = []
-    with KerasFile(src) as old, KerasFile(template) as tmpl:
+    with open_checkpoint(src) as old, KerasFile(template) as tmpl:
         _check_files(plan, old, tmpl)
         carried, note = file_optimizer_values(plan, old, tmpl)
         if note:
@@ -90,18 +111,32 @@ def apply_file(
                 check.wait()  # damaged old bytes: nothing is written
             finally:
                 check.cancel()
-            members: list[tuple[str, bytes | str]] = [
-                (name, data) for name in (METADATA_MEMBER, CONFIG_MEMBER)
-                if (data := tmpl.member(name)) is not None
-            ]
-            members.append((WEIGHTS_MEMBER, weights_path))
-            atomic_zip(out, members)
+            if out.endswith(".weights.h5"):
+                with atomic_path(out) as tmp:
+                    os.replace(weights_path, tmp)
+            else:
+                members: list[tuple[str, bytes | str]] = [
+                    (name, data) for name in (METADATA_MEMBER, CONFIG_MEMBER)
+                    if (data := tmpl.member(name)) is not None
+                ]
+                members.append((WEIGHTS_MEMBER, weights_path))
+                atomic_zip(out, members)
     totals = plan.totals()
     logger.info("migrated %s -> %s: %s", src, out, totals)
     return {"src": src, "out": out, **totals, "warnings": warnings}
 
 
-def _check_files(plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile) -> None:
+def open_checkpoint(path: str | os.PathLike) -> KerasFile | WeightsFile:
+    """A checkpoint opened for reading: a weights-only file (`.weights.h5`, a sharded
+    `.weights.json` index, or a file that starts like one) as a WeightsFile, else a KerasFile.
+
+    Raises:
+        SurgeryFileError: the file cannot be opened as what it looks like.
+    """
+    return WeightsFile(path) if is_weights_only(path) else KerasFile(path)
+
+
+def _check_files(plan: SurgeryPlan, old: KerasFile | WeightsFile, tmpl: KerasFile) -> None:
     """Every weight the plan writes is in the template, and every one it reads in `old`, with
     the planned shapes; checked before anything is written."""
     old_paths, new_paths = old.paths(), tmpl.paths()
@@ -123,7 +158,7 @@ def _check_files(plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile) -> None:
 
 
 def _write_weights(
-    plan: SurgeryPlan, old: KerasFile, tmpl: KerasFile,
+    plan: SurgeryPlan, old: KerasFile | WeightsFile, tmpl: KerasFile,
     carried: dict[str, Callable[[np.ndarray], np.ndarray]], weights_path: str,
     warnings: list[str], verbose: bool,
 ) -> None:
@@ -206,7 +241,9 @@ def migrate_folder(
         src_dir: the folder of old checkpoints; never written.
         out_dir: where the migrated checkpoints go (created if missing).
         template: a `.keras` file of the new architecture (see `apply_file`).
-        pattern: which file names of `src_dir` to migrate.
+        pattern: which file names of `src_dir` to migrate: `"*.weights.h5"` for a pool of
+            weights-only checkpoints, which become weights-only files of the new
+            architecture (see `apply_file`).
         verbose: show a progress bar over the files.
 
     Returns:

@@ -57,6 +57,14 @@ _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
 # saving_lib.safe_get_h5_dataset): a member or dataset above the floor must not expand more.
 BOMB_FLOOR_BYTES = 1 << 32
 MAX_EXPANSION = 1000
+# Our own budgets, tighter than Keras's (issue "safe under real-world faults"): a small hostile
+# file must cost at most a few hundred MB before it is refused. Genuine files stay far below:
+# Keras stores the weights member uncompressed and writes every dataset whole, contiguously.
+# Raise them (keras_surgery.keras_file.<NAME> = ...) only for a file you trust.
+DECOMPRESS_FLOOR_BYTES = 64 << 20  # above it, a compressed member may not expand > MAX_EXPANSION
+MAX_UNWRITTEN_BYTES = 256 << 20  # total declared bytes of datasets that store next to nothing
+MAX_CHUNK_FLOOR_BYTES = 1 << 20  # an HDF5 chunk may exceed its dataset's size only up to this
+SPILL_BLOCK_BYTES = 8 << 20  # a compressed member is decompressed to disk in blocks this size
 BFLOAT16 = "bfloat16"
 try:
     from lzma import LZMAError as _LZMAError
@@ -68,6 +76,11 @@ ZIP_ERRORS = (
     zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, zlib.error, _LZMAError,
 )
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+WEIGHTS_ONLY_SUFFIXES = (".weights.h5", ".weights.json")
+WEIGHTS_ONLY_ADVICE = (
+    "a weights-only file has no architecture, pass the architecture as `old` (a .keras file "
+    "or the live model) and the file as `old_weights=`."
+)
 GLOBAL_HEAP_SIGNATURE = b"GCOL\x01"  # signature and version 1, the only version HDF5 reads
 # More global heap objects than any Keras file holds (one per layer name or dtype tag); also
 # bounds the time the check below takes on a hostile file.
@@ -134,6 +147,314 @@ class _MemberReader(io.RawIOBase):
         return got
 
 
+class H5Weights(WeightSource):
+    """The HDF5 weight tree Keras's `H5IOStore` writes, read as data from one byte range of an
+    open file: a stored `model.weights.h5` member of a `.keras` archive (or a compressed one,
+    decompressed to a temporary file), or a whole plain `.weights.h5` file.
+
+    The global heaps are walked before h5py opens the tree (`endless_global_heap`), links and
+    external or virtual datasets are refused, declared sizes are bounded before anything is
+    allocated, and contiguous uncompressed datasets (how Keras writes them) are read as views
+    of one memory map of the file, whose pages `release()` drops again. The owner of the file
+    checks its identity; this object reads only through the descriptor it is given.
+
+    Args:
+        raw: the open file (read with `os.pread`, so its position is never used).
+        where: how messages name the tree, e.g. `"'old.keras': model.weights.h5"`.
+        path: the file's path, for messages about single weights.
+        start: where the tree begins in `raw`.
+        size: how many bytes it spans (None: to the end of the file).
+        crc: the CRC-32 the archive records for the byte range, checked by
+            `integrity_check`; None when nothing records one (a plain file).
+
+    Example:
+        >>> with open("ckpt.weights.h5", "rb") as raw:                   # doctest: +SKIP
+        ...     tree = H5Weights(raw, "'ckpt.weights.h5'", "ckpt.weights.h5")
+        ...     kernel = tree.read("layers/dense/vars/0")
+    """
+
+    def __init__(self, raw: Any, where: str, path: str, *, start: int = 0,
+                 size: int | None = None, crc: int | None = None):
+        self.where = where
+        self.path = path
+        self._raw = raw
+        size = os.fstat(raw.fileno()).st_size - start if size is None else size
+        self._reader: _MemberReader | None = _MemberReader(raw, start, size)
+        self._crc = crc
+        self._h5: Any = None
+        self._mmap: mmap.mmap | None = None
+        self._paths: dict[str, tuple[tuple[int, ...], str]] | None = None
+
+    def h5(self) -> Any:
+        """The h5py File, opened on first use (after the global-heap walk)."""
+        if self._h5 is not None:
+            return self._h5
+        import h5py
+
+        if self._reader is None:
+            raise SurgeryFileError(f"{self.where} is closed.")
+        self._check_global_heaps()
+        try:
+            self._h5 = h5py.File(self._reader, "r")
+        except Exception as exc:
+            self.close()
+            raise SurgeryFileError(
+                f"{self.where} is not a readable HDF5 file ({exc})."
+            ) from exc
+        return self._h5
+
+    def _key(self) -> tuple:
+        reader = self._reader
+        st = os.fstat(self._raw.fileno())
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                reader._start, reader._size)  # type: ignore[union-attr]
+
+    def _check_global_heaps(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        if reader._size == 0:
+            return
+        key = self._key()
+        if key in _HEAP_SCANS:
+            problem = _HEAP_SCANS[key]
+        else:
+            problem = endless_global_heap(
+                self._map(), reader._start, reader._start + reader._size
+            )
+            self.release()  # the scan touched every page; weights are read later
+            if len(_HEAP_SCANS) >= _MAX_HEAP_SCANS:
+                _HEAP_SCANS.clear()
+            _HEAP_SCANS[key] = problem
+        if problem is not None:
+            self.close()
+            raise SurgeryFileError(
+                f"{self.where} is damaged: {problem}; HDF5 would never finish reading it."
+            )
+
+    def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
+        if self._paths is None:
+            self._paths = self._walk(self.h5())
+        return self._paths
+
+    def _walk(self, h5: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+        import h5py
+
+        found: dict[str, tuple[tuple[int, ...], str]] = {}
+        unwritten = [0]  # declared bytes of datasets that store next to nothing
+
+        def refuse(path: str, what: str) -> SurgeryFileError:
+            return SurgeryFileError(
+                f"{self.where} entry '{path}' is {what}; only plain datasets inside the file "
+                "are accepted (Keras refuses these too)."
+            )
+
+        def visit(group: Any, prefix: str) -> None:
+            for key in group.keys():
+                link = group.get(key, getlink=True)
+                path = f"{prefix}{key}"
+                if not isinstance(link, h5py.HardLink):
+                    raise refuse(path, f"a {type(link).__name__}")
+                item = group[key]
+                if isinstance(item, h5py.Group):
+                    visit(item, path + "/")
+                elif isinstance(item, h5py.Dataset):
+                    if item.external:
+                        raise refuse(path, "an external dataset")
+                    if item.is_virtual:
+                        raise refuse(path, "a virtual dataset")
+                    found[path] = (tuple(int(d) for d in item.shape), _dataset_dtype(item))
+                    unwritten[0] += self._check_budget(path, item, found[path][0])
+                    if unwritten[0] > MAX_UNWRITTEN_BYTES:
+                        raise SurgeryFileError(
+                            f"{self.where}: its datasets declare more than "
+                            f"{MAX_UNWRITTEN_BYTES} bytes that they do not store (the last "
+                            f"one '{path}'); refusing a shape bomb (keras_surgery.keras_file."
+                            "MAX_UNWRITTEN_BYTES raises the limit for a file you trust)."
+                        )
+
+        try:
+            visit(h5, "")
+        except SurgeryFileError:
+            raise
+        except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
+            raise SurgeryFileError(
+                f"{self.where} is damaged and cannot be listed ({exc})."
+            ) from exc
+        return found
+
+    def _check_budget(self, path: str, dataset: Any, shape: tuple[int, ...]) -> int:
+        """The declared bytes of `dataset` when it stores next to nothing (else 0), after
+        refusing a chunk larger than both the dataset and MAX_CHUNK_FLOOR_BYTES: HDF5 allocates
+        a whole chunk to read any part of it."""
+        itemsize = dataset.dtype.itemsize
+        declared = math.prod(shape) * itemsize
+        chunks = dataset.chunks
+        if chunks is not None:
+            chunk = math.prod(int(c) for c in chunks) * itemsize
+            if chunk > max(declared, MAX_CHUNK_FLOOR_BYTES):
+                raise SurgeryFileError(
+                    f"{self.where} entry '{path}' of {declared} bytes is stored in chunks of "
+                    f"{chunk} bytes; refusing a chunk bomb (keras_surgery.keras_file."
+                    "MAX_CHUNK_FLOOR_BYTES raises the limit for a file you trust)."
+                )
+        return declared if declared > MAX_EXPANSION * dataset.id.get_storage_size() else 0
+
+    def read(self, path: str) -> np.ndarray:
+        h5 = self.h5()
+        if path not in self.paths():
+            raise SurgeryFileError(f"{self.where} has no dataset '{path}'.")
+        shape, dtype = self.paths()[path]
+        try:
+            dataset = h5[path]
+            if dataset.id.get_type().get_class() not in _NUMBER_CLASSES:
+                # Read nothing else: HDF5 can crash converting a damaged variable-length type.
+                raise SurgeryFileError(
+                    f"'{self.path}': weight '{path}' is stored as {dataset.dtype}, not as "
+                    "numbers; the file is damaged."
+                )
+            declared = math.prod(shape) * dataset.dtype.itemsize
+            if declared > BOMB_FLOOR_BYTES and (
+                declared > MAX_EXPANSION * dataset.id.get_storage_size()
+            ):
+                raise SurgeryFileError(
+                    f"'{self.path}': weight '{path}' declares {declared} bytes but stores "
+                    "next to nothing; refusing a shape bomb."
+                )
+            value = self._mapped(dataset, shape)
+            if value is None:
+                value = np.asarray(dataset[()])
+        except SurgeryFileError:
+            raise
+        except Exception as exc:
+            raise SurgeryFileError(
+                f"'{self.path}': could not read weight '{path}' ({exc})."
+            ) from exc
+        if dtype == BFLOAT16:
+            # Keras stores bfloat16 as 2-byte opaque values tagged attrs["dtype"]; the bits are
+            # bfloat16's own (H5IOStore.__getitem__).
+            import ml_dtypes
+
+            value = value.view(ml_dtypes.bfloat16)
+        elif value.dtype.kind not in "biuf":
+            # Strings, records, complex numbers: no variable holds these, and casting them to
+            # the new variable's dtype would fail or silently drop parts.
+            raise SurgeryFileError(
+                f"'{self.path}': weight '{path}' holds values of type {value.dtype}, not real "
+                "numbers; the file is damaged."
+            )
+        return value
+
+    def _mapped(self, dataset: Any, shape: tuple[int, ...]) -> np.ndarray | None:
+        """A read-only view of a contiguous, uncompressed dataset straight from the memory-mapped
+        file (how Keras writes weights): no copy and no trip through h5py's reader. None where
+        that does not apply; the caller then reads through h5py."""
+        reader = self._reader
+        if reader is None or dataset.chunks is not None:
+            return None
+        if dataset.dtype.kind not in "biuf" or dataset.compression is not None:
+            return None
+        offset = dataset.id.get_offset()
+        nbytes = math.prod(shape) * dataset.dtype.itemsize
+        if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
+            return None
+        if offset + nbytes > reader._size:
+            raise SurgeryFileError(
+                f"'{self.path}': weight '{dataset.name}' points past the end of {self.where}."
+            )
+        return np.frombuffer(
+            self._map(), dtype=dataset.dtype, count=math.prod(shape),
+            offset=reader._start + offset,
+        ).reshape(shape)
+
+    def _map(self) -> mmap.mmap:
+        """The whole file, memory-mapped once (read-only)."""
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def integrity_check(self) -> IntegrityCheck:
+        """Starts checking the byte range against the CRC-32 recorded for it (see
+        `KerasFile.integrity_check`); nothing to check without a recorded CRC."""
+        self.h5()
+        reader = self._reader
+        if self._crc is None or reader is None:
+            return IntegrityCheck(None)
+        key = self._key()
+        if key in _CRC_CHECKED or reader._size == 0:
+            return IntegrityCheck(None)
+        data, start, size, expected = self._map(), reader._start, reader._size, self._crc
+
+        def crc(cancelled: threading.Event) -> str | None:
+            value = 0
+            for offset in range(start, start + size, CRC_CHUNK_BYTES):
+                if cancelled.is_set():
+                    return None
+                end = min(offset + CRC_CHUNK_BYTES, start + size)
+                with memoryview(data) as whole, whole[offset:end] as chunk:
+                    value = zlib.crc32(chunk, value)
+                _drop_pages(data, offset, end)
+            if value != expected:
+                return (f"{self.where} is damaged: its bytes have CRC-32 {value:08x}, the "
+                        f"archive records {expected:08x}.")
+            if len(_CRC_CHECKED) >= _MAX_HEAP_SCANS:
+                _CRC_CHECKED.clear()
+            _CRC_CHECKED.add(key)
+            return None
+
+        return IntegrityCheck(crc)
+
+    def release(self) -> None:
+        """Drops the pages of the memory-mapped file from this process's resident memory
+        (see `KerasFile.release`)."""
+        if self._mmap is not None and hasattr(self._mmap, "madvise"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError, AttributeError):
+                pass  # only an optimisation
+
+    def h5_attrs(self, name: str = "") -> dict[str, Any] | None:
+        """The HDF5 attributes of group or dataset `name` ("" for the root), or None if there
+        is no such entry."""
+        h5 = self.h5()
+        if name and name not in h5:
+            return None
+        return dict((h5[name] if name else h5).attrs.items())
+
+    def h5_groups(self) -> list[str]:
+        """Every group of the tree, parents before their children."""
+        import h5py
+
+        found: list[str] = []
+        self.h5().visititems(
+            lambda name, obj: found.append(name) if isinstance(obj, h5py.Group) else None)
+        return found
+
+    def group_name(self, group: str) -> str | None:
+        """The layer name Keras >= 3.6 stores on `<group>/vars`, if any."""
+        try:
+            vars_group = self.h5().get(f"{group}/vars")
+        except Exception:
+            return None
+        return _string_attr(vars_group, "name") if vars_group is not None else None
+
+    def close(self) -> None:
+        """Closes the h5py file and the memory map (not `raw`: its owner closes it)."""
+        if self._h5 is not None:
+            try:
+                self._h5.close()
+            finally:
+                self._h5 = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass  # arrays read from it are still in use; the map closes when they go
+            self._mmap = None
+
+
 class KerasFile(WeightSource):
     """A `.keras` file opened for reading, once: every read (config, members, weights, the
     memory map) goes through the one file descriptor taken when it is opened, so all of them
@@ -147,12 +468,9 @@ class KerasFile(WeightSource):
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._h5: Any = None
-        self._reader: io.RawIOBase | None = None
-        self._mmap: mmap.mmap | None = None
-        self._paths: dict[str, tuple[tuple[int, ...], str]] | None = None
+        self._tree: H5Weights | None = None
+        self._spill: Any = None  # a compressed weights member, decompressed to disk
         self._raw: Any = None
-        self._weights_crc: int | None = None  # of a stored weights member, read in place
         self._raw = self._open()
         self.identity = _identity(self._raw)
         try:
@@ -204,11 +522,15 @@ class KerasFile(WeightSource):
             head = read_at(self._raw, 8, 0)
         except OSError:
             return ""
-        if head == b"\x89HDF\r\n\x1a\n":
+        if head == HDF5_SIGNATURE:
             return (
-                " It is an HDF5 file: a legacy .h5 model or a .weights.h5 file; save the model "
-                "with keras.Model.save('model.keras')."
+                " It is an HDF5 file: a legacy .h5 model (save the model with "
+                "keras.Model.save('model.keras')) or a weights-only file (model.save_weights): "
+                + WEIGHTS_ONLY_ADVICE
             )
+        if head.lstrip()[:1] == b"{":
+            return (" It is a JSON file: if it is the index of a sharded .weights.json "
+                    "checkpoint, " + WEIGHTS_ONLY_ADVICE)
         return ""
 
     def _member(self, archive: zipfile.ZipFile, name: str) -> zipfile.ZipInfo:
@@ -281,75 +603,34 @@ class KerasFile(WeightSource):
 
     # -- weights -------------------------------------------------------------------------
 
-    def _open_h5(self) -> Any:
-        if self._h5 is not None:
-            return self._h5
-        import h5py
-
+    def _weights(self) -> H5Weights:
+        """The weights member's HDF5 tree (`H5Weights`), opened on first use."""
+        if self._tree is not None:
+            return self._tree
+        if self._raw is None:
+            raise SurgeryFileError(f"'{self.path}' is closed.")
+        where = f"'{self.path}': {WEIGHTS_MEMBER}"
         with self._zip() as archive:
             info = self._member(archive, WEIGHTS_MEMBER)
             if info.flag_bits & 0x1:
-                raise SurgeryFileError(f"'{self.path}': {WEIGHTS_MEMBER} is encrypted.")
+                raise SurgeryFileError(f"{where} is encrypted.")
             if info.compress_type == zipfile.ZIP_STORED:
-                self._reader = self._stored_member(info)
-                self._weights_crc = info.CRC
+                start = self._stored_member(info)
+                tree = H5Weights(self._raw, where, self.path, start=start, size=info.file_size,
+                                 crc=info.CRC)
             else:
-                # Compressed (not how Keras writes it): decompress once into memory, refusing
-                # a decompression bomb as Keras does.
-                if info.file_size > BOMB_FLOOR_BYTES and (
-                    info.file_size > MAX_EXPANSION * info.compress_size
-                ):
-                    raise SurgeryFileError(
-                        f"'{self.path}': {WEIGHTS_MEMBER} declares {info.file_size} bytes but "
-                        f"stores only {info.compress_size}; refusing a decompression bomb."
-                    )
-                try:
-                    with archive.open(info) as member:
-                        self._reader = io.BytesIO(member.read())  # type: ignore[assignment]
-                except ZIP_ERRORS as exc:
-                    raise SurgeryFileError(
-                        f"'{self.path}': cannot decompress {WEIGHTS_MEMBER} ({exc})."
-                    ) from exc
-        self._check_global_heaps()
+                self._spill = _decompressed(archive, info, where)
+                tree = H5Weights(self._spill, where, self.path, size=info.file_size)
         try:
-            self._h5 = h5py.File(self._reader, "r")
-        except Exception as exc:
+            tree.h5()
+        except SurgeryFileError:
             self.close()
-            raise SurgeryFileError(
-                f"'{self.path}': {WEIGHTS_MEMBER} is not a readable HDF5 file ({exc})."
-            ) from exc
-        return self._h5
+            raise
+        self._tree = tree
+        return tree
 
-    def _check_global_heaps(self) -> None:
-        reader = self._reader
-        if isinstance(reader, _MemberReader):
-            if reader._size == 0:
-                return
-            st = os.fstat(self._raw.fileno())
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-                   reader._start, reader._size)
-            if key in _HEAP_SCANS:
-                problem = _HEAP_SCANS[key]
-            else:
-                problem = endless_global_heap(
-                    self._map(), reader._start, reader._start + reader._size
-                )
-                self.release()  # the scan touched every page; weights are read later
-                if len(_HEAP_SCANS) >= _MAX_HEAP_SCANS:
-                    _HEAP_SCANS.clear()
-                _HEAP_SCANS[key] = problem
-        else:
-            data = reader.getvalue()  # type: ignore[union-attr]
-            problem = endless_global_heap(data, 0, len(data))
-        if problem is not None:
-            self.close()
-            raise SurgeryFileError(
-                f"'{self.path}': {WEIGHTS_MEMBER} is damaged: {problem}; HDF5 would never finish "
-                "reading it."
-            )
-
-    def _stored_member(self, info: zipfile.ZipInfo) -> _MemberReader:
-        """A file object over the bytes of an uncompressed member, read in place."""
+    def _stored_member(self, info: zipfile.ZipInfo) -> int:
+        """Where the bytes of an uncompressed member begin in the file."""
         header = read_at(self._raw, _LOCAL_HEADER.size, info.header_offset)
         file_size = os.fstat(self._raw.fileno()).st_size
         if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
@@ -361,7 +642,7 @@ class KerasFile(WeightSource):
                 f"'{self.path}': zip entry {WEIGHTS_MEMBER} claims {info.file_size} bytes "
                 "beyond the end of the file; the file is truncated or corrupt."
             )
-        return _MemberReader(self._raw, start, info.file_size)
+        return start
 
     def check_unchanged(self) -> None:
         """Raises SurgeryFileError if the open file was written since it was opened (a path
@@ -375,155 +656,18 @@ class KerasFile(WeightSource):
 
     def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
         self.check_unchanged()
-        if self._paths is None:
-            self._paths = self._walk(self._open_h5())
-        return self._paths
-
-    def _walk(self, h5: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-        import h5py
-
-        found: dict[str, tuple[tuple[int, ...], str]] = {}
-
-        def refuse(path: str, what: str) -> SurgeryFileError:
-            return SurgeryFileError(
-                f"'{self.path}': {WEIGHTS_MEMBER} entry '{path}' is {what}; only plain "
-                "datasets inside the file are accepted (Keras refuses these too)."
-            )
-
-        def visit(group: Any, prefix: str) -> None:
-            for key in group.keys():
-                link = group.get(key, getlink=True)
-                path = f"{prefix}{key}"
-                if not isinstance(link, h5py.HardLink):
-                    raise refuse(path, f"a {type(link).__name__}")
-                item = group[key]
-                if isinstance(item, h5py.Group):
-                    visit(item, path + "/")
-                elif isinstance(item, h5py.Dataset):
-                    if item.external:
-                        raise refuse(path, "an external dataset")
-                    if item.is_virtual:
-                        raise refuse(path, "a virtual dataset")
-                    found[path] = (tuple(int(d) for d in item.shape), _dataset_dtype(item))
-
-        try:
-            visit(h5, "")
-        except SurgeryFileError:
-            raise
-        except Exception as exc:  # h5py raises OSError/KeyError/RuntimeError on damaged files
-            raise SurgeryFileError(
-                f"'{self.path}': {WEIGHTS_MEMBER} is damaged and cannot be listed ({exc})."
-            ) from exc
-        return found
+        return self._weights().paths()
 
     def read(self, path: str) -> np.ndarray:
         self.check_unchanged()
-        h5 = self._open_h5()
-        if path not in self.paths():
-            raise SurgeryFileError(f"'{self.path}': {WEIGHTS_MEMBER} has no dataset '{path}'.")
-        shape, dtype = self.paths()[path]
-        try:
-            dataset = h5[path]
-            if dataset.id.get_type().get_class() not in _NUMBER_CLASSES:
-                # Read nothing else: HDF5 can crash converting a damaged variable-length type.
-                raise SurgeryFileError(
-                    f"'{self.path}': weight '{path}' is stored as {dataset.dtype}, not as "
-                    "numbers; the file is damaged."
-                )
-            declared = math.prod(shape) * dataset.dtype.itemsize
-            if declared > BOMB_FLOOR_BYTES and (
-                declared > MAX_EXPANSION * dataset.id.get_storage_size()
-            ):
-                raise SurgeryFileError(
-                    f"'{self.path}': weight '{path}' declares {declared} bytes but stores "
-                    "next to nothing; refusing a shape bomb."
-                )
-            value = self._mapped(dataset, shape)
-            if value is None:
-                value = np.asarray(dataset[()])
-        except SurgeryFileError:
-            raise
-        except Exception as exc:
-            raise SurgeryFileError(
-                f"'{self.path}': could not read weight '{path}' ({exc})."
-            ) from exc
-        if dtype == BFLOAT16:
-            # Keras stores bfloat16 as 2-byte opaque values tagged attrs["dtype"]; the bits are
-            # bfloat16's own (H5IOStore.__getitem__).
-            import ml_dtypes
-
-            value = value.view(ml_dtypes.bfloat16)
-        elif value.dtype.kind not in "biuf":
-            # Strings, records, complex numbers: no variable holds these, and casting them to
-            # the new variable's dtype would fail or silently drop parts.
-            raise SurgeryFileError(
-                f"'{self.path}': weight '{path}' holds values of type {value.dtype}, not real "
-                "numbers; the file is damaged."
-            )
-        return value
-
-    def _mapped(self, dataset: Any, shape: tuple[int, ...]) -> np.ndarray | None:
-        """A read-only view of a contiguous, uncompressed dataset straight from the memory-mapped
-        archive (how Keras writes weights): no copy and no trip through h5py's reader. None
-        where that does not apply; the caller then reads through h5py."""
-        reader = self._reader
-        if not isinstance(reader, _MemberReader) or dataset.chunks is not None:
-            return None
-        if dataset.dtype.kind not in "biuf" or dataset.compression is not None:
-            return None
-        offset = dataset.id.get_offset()
-        nbytes = math.prod(shape) * dataset.dtype.itemsize
-        if offset is None or nbytes == 0 or dataset.id.get_storage_size() != nbytes:
-            return None
-        if offset + nbytes > reader._size:
-            raise SurgeryFileError(
-                f"'{self.path}': weight '{dataset.name}' points past the end of {WEIGHTS_MEMBER}."
-            )
-        return np.frombuffer(
-            self._map(), dtype=dataset.dtype, count=math.prod(shape),
-            offset=reader._start + offset,
-        ).reshape(shape)
-
-    def _map(self) -> mmap.mmap:
-        """The whole file, memory-mapped once (read-only)."""
-        if self._mmap is None:
-            self._mmap = mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mmap
+        return self._weights().read(path)
 
     def integrity_check(self) -> IntegrityCheck:
         """Starts checking the weights member read in place against the CRC-32 the archive
         records for it, in a background thread (zlib releases the GIL, so it overlaps the
         migration's own work). A compressed member needs none: zipfile checked it when it
         was decompressed. See `IntegrityCheck`."""
-        self._open_h5()
-        reader = self._reader
-        if self._weights_crc is None or not isinstance(reader, _MemberReader):
-            return IntegrityCheck(None)
-        st = os.fstat(self._raw.fileno())
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
-               reader._start, reader._size)
-        if key in _CRC_CHECKED or reader._size == 0:
-            return IntegrityCheck(None)
-        data, start, size, expected = self._map(), reader._start, reader._size, self._weights_crc
-
-        def crc(cancelled: threading.Event) -> str | None:
-            value = 0
-            for offset in range(start, start + size, CRC_CHUNK_BYTES):
-                if cancelled.is_set():
-                    return None
-                end = min(offset + CRC_CHUNK_BYTES, start + size)
-                with memoryview(data) as whole, whole[offset:end] as chunk:
-                    value = zlib.crc32(chunk, value)
-                _drop_pages(data, offset, end)
-            if value != expected:
-                return (f"'{self.path}': {WEIGHTS_MEMBER} is damaged: its bytes have CRC-32 "
-                        f"{value:08x}, the archive records {expected:08x}.")
-            if len(_CRC_CHECKED) >= _MAX_HEAP_SCANS:
-                _CRC_CHECKED.clear()
-            _CRC_CHECKED.add(key)
-            return None
-
-        return IntegrityCheck(crc)
+        return self._weights().integrity_check()
 
     def release(self) -> None:
         """Drops the pages of the memory-mapped archive from this process's resident memory.
@@ -532,36 +676,21 @@ class KerasFile(WeightSource):
         touched again); a caller streaming through the weights calls this after each one, so
         that the file's bytes never all count against the process's memory at once.
         """
-        if self._mmap is not None and hasattr(self._mmap, "madvise"):
-            try:
-                self._mmap.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError, AttributeError):
-                pass  # only an optimisation
+        if self._tree is not None:
+            self._tree.release()
 
     def h5_attrs(self, name: str = "") -> dict[str, Any] | None:
         """The HDF5 attributes of group or dataset `name` of the weights ("" for the root),
         or None if there is no such entry."""
-        h5 = self._open_h5()
-        if name and name not in h5:
-            return None
-        return dict((h5[name] if name else h5).attrs.items())
+        return self._weights().h5_attrs(name)
 
     def h5_groups(self) -> list[str]:
         """Every group of the weights, parents before their children."""
-        import h5py
-
-        found: list[str] = []
-        self._open_h5().visititems(
-            lambda name, obj: found.append(name) if isinstance(obj, h5py.Group) else None)
-        return found
+        return self._weights().h5_groups()
 
     def group_name(self, group: str) -> str | None:
         """The layer name Keras >= 3.6 stores on `<group>/vars`, if any."""
-        try:
-            vars_group = self._open_h5().get(f"{group}/vars")
-        except Exception:
-            return None
-        return _string_attr(vars_group, "name") if vars_group is not None else None
+        return self._weights().group_name(group)
 
     def graph(self) -> ModelGraph:
         """The model graph described by this file.
@@ -619,20 +748,14 @@ class KerasFile(WeightSource):
                 )
 
     def close(self) -> None:
-        if self._h5 is not None:
+        if self._tree is not None:
             try:
-                self._h5.close()
+                self._tree.close()
             finally:
-                self._h5 = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass  # arrays read from it are still in use; the map closes when they go
-            self._mmap = None
+                self._tree = None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
         if self._raw is not None:
             self._raw.close()
             self._raw = None
@@ -693,6 +816,46 @@ class IntegrityCheck:
         self._cancelled.set()
         if self._thread is not None:
             self._thread.join()
+
+
+def _decompressed(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str) -> Any:
+    """A compressed member (not how Keras writes it), decompressed in blocks into an anonymous
+    temporary file, so that memory stays bounded and the weights are memory-mapped as for a
+    stored member; zipfile checks its CRC-32 and size on the way.
+
+    Raises:
+        SurgeryFileError: the member would expand more than MAX_EXPANSION times past the
+            floor (a decompression bomb), expands past its declared size, or is damaged.
+    """
+    import tempfile
+
+    floor = min(BOMB_FLOOR_BYTES, DECOMPRESS_FLOOR_BYTES)
+    if info.file_size > floor and info.file_size > MAX_EXPANSION * info.compress_size:
+        raise SurgeryFileError(
+            f"{where} declares {info.file_size} bytes but stores only {info.compress_size}; "
+            f"refusing a decompression bomb (more than {MAX_EXPANSION}x expansion above "
+            f"{floor} bytes: keras_surgery.keras_file.MAX_EXPANSION and DECOMPRESS_FLOOR_BYTES "
+            "raise the limit for a file you trust, or re-save it with keras.Model.save)."
+        )
+    spill = tempfile.TemporaryFile()  # noqa: SIM115 - closed by the KerasFile
+    try:
+        written = 0
+        with archive.open(info) as member:
+            while block := member.read(SPILL_BLOCK_BYTES):
+                written += len(block)
+                if written > info.file_size:
+                    raise SurgeryFileError(
+                        f"{where} expands past the {info.file_size} bytes it declares."
+                    )
+                spill.write(block)
+        spill.flush()
+    except ZIP_ERRORS as exc:
+        spill.close()
+        raise SurgeryFileError(f"{where}: cannot decompress it ({exc}).") from exc
+    except BaseException:
+        spill.close()
+        raise
+    return spill
 
 
 def read_member(archive: zipfile.ZipFile, name: str, limit: int, path: str) -> bytes | None:

@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from keras_surgery.features import FeatureSpec
-from keras_surgery.outputs import OutputSpec
 from keras_surgery.migrator import ModelMigrator
+from keras_surgery.outputs import OutputSpec
 from keras_surgery.report import SurgeryReport
 from keras_surgery.side import Side
 from keras_surgery.verify.surgery import (

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from keras_surgery.errors import SurgeryFileError
 from keras_surgery.graph import graph_from_model, live_variables
 from keras_surgery.keras_file import WEIGHTS_MEMBER, KerasFile, _config_entries, keras_layout
 
@@ -359,12 +360,12 @@ def test_reader_is_lazy_and_closes(tmp_path):
     path = tmp_path / "m.keras"
     _dense_bias_and_not().save(path)
     f = KerasFile(path)
-    assert f._h5 is None  # config only: the weights are opened when first needed
+    assert f._tree is None  # config only: the weights are opened when first needed
     f.graph()
-    assert f._h5 is not None
+    assert f._tree is not None
     f.close()
     f.close()  # idempotent
-    assert f._h5 is None and f._reader is None
+    assert f._tree is None and f._raw is None
 
 
 # -- the global-heap scan ---------------------------------------------------------------------
@@ -543,3 +544,78 @@ def test_a_closed_migrator_says_so(tmp_path):
         migrator.plan(new)
     with pytest.raises(ks.SurgeryError, match="was closed after planning"):
         plan.apply(new)
+
+
+# -- budgets against small hostile files (issue 15, item 5) -----------------------------------
+
+
+def _plain_weights(tmp_path):
+    model = _dense_bias_and_not()
+    distinct_weights(model)
+    path = tmp_path / "m.weights.h5"
+    model.save_weights(path)
+    return path
+
+
+def test_compressed_member_bomb_below_keras_floor_is_refused(tmp_path):
+    """80 MiB of declared weights stored in a few hundred bytes (bzip2): below Keras's 4 GiB
+    floor, so it used to be decompressed whole; refused before any of it is, with the real
+    limits."""
+    import time
+
+    src = tmp_path / "m.keras"
+    _dense_bias_and_not().save(src)
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(src) as archive, zipfile.ZipFile(bomb, "w") as out:
+        out.writestr("config.json", archive.read("config.json"))
+        out.writestr(WEIGHTS_MEMBER, bytes(80 << 20), compress_type=zipfile.ZIP_BZIP2)
+    with zipfile.ZipFile(bomb) as archive:
+        info = archive.getinfo(WEIGHTS_MEMBER)
+        assert info.file_size == 80 << 20 and info.compress_size < 1 << 12
+    start = time.perf_counter()
+    with KerasFile(bomb) as f, pytest.raises(SurgeryFileError,
+                                             match="refusing a decompression bomb.*MAX_EXP"):
+        f.paths()
+    assert time.perf_counter() - start < 1.0
+
+
+def test_compressed_member_is_decompressed_to_disk_and_mapped(tmp_path):
+    model = _dense_bias_and_not()
+    distinct_weights(model)
+    stored, deflated = tmp_path / "stored.keras", tmp_path / "deflated.keras"
+    model.save(stored)
+    rewrite_zip(stored, deflated)
+    with KerasFile(deflated) as f:
+        value = f.read("layers/dense/vars/0")
+        assert f._spill is not None and not value.flags.owndata  # a view of the mapped spill
+        assert np.array_equal(value, keras.ops.convert_to_numpy(model.layers[1].kernel))
+    assert f._spill is None
+
+
+def test_huge_chunk_on_a_tiny_dataset_is_refused(tmp_path):
+    import h5py
+
+    from keras_surgery.weights_file import WeightsFile
+
+    path = _plain_weights(tmp_path)
+    with h5py.File(path, "a") as h5:
+        value = h5["layers/dense/vars/0"][()]
+        del h5["layers/dense/vars/0"]
+        h5.create_dataset("layers/dense/vars/0", data=value, maxshape=(None, None),
+                          chunks=(1024, 1024))  # 4 MiB chunks for 120 bytes
+    with WeightsFile(path) as f, pytest.raises(SurgeryFileError, match="chunk bomb"):
+        f.paths()
+
+
+def test_declared_but_unwritten_datasets_have_a_total_limit(tmp_path):
+    """Each one under the per-dataset floor, together past MAX_UNWRITTEN_BYTES."""
+    import h5py
+
+    from keras_surgery.weights_file import WeightsFile
+
+    path = _plain_weights(tmp_path)
+    with h5py.File(path, "a") as h5:
+        for i in range(9):  # 9 x 32 MiB declared, nothing stored
+            h5.create_dataset(f"layers/ghost/vars/{i}", shape=(8 << 20,), dtype="float32")
+    with WeightsFile(path) as f, pytest.raises(SurgeryFileError, match="MAX_UNWRITTEN_BYTES"):
+        f.paths()
