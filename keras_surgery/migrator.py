@@ -169,7 +169,9 @@ class ModelMigrator:
         plan.features = changes
         plan.outputs = outputs.changes
         mark_mean_units(plan, outputs.mean_layers)
-        plan.warnings[:0] = likely_typos(changes) + unit_warnings + outputs.warnings
+        plan.match_reasons = dict(matcher.reasons)
+        plan.warnings[:0] = (likely_typos(changes) + unit_warnings + outputs.warnings
+                             + matcher.warnings)
         if outputs.breaks:
             plan.preserves_function = False
         plan.old_optimizer = old_optimizer
@@ -234,7 +236,7 @@ def _check_related(plan: SurgeryPlan, allow_unrelated: bool) -> None:
                if plan.matches else "no layer matched")
     what = (f"{plan.old} and {plan.new} have nothing in common: {matched} and no weight value "
             "was copied. Layers are matched by name (auto-generated names such as 'dense_3' by "
-            "class and position) and input columns by feature name")
+            "an alignment of the two graphs) and input columns by feature name")
     if not allow_unrelated:
         raise SurgeryError(
             f"{what}. Check that the old model is the one the new model was made from, or pass "

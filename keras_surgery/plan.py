@@ -200,6 +200,9 @@ class SurgeryPlan:
     # Per named output (output specs): its old output and the columns kept, moved, added,
     # removed (`keras_surgery.outputs`).
     outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Why each new layer continues its old one: "name", "nested prefix", "structure" (aligned
+    # with the old graph) or "position" (among look-alikes); see `keras_surgery.match`.
+    match_reasons: dict[str, str] = field(default_factory=dict)
     # Where `apply` reads the old values: the old model's `keras_surgery.side.Side` (its file
     # held open from planning on); None for a plan loaded from JSON.
     old_source: Any = field(default=None, repr=False, compare=False)
@@ -264,6 +267,7 @@ class SurgeryPlan:
             "starts": dict(self.starts),
             "features": dict(self.features),
             "outputs": dict(self.outputs),
+            "match_reasons": dict(self.match_reasons),
             "dropped": list(self.dropped),
             "totals": self.totals(),
             "weights": [w.to_dict() for w in self.weights],
@@ -294,6 +298,7 @@ class SurgeryPlan:
             starts=dict(data.get("starts") or {}),
             features=dict(data.get("features") or {}),
             outputs=dict(data.get("outputs") or {}),
+            match_reasons=dict(data.get("match_reasons") or {}),
         )
 
 

@@ -34,9 +34,53 @@ def format_summary(plan: SurgeryPlan, warnings: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def match_rows(plan: SurgeryPlan) -> list[dict[str, str | None]]:
+    """Every layer match of the plan as `{"new", "old", "reason"}`, in the new model's order,
+    then the new layers (old None, reason "new") and the deleted old layers (new None, reason
+    "deleted"). Reasons come from `plan.match_reasons` ("name", "nested prefix", "structure",
+    "position"); a plan made without them says "name" for a layer of the same name."""
+    reasons = getattr(plan, "match_reasons", None) or {}
+    rows: list[dict[str, str | None]] = [
+        {"new": new, "old": old, "reason": reasons.get(new, "name" if new == old else "matched")}
+        for new, old in plan.matches.items()
+    ]
+    rows.extend({"new": name, "old": None, "reason": "new"} for name in plan.new_layers)
+    rows.extend({"new": None, "old": name, "reason": "deleted"} for name in deleted_layers(plan))
+    return rows
+
+
+def deleted_layers(plan: SurgeryPlan) -> list[str]:
+    """The old layers with weights that no new layer continues (known while the plan holds
+    the labels it was made from)."""
+    if getattr(plan, "labels", None) is None:
+        return []
+    continued = set(plan.matches.values())
+    return [name for name, rec in plan.labels[0].records.items()
+            if rec.node.weights and name not in continued]
+
+
+def match_lines(plan: SurgeryPlan) -> list[str]:
+    """The section "layers: old -> new (reason)": one count line for the layers matched by
+    their own name, one line per other match, then the new and the deleted layers."""
+    rows = match_rows(plan)
+    same = sum(1 for r in rows if r["reason"] == "name" and r["new"] == r["old"])
+    lines = ["layers: old -> new (reason)"]
+    if same:
+        lines.append(f"  {same} layer(s) matched by their own name")
+    lines.extend(f"  {r['old']} -> {r['new']} ({r['reason']})" for r in rows
+                 if r["old"] is not None and r["new"] is not None
+                 and not (r["reason"] == "name" and r["new"] == r["old"]))
+    for reason in ("new", "deleted"):
+        names = [r["new"] if reason == "new" else r["old"] for r in rows if r["reason"] == reason]
+        if names:
+            lines.append(f"  {reason}: " + ", ".join(str(n) for n in names))
+    return lines
+
+
 def summary_footer(plan: SurgeryPlan, warnings: list[str] | None = None) -> list[str]:
-    """Totals, started layers, the preservation verdict and the warnings, one per line."""
-    lines = []
+    """Layer matches, totals, started layers, the preservation verdict and the warnings, one
+    per line."""
+    lines = match_lines(plan)
     totals = plan.totals()
     preset = f", {totals['preset']} preset by starts" if totals.get("preset") else ""
     lines.append(
@@ -107,8 +151,10 @@ class SurgeryReport:
         return format_summary(self.plan, self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (index maps included)."""
+        """A JSON-able dict (index maps included); `"matches"` lists every layer match as
+        `{"new", "old", "reason"}` (see `match_rows`)."""
         data = self.plan.to_dict()
+        data["matches"] = match_rows(self.plan)
         data["warnings"] = list(self.warnings)
         data["preserves_function"] = self.preserves_function
         if self.verification is not None:
