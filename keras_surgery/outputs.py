@@ -94,14 +94,23 @@ def parse_outputs(
             f"The output spec of {where} must map output names to their column names. "
             f"Received: {type(spec).__name__}"
         )
+    # An output computed inside a nested model (a CausalLM's logits come from its backbone's
+    # token embedding) is "backbone/token_embedding" in the graph, "token_embedding" in Keras's
+    # `model.output_names`: both are accepted.
+    short: dict[str, list[str]] = {}
+    for full in output_names:
+        short.setdefault(full.rpartition("/")[2], []).append(full)
     parsed = {}
     for name, entry in spec.items():
-        if name not in output_names:
+        full = name if name in output_names else None
+        if full is None and len(short.get(name, [])) == 1:
+            full = short[name][0]
+        if full is None:
             raise FeatureSpecError(
                 f"The output spec of {where} names output {name!r}, which it does not have. "
-                f"Its outputs: {list(output_names)} (model.output_names)."
+                f"Its outputs: {sorted(short)} (model.output_names, the output layers' names)."
             )
-        parsed[name] = _output_names(name, entry, where)
+        parsed[full] = _output_names(name, entry, where)
     return parsed
 
 

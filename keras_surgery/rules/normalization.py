@@ -1,4 +1,5 @@
-"""Rules for normalization layers: BatchNormalization, LayerNormalization, Normalization."""
+"""Rules for normalization layers: BatchNormalization, LayerNormalization, RMSNormalization,
+Normalization."""
 
 from __future__ import annotations
 
@@ -82,6 +83,44 @@ def layer_normalization_rule(call: RuleCall) -> RuleResult:
     return RuleResult([out], check_weights(call, weights), [mixing])
 
 
+def rms_normalization_rule(call: RuleCall, gain_offset: float | None = None) -> RuleResult:
+    """RMS normalisation, `x * rsqrt(mean(x ** 2) + epsilon) * gain` over `axis` (default -1):
+    keras.layers.RMSNormalization, and keras-hub's Llama, Mistral, Qwen and Gemma norms (by
+    name, in `rules.keras_hub_decoders`). The gain is `gain_offset + scale`: `gain_offset` is
+    0 unless given or set in the config (Gemma's norms compute 1 + scale, their scale starts
+    at 0).
+
+    Like a LayerNormalization it mixes its axes: a grown axis adds terms to every mean of
+    squares, so the report says the old outputs change (an exact rescale of the gains is
+    issue 20's). It has no identity start (it normalises); it outputs exactly 0 with a gain
+    of 0, so a new one can end a residual branch. RMS normalisation maps 0 to 0, which lets a
+    decoder's post-norm branch start at 0 behind a zero projection.
+
+    Args:
+        call: the layer's call.
+        gain_offset: the constant added to `scale` (None: the config's `gain_offset`, or 0).
+
+    Returns:
+        The labels of the output, of `scale` (diag over the normalised axes) and the starts.
+    """
+    x = single_input(call)
+    axes = _axes(call, x, call.config.get("axis", -1))
+    mixed = call.mixed(x, axes)
+    weights = [weight("scale", *(("diag", mixed[a]) for a in axes))] if call.weights else []
+    mixing = Mixing(tuple(x[a] for a in axes),
+                    "RMS normalisation divides by the root mean square over this axis")
+    offset = float(call.config.get("gain_offset", 0.0) if gain_offset is None else gain_offset)
+    zero_out = tuple(call.zeros(a.length or 0) if i in axes else a for i, a in enumerate(x))
+    starts = {
+        "identity": Start("identity", refused=(
+            "it divides by the root mean square of its input, so it is not the identity")),
+        "zero": Start("zero", {"scale": Init("constant", -offset)}, [zero_out]) if weights
+        else Start("zero", refused="it has no scale to set to 0"),
+    }
+    out = call.mixed(_derive(call, x, axes), axes)
+    return RuleResult([out], check_weights(call, weights), [mixing], starts=starts)
+
+
 def normalization_rule(call: RuleCall) -> RuleResult:
     """Normalization: per-feature mean and variance along `axis`, plus a scalar count."""
     x = single_input(call)
@@ -100,4 +139,7 @@ register_rule(keras.layers.BatchNormalization, batch_normalization_rule,
               function_keys=("axis", "epsilon", "center", "scale"))
 register_rule(keras.layers.LayerNormalization, layer_normalization_rule,
               function_keys=("axis", "epsilon", "center", "scale", "rms_scaling"))
+if hasattr(keras.layers, "RMSNormalization"):  # Keras >= 3.9
+    register_rule(keras.layers.RMSNormalization, rms_normalization_rule,
+                  function_keys=("axis", "epsilon"))
 register_rule(keras.layers.Normalization, normalization_rule, function_keys=("axis", "invert"))
