@@ -9,13 +9,20 @@ largest weight.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.fill import fill, needs_fresh, nonfinite_warning
+from keras_surgery.fill import (
+    cast_warning,
+    fill,
+    needs_fresh,
+    nonfinite_warning,
+    watching_casts,
+)
 from keras_surgery.graph import WeightSource, live_variables
 from keras_surgery.optimizer import optimizer_writes
 from keras_surgery.report import SurgeryReport
@@ -57,17 +64,18 @@ def _check_targets(plan: SurgeryPlan, model: Any, variables: dict, old_weights: 
 
 
 def _weight_writes(
-    plan: SurgeryPlan, variables: dict, old_weights: Any, notes: dict[int, str]
+    plan: SurgeryPlan, variables: dict, old_weights: Any, notes: dict[tuple[int, int], str]
 ) -> list[Write]:
     """The writes of the plan's weights; warnings about old values go to `notes`, by the
-    weight's position in the plan (writes run in another order)."""
+    write's position in the list (writes run in another order)."""
     release = getattr(old_weights, "release", None)
     writes = []
-    for i, wp in enumerate(plan.weights):
+    for wp in plan.weights:
         if wp.init is None and wp.axes is None:
             continue
 
-        def compute(current: np.ndarray, owned: bool, wp: WeightPlan = wp, i: int = i):
+        def compute(current: np.ndarray, owned: bool, wp: WeightPlan = wp,
+                    i: int = len(writes)):
             if wp.init is not None:
                 return fill(wp, None, current, plan.policy)
             old = old_weights.read(wp.old_path)
@@ -78,7 +86,7 @@ def _weight_writes(
                 )
             note = nonfinite_warning(wp, old)
             if note:
-                notes[i] = note
+                notes[(i, 0)] = note
             if release is not None:
                 release()
             return fill(wp, old, current, plan.policy, in_place=owned, release=release)
@@ -88,6 +96,25 @@ def _weight_writes(
             reads_current=needs_fresh(wp, plan.policy),
         ))
     return writes
+
+
+def _cast_checked(
+    write: Write, position: int, notes: dict[tuple[int, int], str], *, slot: bool
+) -> Write:
+    """`write` with its values watched for casts that lose them (`watching_casts`): a loss
+    becomes a warning in `notes` at `(position, 1)`, which also marks the report as not
+    preserving the function. A slot's warning names the slot as well as its variable."""
+    compute = write.compute
+
+    def watched(current: np.ndarray, owned: bool) -> np.ndarray:
+        with watching_casts() as losses:
+            value = compute(current, owned)
+        note = cast_warning(losses, write.what if slot else None)
+        if note:
+            notes[(position, 1)] = note
+        return value
+
+    return dataclasses.replace(write, compute=watched)
 
 
 def apply_plan(
@@ -118,14 +145,18 @@ def apply_plan(
     variables = live_variables(model)
     warnings = list(plan.warnings)
     _check_targets(plan, model, variables, old_weights)
-    notes: dict[int, str] = {}
+    notes: dict[tuple[int, int], str] = {}
     writes = _weight_writes(plan, variables, old_weights, notes)
+    slot_count = 0
     if optimizer:
         slots, slot_notes = optimizer_writes(plan, model, old_weights, variables)
         writes.extend(slots)
+        slot_count = len(slots)
         warnings.extend(slot_notes)
     elif plan.old_optimizer is not None:
         warnings.append("optimizer state was not migrated (optimizer=False).")
+    first_slot = len(writes) - slot_count
+    writes = [_cast_checked(w, i, notes, slot=i >= first_slot) for i, w in enumerate(writes)]
     # The old file's bytes are checked against their CRC-32 while the weights stream in, and
     # before the last write (the one without an undo entry): damage undoes the migration.
     check = old_weights.integrity_check() if hasattr(old_weights, "integrity_check") else None
@@ -140,5 +171,7 @@ def apply_plan(
             check.cancel()
     warnings[len(plan.warnings):len(plan.warnings)] = [notes[i] for i in sorted(notes)]
     report = SurgeryReport(plan, warnings=warnings)
+    if any(kind == 1 for _, kind in notes):
+        report.preserves_function = False  # values were lost in a cast (the plan is reused)
     logger.info("%s", report.one_line())
     return report

@@ -19,7 +19,10 @@ a new layer's start (`WeightPlan.init`) replaces all of this.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -220,6 +223,8 @@ def fill(
         _copy_blocks(wp, value, old, regions, release)
         if regions.zero is not None and new_rows_mean:
             _new_lookup_rows_from_mean(wp, value, regions.zero)
+        if new_rows_mean:
+            _new_units_from_mean(wp, value)
     return value
 
 
@@ -247,12 +252,29 @@ def _copy_block(
     """value[new_idx] = old[old_idx] (outer products of per-axis indices), scaled and shared."""
     copied = old[index_tuple(old_idx, old.shape)]
     if wp.scale != 1.0:
-        copied = copied * wp.scale
+        with np.errstate(over="ignore"):  # an overflow is counted below
+            copied = copied * wp.scale
     for a, amap in enumerate(wp.axes or []):
         if amap.share is not None:
             share = amap.share[new_idx[a]]
             copied = copied * share.reshape([-1 if i == a else 1 for i in range(copied.ndim)])
-    value[index_tuple(new_idx, value.shape)] = copied.astype(value.dtype, copy=False)
+    target = index_tuple(new_idx, value.shape)
+    if not _cast_may_lose(copied.dtype, value.dtype, wp):
+        value[target] = copied.astype(value.dtype, copy=False)
+        return
+    # The cast array is the temporary `astype` makes anyway; the check reads it (and `copied`)
+    # with min/max reductions, and only counts, row chunk by row chunk, when one fails.
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = copied.astype(value.dtype, copy=False)
+    if not _cast_is_sound(copied, cast):
+        scaled = wp.scale != 1.0 or any(a.share is not None for a in wp.axes or [])
+        raw = old[index_tuple(old_idx, old.shape)] if scaled else copied
+        lost = _count_lost(raw, copied, cast)
+        if lost:
+            _record_cast_loss(CastLoss(wp.layer, wp.role,
+                                       np.dtype(old.dtype).name, np.dtype(value.dtype).name,
+                                       lost))
+    value[target] = cast
 
 
 def _new_lookup_rows_from_mean(
@@ -273,6 +295,22 @@ def _new_lookup_rows_from_mean(
         value[target] = np.broadcast_to(mean, value[target].shape).astype(value.dtype)
 
 
+def _new_units_from_mean(wp: WeightPlan, value: np.ndarray) -> None:
+    """New units of an axis marked `mean_new` (new columns of a named head, `init="mean"`)
+    start as the mean of the continued units, over the filled value: an input row that is
+    zero in the old columns (a new input) stays zero in the new ones."""
+    for a, amap in enumerate(wp.axes or []):
+        if not amap.mean_new or amap.matched.all() or not amap.matched.any():
+            continue
+        old_units = np.nonzero(amap.index >= 0)[0]
+        new_units = np.nonzero(amap.index < 0)[0]
+        mean = np.take(value, old_units, axis=a).mean(axis=a, keepdims=True)
+        target = [slice(None)] * value.ndim
+        target[a] = new_units
+        value[tuple(target)] = np.broadcast_to(
+            mean, np.take(value, new_units, axis=a).shape).astype(value.dtype)
+
+
 def nonfinite_warning(wp: WeightPlan, old: np.ndarray) -> str | None:
     """A warning when the old value of a planned weight holds NaN or Inf."""
     # dtype kind "V": bfloat16 (ml_dtypes), which is no np.floating but has NaN and Inf too.
@@ -283,3 +321,149 @@ def nonfinite_warning(wp: WeightPlan, old: np.ndarray) -> str | None:
         return (f"layer '{wp.old_layer}': old weight '{wp.role}' holds NaN or Inf values; "
                 "they were copied as they are.")
     return None
+
+
+# -- casts to the new weight's dtype -------------------------------------------------------
+
+logger = logging.getLogger("keras_surgery")
+
+CAST_COUNT_ELEMENTS = 1 << 20
+"""Lost values of a cast are counted in row chunks of about this many elements, so counting
+costs a few MB however large the weight is."""
+
+
+@dataclass(frozen=True)
+class CastLoss:
+    """Copied values of one block that the cast to the new weight's dtype did not keep: finite
+    old values that became inf (a float dtype) or fell outside its range (an integer dtype)."""
+
+    layer: str
+    weight: str
+    source: str  # the old dtype
+    target: str  # the new weight's dtype
+    count: int
+
+
+_CAST_LOSSES: ContextVar[list[CastLoss] | None] = ContextVar(
+    "keras_surgery_cast_losses", default=None)
+
+
+@contextlib.contextmanager
+def watching_casts() -> Iterator[list[CastLoss]]:
+    """Collects the `CastLoss`es of every `fill` inside the block (without a watcher, a lost
+    value is only logged). The losses come out of the copy loop this way, so `fill` keeps
+    returning just the value, for every writer alike.
+
+    Example:
+        >>> with watching_casts() as losses:                              # doctest: +SKIP
+        ...     value = fill(wp, old, fresh, "preserve")
+        >>> note = cast_warning(losses)
+    """
+    losses: list[CastLoss] = []
+    token = _CAST_LOSSES.set(losses)
+    try:
+        yield losses
+    finally:
+        _CAST_LOSSES.reset(token)
+
+
+def cast_warning(losses: Sequence[CastLoss], what: str | None = None) -> str | None:
+    """The warning for the lost values of one weight (None when nothing was lost).
+
+    Args:
+        losses: what `watching_casts` collected while the weight was filled.
+        what: how to name the variable (an optimizer slot); default: its layer and weight.
+    """
+    if not losses:
+        return None
+    first = losses[0]
+    count = sum(loss.count for loss in losses)
+    subject = f"layer '{first.layer}': weight '{first.weight}'"
+    if what:
+        subject = f"{what} ({subject})"
+    return (f"{subject}: {count} copied value(s) do not fit the new dtype {first.target} (old "
+            f"dtype {first.source}): finite old values became inf or out of range, so the new "
+            "model does not compute the old function.")
+
+
+def _record_cast_loss(loss: CastLoss) -> None:
+    found = _CAST_LOSSES.get()
+    if found is None:
+        logger.warning("keras-surgery: %s", cast_warning([loss]))
+    else:
+        found.append(loss)
+
+
+def _limits(dtype: Any) -> tuple[float, float] | None:
+    """(lowest, highest) value of an integer or floating dtype (bfloat16 too); None for the
+    others (bool, complex, strings), whose casts are not checked."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu":
+        info: Any = np.iinfo(dtype)
+    elif dtype.kind == "f":
+        info = np.finfo(dtype)
+    elif dtype.kind == "V":
+        try:
+            import ml_dtypes
+
+            info = ml_dtypes.finfo(dtype)
+        except (ImportError, ValueError, TypeError):
+            return None
+    else:
+        return None
+    return float(info.min), float(info.max)
+
+
+def cast_can_overflow(source: Any, target: Any) -> bool:
+    """Whether casting values of dtype `source` to `target` can turn a finite value into inf or
+    an out-of-range integer: False for the same dtype or a wider one (float16 -> float32,
+    int32 -> int64 or float32), True for a narrower one and for any float -> integer."""
+    source, target = np.dtype(source), np.dtype(target)
+    if source == target:
+        return False
+    src, dst = _limits(source), _limits(target)
+    if src is None or dst is None:
+        return False
+    if target.kind in "iu" and source.kind not in "iu":
+        return True  # NaN, inf and fractions beyond the range have no integer
+    return src[0] < dst[0] or src[1] > dst[1]
+
+
+def _cast_may_lose(source: Any, target: Any, wp: WeightPlan) -> bool:
+    # A rescale above 1 can overflow even without a cast.
+    return cast_can_overflow(source, target) or abs(wp.scale) > 1.0
+
+
+def _cast_is_sound(copied: np.ndarray, cast: np.ndarray) -> bool:
+    """Whether every value of the cast block is finite (float) or in range (integer), by
+    reductions only: no temporary of the block's size."""
+    if not cast.size:
+        return True
+    if cast.dtype.kind in "iu":
+        low, high = _limits(cast.dtype) or (0.0, 0.0)
+        cmin, cmax = copied.min(), copied.max()
+        return bool(np.isfinite(cmin) and np.isfinite(cmax) and cmin >= low
+                    and cmax < high + 1)
+    return bool(np.isfinite(cast.min()) and np.isfinite(cast.max()))
+
+
+def _count_lost(raw: np.ndarray, copied: np.ndarray, cast: np.ndarray) -> int:
+    """How many finite old values (`raw`) did not survive: their copy (`copied`, scaled) is
+    not finite, or its cast (`cast`) is inf or, to an integer dtype, out of range. Counted in
+    row chunks of about `CAST_COUNT_ELEMENTS`."""
+    integer = cast.dtype.kind in "iu"
+    low, high = _limits(cast.dtype) or (0.0, 0.0)
+    per_row = max(1, raw[0].size) if raw.ndim and len(raw) else 1
+    rows = max(1, CAST_COUNT_ELEMENTS // per_row)
+    lost = 0
+    for start in range(0, max(1, len(raw)) if raw.ndim else 1, rows):
+        part = slice(start, start + rows) if raw.ndim else ...
+        finite = np.isfinite(raw[part])
+        if integer:
+            values = copied[part]
+            with np.errstate(invalid="ignore"):
+                kept = np.isfinite(values) & (values >= low) & (values < high + 1)
+        else:
+            kept = np.isfinite(cast[part])
+        lost += int(np.count_nonzero(finite & ~kept))
+    return lost

@@ -9,6 +9,8 @@ the largest weight.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,6 +21,8 @@ import numpy as np
 
 from keras_surgery.errors import SurgeryError
 from keras_surgery.graph import finalize_layers
+
+logger = logging.getLogger("keras_surgery")
 
 SPILL_BYTES = 64 << 20
 """Rollback values are kept in memory up to this many bytes in all; the rest go to a file."""
@@ -73,20 +77,30 @@ class Journal:
         """
         restored, failed = [], []
         for var, entry in reversed(self.entries):
-            try:
-                if isinstance(entry, tuple):
-                    offset, shape, dtype = entry
-                    value = np.empty(shape, dtype)
-                    self._file.seek(offset)
-                    self._file.readinto(value.reshape(-1).view(np.uint8).data)
-                else:
-                    value = entry
-                var.assign(value)
-                restored.append(var)
-            except Exception as exc:
-                if var is not unsure:
-                    failed.append((var, exc))
+            for attempt in (1, 2):
+                try:
+                    var.assign(self._recorded(entry))
+                    restored.append(var)
+                    break
+                except Exception as exc:
+                    if var is not unsure:
+                        failed.append((var, exc))
+                    break
+                except BaseException as exc:
+                    # A second Ctrl-C while undoing: the undo goes on (this variable is tried
+                    # once more), since stopping here would leave the model half migrated.
+                    if attempt == 2 and var is not unsure:
+                        failed.append((var, exc))
         return restored, failed
+
+    def _recorded(self, entry: Any) -> np.ndarray:
+        if not isinstance(entry, tuple):
+            return entry
+        offset, shape, dtype = entry
+        value = np.empty(shape, dtype)
+        self._file.seek(offset)
+        self._file.readinto(value.reshape(-1).view(np.uint8).data)
+        return value
 
     def close(self) -> None:
         self.entries.clear()
@@ -228,6 +242,9 @@ def stream(
         what, stage = "finishing", "finish"
         finalize_layers(model, written)
     except BaseException as exc:
+        if stage == "finish" and len(written) == len(writes) and not isinstance(exc, Exception):
+            _finish_interrupted(exc, model, written, journal)
+            raise
         try:
             if stage == "compute" and journaled:
                 journal.forget_last()  # never written: nothing to undo
@@ -245,12 +262,61 @@ def stream(
                 f"Writing the new weights failed at {what} ({exc}), and restoring the previous "
                 f"values failed for {names} ({failed[0][1]}); the model is inconsistent."
             ) from exc
-        if isinstance(exc, SurgeryError) or not isinstance(exc, Exception):
-            raise  # a precise error (or an interrupt), now with the model restored
+        if not isinstance(exc, Exception):
+            _say(exc, f"the migration was interrupted at {what} and undone: every variable "
+                      "written was restored, the model is as it was.")
+            raise
+        if isinstance(exc, SurgeryError):
+            raise  # a precise error, now with the model restored
         raise SurgeryError(
             f"Writing the new weights failed at {what} and was undone: {exc}"
         ) from exc
-    journal.close()
+    _close_finished(journal)
+
+
+def _say(exc: BaseException, text: str) -> None:
+    """Tells what state the model is in, on the exception (a note under its traceback) and in
+    the log."""
+    exc.add_note(f"keras-surgery: {text}")
+    logger.warning("keras-surgery: %s", text)
+
+
+def _close_quietly(journal: Journal) -> None:
+    journal.entries.clear()
+    undo_file, journal._file = journal._file, None
+    if undo_file is not None:
+        with contextlib.suppress(Exception):
+            undo_file.close()
+
+
+def _finish_interrupted(exc: BaseException, model: Any, written: list[Any],
+                        journal: Journal) -> None:
+    """An interrupt after the last write, while the layers were finalized: every variable
+    already holds its new value (the last one has no undo entry), so the migration is finished
+    rather than half undone, and the interrupt goes on saying so."""
+    try:
+        finalize_layers(model, written)
+    finally:
+        _close_quietly(journal)
+    _say(exc, "the interrupt came after the last write: the migration finished, every "
+              "variable holds its new value.")
+
+
+def _close_finished(journal: Journal) -> None:
+    """Closes the journal of a finished migration. Nothing can be undone any more, so a failure
+    or an interrupt while closing must not read as a failed migration: an error is logged, an
+    interrupt goes on with a note that the model is fully migrated."""
+    try:
+        journal.close()
+    except BaseException as exc:
+        _close_quietly(journal)
+        text = ("the migration finished (every variable holds its new value); closing its "
+                "undo journal was interrupted")
+        if isinstance(exc, Exception):
+            logger.warning("keras-surgery: %s: %s", text, exc)
+            return
+        _say(exc, text + ".")
+        raise
 
 
 def progress_bar(total: int, verbose: bool):

@@ -725,7 +725,7 @@ def test_unrelated_old_model_is_refused(tmp_path, new_model, source):
         old, new_model, ks.SurgeryError,
         what + r" and model '.*' have nothing in common: no layer matched and no weight value "
         r"was copied\. Layers are matched by name \(auto-generated names such as 'dense_3' by "
-        r"class and position\) and input columns by feature name\. Check that the old model is "
+        r"an alignment of the two graphs\) and input columns by feature name\. Check that the old model is "
         r"the one the new model was made from, or pass allow_unrelated=True to keep the new "
         r"model's initial values\.",
     )

@@ -1,12 +1,15 @@
 """Bounded fuzzing of everything that reads a `.keras` file.
 
 Mutants of valid files of two small trained models (bytes flipped, spliced or cut at the zip
-level; config.json text and JSON values, model.weights.h5 bytes and h5 structure changed and
-re-zipped; zip members renamed, dropped, duplicated, compressed or flagged encrypted) go
-through `ks.migrate_weights`, `ks.phi_table` and `SurgeryPlan.apply_file`. Every outcome
-must be a success or a `ks.SurgeryError`: never another exception, a hang or a crash. After a
-failed migration the new model's variables (optimizer included) must be bit for bit what they
-were, and a failed file-to-file migration must leave nothing in its output folder.
+level; config.json text and JSON values, its structure (layers renamed with or without their
+readers, cycles, class names of other layers, functions or modules, keys gone, wrong types,
+sizes past every limit, a layer twice), model.weights.h5 bytes and h5 structure (datasets gone,
+renamed, of other dtypes, shapes or values, layer groups moved) changed and re-zipped; zip
+members renamed, dropped, duplicated, compressed or flagged encrypted) go through
+`ks.migrate_weights`, `ks.phi_table` and `SurgeryPlan.apply_file`. Every outcome must be a
+success or a `ks.SurgeryError`: never another exception, a hang or a crash. After a failed
+migration the new model's variables (optimizer included) must be bit for bit what they were,
+and a failed file-to-file migration must leave nothing in its output folder.
 
 The fuzzing runs in a child process, so that a crash in a C library (HDF5) fails this test
 instead of ending the test session, on a time budget (the whole test stays under 60 s), with
@@ -43,8 +46,8 @@ TIMEOUT_S = 58.0  # the parent's hard limit on the child
 MIN_MUTANTS = 50
 SEED = int(os.environ.get("KS_FUZZ_SEED", "20240601"))  # another seed explores new mutants
 CONFIG, WEIGHTS, METADATA = "config.json", "model.weights.h5", "metadata.json"
-KINDS = ("flip", "truncate", "splice", "config_text", "config_json", "h5_bytes", "h5_struct",
-         "members")
+KINDS = ("flip", "truncate", "splice", "config_text", "config_json", "config_struct",
+         "h5_bytes", "h5_struct", "members")
 
 
 # -- the test (parent side) ------------------------------------------------------------------
@@ -215,6 +218,105 @@ def _mutate_json(rng, config: dict) -> dict:
     return config
 
 
+# Class names a layer entry may be changed to: other Keras layers (whose rule then meets the
+# wrong weights), things of Keras modules that are no class, ops, and unknown classes.
+CLASS_SWAPS = (
+    ("keras.layers", "Conv2D"), ("keras.layers", "LSTM"), ("keras.layers", "Embedding"),
+    ("keras.layers", "Lambda"), ("keras.layers", "Activation"), ("keras.layers", "Concatenate"),
+    ("keras.layers", "TimeDistributed"), ("keras.layers", "Bidirectional"),
+    ("keras.layers", "BatchNormalization"), ("keras.layers", "Normalization"),
+    ("keras.activations", "relu"), ("keras", "layers"), ("keras.layers", "Input"),
+    ("keras.src.ops.numpy", "Add"), ("keras", "Sequential"), ("keras", "Model"),
+    ("my_package.layers", "Custom"), ("keras.layers", "NoSuchLayer"),
+)
+# Sizes past the per-axis limit (`keras_surgery.labels.MAX_AXIS_LENGTH`, 2**26): refused before
+# anything is allocated. A size at the limit itself is the declared-shape bomb of issue 15 item
+# 5 (an input [None, 2**26]: minutes and GBs), whose budget is not lowered yet; add 2**26 and
+# 2**22 here once it is.
+HUGE = (2**26 + 1, 2**31, 2**63, 10**30, -(2**31), 1e300)
+
+
+def _layer_entries(node, found=None):
+    """Every layer entry of a model config, nested models included."""
+    found = [] if found is None else found
+    if isinstance(node, dict):
+        layers = node.get("layers")
+        if isinstance(layers, list):
+            found.extend(e for e in layers if isinstance(e, dict)
+                         and isinstance(e.get("config"), dict) and "class_name" in e)
+        for value in node.values():
+            _layer_entries(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _layer_entries(value, found)
+    return found
+
+
+def _histories(node):
+    """Every keras_history list of a config (the references between layers)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("keras_history"), list):
+            yield node["keras_history"]
+        for value in node.values():
+            yield from _histories(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _histories(value)
+
+
+def _mutate_structure(rng, config: dict) -> dict:
+    """A structural edit of a model config: a layer renamed (its readers following or not),
+    a cycle, another class name, a key gone, a value of the wrong type or size, a layer twice."""
+    config = copy.deepcopy(config)
+    entries = _layer_entries(config)
+    if not entries:
+        return config
+    entry = entries[int(rng.integers(0, len(entries)))]
+    name = entry.get("name") or entry["config"].get("name")
+    op = int(rng.integers(0, 8))
+    if op == 0:  # renamed; readers follow half the time
+        new_name = ["renamed", name + "_x", "", "a/b", "dense"][int(rng.integers(0, 5))]
+        entry["name"] = entry["config"]["name"] = new_name
+        if rng.random() < 0.5:
+            for history in _histories(config):
+                if history and history[0] == name:
+                    history[0] = new_name
+    elif op == 1:  # a cycle: a layer reads a later one, or itself
+        histories = list(_histories(entry))
+        later = [e.get("name") for e in entries[entries.index(entry):]]
+        if histories:
+            histories[0][0] = later[int(rng.integers(0, len(later)))]
+    elif op == 2:  # another class
+        entry["module"], entry["class_name"] = CLASS_SWAPS[int(rng.integers(0, len(CLASS_SWAPS)))]
+        entry.pop("registered_name", None)
+    elif op == 3:  # a key gone
+        keys = [k for k in ("class_name", "config", "inbound_nodes", "name", "build_config",
+                            "module") if k in entry]
+        del entry[keys[int(rng.integers(0, len(keys)))]]
+    elif op == 4:  # a huge number where a size belongs
+        cfg = entry["config"]
+        key = [k for k in ("units", "filters", "input_dim", "output_dim", "batch_shape")
+               if k in cfg] or ["units"]
+        key = key[int(rng.integers(0, len(key)))]
+        huge = HUGE[int(rng.integers(0, len(HUGE)))]
+        cfg[key] = [None, huge] if key == "batch_shape" else huge
+        if rng.random() < 0.5 and isinstance(entry.get("build_config"), dict):
+            entry["build_config"]["input_shape"] = [None, huge]
+    elif op == 5:  # the wrong type
+        cfg = entry["config"]
+        key = list(cfg)[int(rng.integers(0, len(cfg)))] if cfg else "name"
+        cfg[key] = [["x"], {"a": 1}, "8", 8.5, True, None][int(rng.integers(0, 6))]
+    elif op == 6:  # a layer twice
+        layers = config["config"].get("layers")
+        if isinstance(layers, list):
+            layers.insert(int(rng.integers(0, len(layers) + 1)), copy.deepcopy(entry))
+    else:  # model inputs or outputs pointing elsewhere
+        inner = config["config"]
+        key = ["input_layers", "output_layers"][int(rng.integers(0, 2))]
+        inner[key] = [[name, int(rng.integers(0, 3)), int(rng.integers(-1, 3))]]
+    return config
+
+
 def _mutate_text(rng, text: bytes) -> bytes:
     out = bytearray(text)
     alphabet = b'{}[]",:0123456789-.eE null true abc\\u00'
@@ -246,7 +348,7 @@ def _mutate_h5(rng, blob: bytes) -> bytes:
         path = datasets[int(rng.integers(0, len(datasets)))]
         data = h5[path][()]
         parent, _, key = path.rpartition("/")
-        op = int(rng.integers(0, 10))
+        op = int(rng.integers(0, 13))
         del h5[path]
         target = h5[parent] if parent else h5
         if op == 0:  # another dtype
@@ -284,6 +386,24 @@ def _mutate_h5(rng, blob: bytes) -> bytes:
             extra = str(int(rng.integers(2, 20))) + "x"[: int(rng.integers(0, 2))]
             if extra not in target:
                 target.create_dataset(extra, data=np.ones(3, "float32"))
+        elif op == 10:  # renamed: another variable index, or a name Keras never writes
+            new_key = [str(int(rng.integers(0, 12))), key + "x", "kernel"][int(rng.integers(0, 3))]
+            if new_key not in target:
+                target.create_dataset(new_key, data=data)
+        elif op == 11:  # a whole layer group renamed, or moved under another layer
+            target.create_dataset(key, data=data)
+            layer_groups = [g for g in groups if g.count("/") == 1 and g.startswith("layers/")]
+            if layer_groups:
+                group = layer_groups[int(rng.integers(0, len(layer_groups)))]
+                moved = group + "_9" if rng.random() < 0.5 else layer_groups[0] + "/inner"
+                if moved not in h5:
+                    h5.move(group, moved)
+        elif op == 12:  # values swapped with another dataset's (another shape, mostly)
+            other = datasets[int(rng.integers(0, len(datasets)))]
+            if other != path and other in h5:
+                target.create_dataset(key, data=h5[other][()])
+            else:
+                target.create_dataset(key, data=np.asarray(data).T.copy())
         else:  # NaN and Inf values
             bad = np.array(data, dtype="float32", copy=True)
             if bad.size:
@@ -309,6 +429,9 @@ def mutate(base: bytes, index: int) -> tuple[str, bytes]:
         return kind, replace_member(base, CONFIG, _mutate_text(rng, members[CONFIG]))
     if kind == "config_json":
         config = _mutate_json(rng, json.loads(members[CONFIG]))
+        return kind, replace_member(base, CONFIG, json.dumps(config).encode())
+    if kind == "config_struct":
+        config = _mutate_structure(rng, json.loads(members[CONFIG]))
         return kind, replace_member(base, CONFIG, json.dumps(config).encode())
     if kind == "h5_bytes":
         blob = members[WEIGHTS]

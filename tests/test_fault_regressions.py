@@ -1,0 +1,266 @@
+"""Regression tests of issue 15's crash list and of the fuzzer's findings: each failed before
+its fix (a bare Python error, an interrupt that misreported the model's state, a quadratic
+order) and must keep passing."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import keras_surgery as ks
+from keras_surgery import cli
+from keras_surgery import stream as stream_module
+from keras_surgery.graph import _by_depth
+from tests.util import assert_input_sensitive, predict, preservation_bound, randomize
+
+
+def _mlp(n_in=4, width=6, seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((n_in,), name="obs")
+    h = keras.layers.Dense(width, activation="relu", name="hidden")(x)
+    return keras.Model(x, keras.layers.Dense(2, name="out")(h))
+
+
+def _values(model):
+    return [np.array(keras.ops.convert_to_numpy(v), copy=True) for v in model.weights]
+
+
+def _rewrite_config(src, dst, edit):
+    with zipfile.ZipFile(src) as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(members["config.json"])
+    edit(config)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(dst, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+
+
+# -- class names that name a function or a module --------------------------------------------
+
+
+@pytest.mark.parametrize("module,class_name,kind", [
+    ("keras.activations", "relu", "function"), ("keras", "layers", "module"),
+    ("keras.layers", "Input", "function"), ("keras.src.layers", "core", "module"),
+])
+def test_a_class_name_that_is_no_class_is_a_file_error(tmp_path, capsys, module, class_name,
+                                                        kind):
+    _mlp().save(tmp_path / "old.keras")
+    bad = tmp_path / "bad.keras"
+
+    def edit(config):
+        entry = config["config"]["layers"][-1]  # the "out" Dense
+        entry["module"], entry["class_name"] = module, class_name
+
+    _rewrite_config(tmp_path / "old.keras", bad, edit)
+    expected = (f"layer 'out': class_name '{class_name}' of module '{module}' names a {kind}, "
+                "not a class")
+    with pytest.raises(ks.SurgeryFileError, match=expected):
+        ks.phi_table(bad)
+    new = _mlp(seed=3)
+    before = _values(new)
+    with pytest.raises(ks.SurgeryFileError, match=expected):
+        ks.migrate_weights(bad, new)
+    for a, b in zip(_values(new), before):
+        np.testing.assert_array_equal(a, b)
+    assert cli.main(["phi", str(bad)]) == 2  # one line, no traceback: exit 2, not 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and expected in err
+
+
+# -- interrupts: the model is as it was, or fully migrated, and the message says which -------
+
+
+def _migration(tmp_path):
+    old = _mlp()
+    randomize(old, None, seed=4)
+    old.save(tmp_path / "old.keras")
+    spec = {"old_features": {"obs": list("abcd")}, "new_features": {"obs": list("abxcd")}}
+    reference = _mlp(5, 8, seed=1)
+    ks.migrate_weights(tmp_path / "old.keras", reference, **spec)
+    return tmp_path / "old.keras", spec, _values(reference)
+
+
+def test_an_interrupt_while_the_journal_closes_leaves_a_finished_migration(tmp_path,
+                                                                          monkeypatch):
+    path, spec, migrated = _migration(tmp_path)
+    real_close = stream_module.Journal.close
+    calls = []
+
+    def interrupted_close(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_close(self)
+
+    monkeypatch.setattr(stream_module.Journal, "close", interrupted_close)
+    new = _mlp(5, 8, seed=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ks.migrate_weights(path, new, **spec)
+    assert any("the migration finished (every variable holds its new value)" in note
+               for note in caught.value.__notes__)
+    for got, want in zip(_values(new), migrated):
+        np.testing.assert_array_equal(got, want)  # fully migrated, not half undone
+
+
+def test_an_interrupt_while_layers_are_finalized_finishes_the_migration(tmp_path, monkeypatch):
+    path, spec, migrated = _migration(tmp_path)
+    real_finalize = stream_module.finalize_layers
+    calls = []
+
+    def interrupted_finalize(model, variables):
+        calls.append(len(variables))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_finalize(model, variables)
+
+    monkeypatch.setattr(stream_module, "finalize_layers", interrupted_finalize)
+    new = _mlp(5, 8, seed=1)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ks.migrate_weights(path, new, **spec)
+    assert any("the interrupt came after the last write: the migration finished" in note
+               for note in caught.value.__notes__)
+    assert calls == [4, 4]  # finalized again, over every variable written
+    for got, want in zip(_values(new), migrated):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_an_interrupt_mid_migration_says_the_model_is_as_it_was(tmp_path, monkeypatch):
+    path, spec, migrated = _migration(tmp_path)
+    new = _mlp(5, 8, seed=1)
+    before = _values(new)
+    victim = new.get_layer("out").kernel  # written after the small biases
+    real_assign = victim.assign
+
+    def interrupted(value, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(victim, "assign", interrupted)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        ks.migrate_weights(path, new, **spec)
+    monkeypatch.setattr(victim, "assign", real_assign)
+    assert any("interrupted at weight 'layers/dense_1/vars/0' of layer 'out' and undone: every "
+               "variable "
+               "written was restored, the model is as it was" in note
+               for note in caught.value.__notes__), caught.value.__notes__
+    for got, want in zip(_values(new), before):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(migrated, before))  # would change
+
+
+def test_a_second_interrupt_while_undoing_does_not_stop_the_undo():
+    class Var:
+        def __init__(self):
+            self.value, self.fail = None, 1
+
+        def assign(self, value):
+            if self.fail:
+                self.fail -= 1
+                raise KeyboardInterrupt
+            self.value = value
+
+    journal = stream_module.Journal()
+    a, b = Var(), Var()
+    journal.save(a, np.ones(3))
+    journal.save(b, np.zeros(2))
+    restored, failed = journal.restore()
+    assert restored == [b, a] and failed == []
+    np.testing.assert_array_equal(a.value, np.ones(3))
+
+
+# -- a Lambda inside a nested Sequential ------------------------------------------------------
+
+
+def _with_nested_lambda(width):
+    inner = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Lambda(lambda t: t * 2.0 - 1.0, name="affine"),
+                              keras.layers.Dense(width, activation="tanh", name="d1")],
+                             name="inner")
+    x = keras.Input((4,), name="obs")
+    return keras.Model(x, keras.layers.Dense(2, name="out")(inner(x)))
+
+
+def test_a_lambda_inside_a_nested_sequential_is_labelled_from_its_shape(tmp_path):
+    keras.utils.set_random_seed(5)
+    old = _with_nested_lambda(6)
+    randomize(old, None, seed=6)
+    rng = np.random.default_rng(7)
+    x, x2 = rng.normal(size=(16, 4)), rng.normal(size=(16, 4))
+    assert_input_sensitive(old, x, x2)
+    old.save(tmp_path / "old.keras", zipped=True)
+    reference = predict(old, x)
+    for source in (old, tmp_path / "old.keras"):
+        new = _with_nested_lambda(9)
+        report = ks.migrate_weights(source, new)
+        assert report.preserves_function, report.warnings
+        assert any("'inner/affine' (Lambda)" in w for w in report.warnings)
+        diff = float(np.max(np.abs(predict(new, x) - reference)))
+        assert diff <= preservation_bound(reference), diff
+        kernel = keras.ops.convert_to_numpy(new.get_layer("inner").get_layer("d1").kernel)
+        old_kernel = old.get_layer("inner").get_layer("d1").kernel
+        np.testing.assert_array_equal(kernel[:, :6], keras.ops.convert_to_numpy(old_kernel))
+
+
+# -- the order of calls: linear, by depth, and right on a DAG --------------------------------
+
+
+def _round_by_round(deps):
+    order, done, remaining = [], set(), list(deps)
+    while remaining:
+        ready = [c for c in remaining if deps[c] <= done]
+        order.extend(ready)
+        done.update(ready)
+        remaining = [c for c in remaining if c not in done]
+    return order
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_calls_are_ordered_by_depth_on_a_random_dag(seed):
+    rng = np.random.default_rng(seed)
+    n = 60
+    names = [f"l{i}" for i in rng.permutation(n)]  # config order is not the DAG's order
+    rank = {name: i for i, name in enumerate(rng.permutation(names))}
+    deps = {}
+    for name in names:
+        earlier = [m for m in names if rank[m] < rank[name]]
+        picks = rng.choice(len(earlier), size=min(len(earlier), 3), replace=False) \
+            if earlier else []
+        deps[(name, 0)] = {(earlier[int(i)], 0) for i in picks}
+    order = _by_depth(deps, "dag")
+    assert order == _round_by_round(deps)  # the order the rest of the package was built on
+    place = {call: i for i, call in enumerate(order)}
+    assert sorted(place) == sorted(deps)
+    for call, needed in deps.items():
+        assert all(place[p] < place[call] for p in needed)
+
+
+def test_a_cycle_is_named():
+    deps = {("a", 0): set(), ("b", 0): {("c", 0)}, ("c", 0): {("b", 0)}, ("d", 0): {("a", 0)}}
+    with pytest.raises(ks.SurgeryFileError, match=r"'x': the layer graph has a cycle: layer "
+                                                  r"'b' and 1 other call\(s\)"):
+        _by_depth(deps, "'x'")
+
+
+# -- findings of the structure-aware fuzzer ----------------------------------------------------
+
+
+def test_a_layer_entry_given_twice_is_a_file_error(tmp_path):
+    """Fuzz finding (config_struct, a layer twice): an InputLayer listed twice became a second
+    model input of one name, and phi_table failed with a bare IndexError."""
+    _mlp().save(tmp_path / "old.keras")
+    bad = tmp_path / "bad.keras"
+
+    def edit(config):
+        layers = config["config"]["layers"]
+        layers.append(json.loads(json.dumps(layers[0])))  # the "obs" input, again
+
+    _rewrite_config(tmp_path / "old.keras", bad, edit)
+    with pytest.raises(ks.SurgeryFileError,
+                       match=r"bad\.keras': layer name 'obs' appears twice in one model config"):
+        ks.phi_table(bad)
+    with pytest.raises(ks.SurgeryFileError, match="appears twice"):
+        ks.migrate_weights(bad, _mlp(seed=2))
