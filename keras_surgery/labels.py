@@ -67,6 +67,17 @@ def opaque_key(identity: str, output: int, axis: int, j: int) -> tuple:
     return ("opaque", identity, output, axis, j)
 
 
+def occurrence_key(label_id: int, k: int) -> tuple:
+    """Occurrence `k` >= 1 (the second, third, ...) of label `label_id` on one axis.
+
+    One tensor can reach a merge more than once (`concat([p, q, p])` in NAS-style cells); the
+    copies mean the same, but each feeds its own weights downstream, so an index map must tell
+    them apart: the k-th copy continues the k-th copy of the other model (see
+    `LabelSpace.distinct`).
+    """
+    return ("occurrence", int(k), int(label_id))
+
+
 def token_key(value: Hashable) -> tuple:
     """The table row a vocabulary token selects (a StringLookup / IntegerLookup term)."""
     return ("token", value)
@@ -105,6 +116,7 @@ class LabelSpace:
         self._ids: dict[Hashable, int] = {}
         self._keys: list[Hashable] = []
         self._zero_safe: list[bool] = []
+        self._zero_safe_table = np.zeros(0, dtype=bool)  # `_zero_safe` as an array, so far
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -133,8 +145,10 @@ class LabelSpace:
         return self._ids.get(key)
 
     def kind(self, label_id: int) -> str | None:
-        """The kind of a label ("unit", "feature", "set", ...), the first entry of its key."""
-        key = self._keys[int(label_id)]
+        """The kind of a label ("unit", "feature", "set", ...), the first entry of its key; a
+        copy (`occurrence_key`) has the kind of what it copies (a copy of a position is a
+        position that every model has)."""
+        key = self._keys[self._occurrence(int(label_id))[0]]
         return key[0] if isinstance(key, tuple) and key else None
 
     def describe(self, label_id: int) -> str:
@@ -150,8 +164,15 @@ class LabelSpace:
         Only raw input feature columns (and sets/composites made only of them) are: anything a
         layer computed may be non-zero even when its inputs are.
         """
-        table = np.asarray(self._zero_safe, dtype=bool)
-        return table[np.asarray(ids, dtype=np.int64)]
+        # Only the labels interned since the last call are converted: the planner asks once
+        # per weight axis, and converting the whole list each time was most of its time on
+        # large graphs (NASNetMobile: 909 questions, 6.5 s of its planning).
+        done = len(self._zero_safe_table)
+        if done < len(self._zero_safe):
+            tail = np.fromiter(self._zero_safe[done:], dtype=bool,
+                               count=len(self._zero_safe) - done)
+            self._zero_safe_table = np.concatenate([self._zero_safe_table, tail])
+        return self._zero_safe_table[np.asarray(ids, dtype=np.int64)]
 
     def set_of(self, ids: Sequence[int], *, sums: bool = False) -> int:
         """The label of an element-wise merge of indices labelled `ids`.
@@ -168,17 +189,57 @@ class LabelSpace:
             else:
                 members.add(int(i))
         if sums:
-            nonzero = {m for m in members if self._keys[m][0] != "zero"}
+            nonzero = {m for m in members if self._keys[self._occurrence(m)[0]][0] != "zero"}
             members = nonzero or members
         if len(members) == 1:
             return next(iter(members))
         return self.intern(("set", frozenset(members)))
+
+    def distinct(self, ids: np.ndarray) -> np.ndarray:
+        """`ids` with every repeated label made distinct, for an axis that holds some indices
+        more than once (`concat([p, q, p])`, or an element-wise merge whose sets coincide).
+
+        The first index with a label keeps it; each later one becomes `occurrence_key(base,
+        k)` with the smallest k >= 1 not yet on the axis (base: the label with any occurrence
+        wrapping removed, so keys stay flat however deep merges nest). Both sides of a surgery
+        number their copies in index order, so the k-th copy continues the k-th copy.
+        An axis without repeats comes back as the same array.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        unique, first = np.unique(ids, return_index=True)
+        if len(unique) == len(ids):
+            return ids
+        taken: dict[int, set[int]] = {}
+        for label in unique.tolist():
+            base, k = self._occurrence(label)
+            taken.setdefault(base, set()).add(k)
+        repeats = np.ones(len(ids), dtype=bool)
+        repeats[first] = False
+        out = ids.copy()
+        for i in np.flatnonzero(repeats).tolist():
+            base, _ = self._occurrence(int(ids[i]))
+            used = taken[base]
+            k = 1
+            while k in used:
+                k += 1
+            used.add(k)
+            out[i] = self.intern(occurrence_key(base, k))
+        return out
+
+    def _occurrence(self, label_id: int) -> tuple[int, int]:
+        """(base label, copy number): (label_id, 0) unless it is an `occurrence_key`."""
+        key = self._keys[label_id]
+        if isinstance(key, tuple) and key and key[0] == "occurrence":
+            return key[2], key[1]
+        return label_id, 0
 
     def _compute_zero_safe(self, key: Hashable) -> bool:
         if not isinstance(key, tuple) or not key:
             return False
         if key[0] in ZERO_SAFE_KINDS:
             return True
+        if key[0] == "occurrence":  # a copy is 0 exactly when what it copies is
+            return self._zero_safe[key[2]]
         if key[0] == "set":
             return all(self._zero_safe[i] for i in key[1])
         if key[0] == "tuple":
@@ -214,6 +275,8 @@ def _describe(space: LabelSpace, key: Hashable) -> str:
         return f"{key[1]}({space.describe(key[2])})"
     if kind == "zero":
         return f"0 ({key[1]}[{key[2]}])"
+    if kind == "occurrence":
+        return f"{space.describe(key[2])} (copy {key[1] + 1})"
     return repr(key)
 
 
@@ -328,11 +391,20 @@ TensorLabels = tuple[AxisLabels, ...]
 
 
 def concat_axes(parts: Sequence[AxisLabels]) -> AxisLabels:
+    """The parts one after the other (their labels may repeat: see `LabelSpace.distinct`)."""
     if any(p.ids is None for p in parts):
         return AxisLabels.unknown()
     return AxisLabels(
         np.concatenate([p.ids for p in parts]), np.concatenate([p.deps for p in parts])
     )
+
+
+def repeated_label(ids: np.ndarray | None) -> int | None:
+    """A label that `ids` holds more than once, or None (an axis of unknown length: None)."""
+    if ids is None or len(ids) < 2:
+        return None
+    unique, counts = np.unique(ids, return_counts=True)
+    return int(unique[np.argmax(counts)]) if len(unique) < len(ids) else None
 
 
 def axis_length(n: int, what: str) -> int:

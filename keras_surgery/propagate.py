@@ -28,6 +28,7 @@ from keras_surgery.labels import (
     feature_key,
     gc_paused,
     positions,
+    repeated_label,
     token_key,
 )
 from keras_surgery.registry import find_rule
@@ -227,7 +228,36 @@ def _label_call(
         outputs = [_per_call(labels.space, inputs, out, len(record.later_calls) + 1)
                    for out in outputs]
         record.later_calls.append(result)
+    _check_distinct(labels, name, node.class_name, inputs, outputs)
     return _output_facts(outputs, result)
+
+
+def _check_distinct(
+    labels: GraphLabels, name: str, class_name: str, inputs: list[TensorLabels],
+    outputs: Sequence[TensorLabels],
+) -> None:
+    """Refuses a rule result with a label twice on one axis: an index map into or out of that
+    axis could not tell the two indices apart (a weight read from one copy would be copied
+    into both). An axis passed on from an input as it is was checked when it was made, so
+    only new label arrays are sorted.
+
+    Raises:
+        SurgeryError: an output axis of the call holds a label more than once.
+    """
+    checked = {id(a.ids) for x in inputs if x is not None for a in x if a.ids is not None}
+    for t, out in enumerate(outputs):
+        for axis, labelled in enumerate(out or ()):
+            if labelled.ids is None or id(labelled.ids) in checked:
+                continue
+            repeated = repeated_label(labelled.ids)
+            if repeated is not None:
+                raise SurgeryError(
+                    f"{labels.graph.description}: the rule of layer '{name}' ({class_name}) "
+                    f"labels output {t} axis {axis} with '{labels.space.describe(repeated)}' "
+                    "more than once; labels on one axis must be unique, or index maps through "
+                    "it are ambiguous. A rule that repeats indices of its inputs must make each "
+                    "repeat distinct (LabelSpace.distinct)."
+                )
 
 
 def _bind_inputs(

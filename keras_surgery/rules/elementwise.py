@@ -160,6 +160,9 @@ def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels], sums: bool = False) 
         merged_ids = np.array([call.space.set_of(r, sums=sums) for r in rows], dtype=np.int64)[
             inverse.reshape(-1)
         ]
+        # Different rows can make the same set ({a_j, b_j} from (a_j, b_j) and (b_j, a_j)):
+        # each such index feeds its own weights downstream, so it keeps a label of its own.
+        merged_ids = call.space.distinct(merged_ids)
     return AxisLabels(merged_ids, call.deps.union_elementwise(deps))
 
 
@@ -188,13 +191,19 @@ def add_rule(call: RuleCall) -> RuleResult:
 
 
 def concatenate_rule(call: RuleCall) -> RuleResult:
-    """Concatenation along `axis`: the labels of the parts, one after the other."""
+    """Concatenation along `axis`: the labels of the parts, one after the other.
+
+    A tensor that comes more than once (`concat([p, q, p])`, NAS-style cells) would put the
+    same labels on the axis twice; its later copies are labelled as copies
+    (`LabelSpace.distinct`), with the dependency sets of what they copy."""
     if not call.inputs:
         raise ValueError(f"{call.describe()} has no inputs")
     rank = len(call.inputs[0])
     axis = call.normalize_axis(int(call.config.get("axis", -1)), rank)
     first = call.inputs[0]
     joined = concat_axes([x[axis] for x in call.inputs])
+    if joined.ids is not None:
+        joined = AxisLabels(call.space.distinct(joined.ids), joined.deps)
     out = tuple(joined if a == axis else first[a] for a in range(rank))
     nonnegative = all(call.nonnegative_input(i) for i in range(len(call.inputs)))
     return RuleResult([out], check_weights(call, []), nonnegative=[nonnegative])
