@@ -725,9 +725,9 @@ def test_unrelated_old_model_is_refused(tmp_path, new_model, source):
         old, new_model, ks.SurgeryError,
         what + r" and model '.*' have nothing in common: no layer matched and no weight value "
         r"was copied\. Layers are matched by name \(auto-generated names such as 'dense_3' by "
-        r"an alignment of the two graphs\) and input columns by feature name\. Check that the old model is "
-        r"the one the new model was made from, or pass allow_unrelated=True to keep the new "
-        r"model's initial values\.",
+        r"an alignment of the two graphs\) and input columns by feature name\. Check that "
+        r"the old model is the one the new model was made from, or pass allow_unrelated=True "
+        r"to keep the new model's initial values\.",
     )
     with pytest.raises(ks.SurgeryError, match="have nothing in common"):
         ks.ModelMigrator(old).plan(new_model)
