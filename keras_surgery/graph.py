@@ -24,7 +24,13 @@ import numpy as np
 
 from keras_surgery.errors import SurgeryError, SurgeryFileError
 from keras_surgery.labels import MAX_AXIS_LENGTH, gc_paused
-from keras_surgery.trace import TracedModel, is_subclassed_model, readable_configs, traced
+from keras_surgery.trace import (
+    TracedModel,
+    is_subclassed_model,
+    readable_configs,
+    subclassed_file_error,
+    traced,
+)
 
 TensorRef = tuple[str, int, int]
 """(layer name, call index, output index): one tensor of the graph."""
@@ -776,6 +782,7 @@ class _Builder:
         # Config node indices are per config; a nested model called twice appends a second set of
         # calls to its inner layers, so translate (layer, node index) to the actual call index.
         call_of: dict[tuple[str, int], int] = {}
+        output_call_of: dict[tuple[str, int], int] = {}
 
         def translate(r: TensorRef) -> TensorRef:
             name = self.aliases.get(prefix + r[0], prefix + r[0])
@@ -801,6 +808,10 @@ class _Builder:
                 actual = len(existing.calls) if existing is not None else 0
                 if is_model_config(class_name, lcfg):
                     actual = call_index
+                    if class_name != "Sequential":
+                        # Keras writes a nested Functional model's outputs in `output_layers`
+                        # by its own node index, which counts the model's creation node first.
+                        output_call_of[(full, call_index + 1)] = actual
                 call_of[(full, call_index)] = actual
                 self.add_layer_call(
                     full, class_name, module, registered, lcfg, entry, group, refs,
@@ -809,7 +820,12 @@ class _Builder:
                     kwarg_inputs=kwarg_inputs,
                     args=node.get("args", []),
                 )
-        return [translate(r) for r in _ref_list(cfg.get("output_layers", []))]
+        def translate_output(r: TensorRef) -> TensorRef:
+            name = self.aliases.get(prefix + r[0], prefix + r[0])
+            actual = output_call_of.get((name, r[1]))
+            return translate(r) if actual is None else self.canonical((name, actual, r[2]))
+
+        return [translate_output(r) for r in _ref_list(cfg.get("output_layers", []))]
 
     def add_layer_call(
         self, name, class_name, module, registered, cfg, entry, group, inputs, kwargs,
@@ -902,6 +918,9 @@ def build_graph(
     inner = config["config"]
     if not known or not isinstance(inner, dict):
         registered = config.get("registered_name")
+        refusal = subclassed_file_error(registered, description)
+        if refusal is not None:
+            raise refusal
         hint = (f" If {registered!r} is a model class of an installed package (keras_hub), "
                 "import that package first." if isinstance(registered, str)
                 and ">" in registered else "")

@@ -6,7 +6,7 @@ import pytest
 
 import keras_surgery as ks
 from keras_surgery.testing import check_rule
-from tests.util import assert_input_sensitive, max_diff, predict, randomize
+from tests.util import assert_input_sensitive, max_diff, predict, preservation_bound, randomize
 
 
 def _nested(n_in, width, seed, functional_inner=False):
@@ -173,3 +173,28 @@ def test_auto_named_nested_models_are_not_paired_when_one_was_removed():
         ks.migrate_weights(old, new)
     for v, b in zip(new.weights, before):
         np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_a_nested_functional_model_called_twice_as_the_outputs(tmp_path):
+    """Keras writes a nested Functional model's outputs by its own node index (its creation
+    node first), its inputs' references from 0: both calls must be told apart, from a file too."""
+
+    def build(width, seed):
+        keras.utils.set_random_seed(seed)
+        i = keras.Input((3,))
+        inner = keras.Model(i, keras.layers.Dense(2, name="d")(i), name="inner")
+        x = keras.Input((3,), name="obs")
+        h = keras.layers.Dense(3, name="h2")(keras.layers.Dense(width, name="h")(x))
+        return keras.Model(x, [inner(h), inner(h * 2.0)])
+
+    old = build(4, 0)
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    randomize(old, x)
+    old.save(tmp_path / "old.keras")
+    old_y = predict(old, x)
+    assert np.max(np.abs(old_y[0] - old_y[1])) > 1e-3  # the two calls differ
+    for source in (old, tmp_path / "old.keras"):
+        new = build(6, 1)
+        report = ks.migrate_weights(source, new)
+        assert report.preserves_function, report.warnings
+        assert max_diff(predict(new, x), old_y) <= preservation_bound(old_y)

@@ -347,7 +347,6 @@ def test_subclassed_model_file_refusal_says_to_pass_the_live_model():
     assert subclassed_file_error("nobody>Registered", "f") is None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the build_graph call to subclassed_file_error")
 def test_subclassed_model_file_is_refused_with_the_live_model_advice(tmp_path):
     model = SavedMLP()
     model(np.ones((2, 4), "float32"))
