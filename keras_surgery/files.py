@@ -31,7 +31,7 @@ import numpy as np
 
 from keras_surgery.atomic import TEMP_SUFFIX, atomic_path, atomic_zip, is_temporary, same_file
 from keras_surgery.errors import SurgeryError, SurgeryFileError
-from keras_surgery.fill import fill, nonfinite_warning
+from keras_surgery.fill import cast_warning, fill, nonfinite_warning, watching_casts
 from keras_surgery.keras_file import CONFIG_MEMBER, METADATA_MEMBER, WEIGHTS_MEMBER, KerasFile
 from keras_surgery.optimizer import file_optimizer_values
 from keras_surgery.stream import progress_bar
@@ -71,7 +71,8 @@ def apply_file(
         verbose: show a progress bar.
 
     Returns:
-        A summary dict: counts and warnings.
+        A summary dict: counts, warnings and `preserves_function` (the plan's promise, False
+        when a cast lost values).
 
     Raises:
         SurgeryError: `out` is `src` or the template, or names a sharded `.weights.json`.
@@ -107,7 +108,8 @@ def apply_file(
             weights_path = os.path.join(tmpdir, WEIGHTS_MEMBER)
             check = old.integrity_check()
             try:
-                _write_weights(plan, old, tmpl, carried, weights_path, warnings, verbose)
+                lost = _write_weights(plan, old, tmpl, carried, weights_path, warnings,
+                                      verbose)
                 check.wait()  # damaged old bytes: nothing is written
             finally:
                 check.cancel()
@@ -123,7 +125,8 @@ def apply_file(
                 atomic_zip(out, members)
     totals = plan.totals()
     logger.info("migrated %s -> %s: %s", src, out, totals)
-    return {"src": src, "out": out, **totals, "warnings": warnings}
+    return {"src": src, "out": out, **totals, "warnings": warnings,
+            "preserves_function": plan.preserves_function and not lost}
 
 
 def open_checkpoint(path: str | os.PathLike) -> KerasFile | WeightsFile:
@@ -161,9 +164,11 @@ def _write_weights(
     plan: SurgeryPlan, old: KerasFile | WeightsFile, tmpl: KerasFile,
     carried: dict[str, Callable[[np.ndarray], np.ndarray]], weights_path: str,
     warnings: list[str], verbose: bool,
-) -> None:
+) -> bool:
     """Writes the new weights file: the template's tree, each value by the fill kernel (or
-    the `carried` optimizer state, or the template's own), with the template's attributes."""
+    the `carried` optimizer state, or the template's own), with the template's attributes.
+    Returns whether a cast lost values (each named in `warnings`)."""
+    lost = False
     by_path = {wp.path: wp for wp in plan.weights}
     new_paths = tmpl.paths()
     progress = progress_bar(len(new_paths), verbose)
@@ -172,18 +177,24 @@ def _write_weights(
         for i, path in enumerate(sorted(new_paths)):
             fresh = tmpl.read(path)
             wp = by_path.get(path)
-            if path in carried:  # optimizer state; the old slot is read now
-                value = carried[path](fresh)
-            elif wp is not None and wp.init is not None:  # a new layer's start
-                value = fill(wp, None, fresh, plan.policy)
-            elif wp is not None and wp.axes is not None:
-                old_value = old.read(wp.old_path)
-                note = nonfinite_warning(wp, old_value)
-                if note:
-                    warnings.append(note)
-                value = fill(wp, old_value, fresh, plan.policy, release=old.release)
-            else:
-                value = fresh
+            with watching_casts() as losses:
+                if path in carried:  # optimizer state; the old slot is read now
+                    value = carried[path](fresh)
+                elif wp is not None and wp.init is not None:  # a new layer's start
+                    value = fill(wp, None, fresh, plan.policy)
+                elif wp is not None and wp.axes is not None:
+                    old_value = old.read(wp.old_path)
+                    note = nonfinite_warning(wp, old_value)
+                    if note:
+                        warnings.append(note)
+                    value = fill(wp, old_value, fresh, plan.policy, release=old.release)
+                else:
+                    value = fresh
+            note = cast_warning(losses, f"optimizer variable '{path}'" if path in carried
+                                else None)
+            if note:
+                warnings.append(note)
+                lost = True
             parent = path.rsplit("/", 1)[0]
             if parent not in h5:
                 h5.require_group(parent)
@@ -198,6 +209,7 @@ def _write_weights(
             if name not in h5:
                 h5.require_group(name)
                 _copy_attrs(tmpl, name, h5)
+    return lost
 
 
 def _copy_attrs(source: KerasFile, name: str, h5: Any) -> None:
