@@ -30,7 +30,7 @@ from keras_surgery.rules.api import WeightLabels
 
 SEED = 2016  # a fixed seed: the same surgery gives the same plan
 SPLIT_KINDS = ("in", "out", "diag")
-_COMPOSITE = ("via", "set", "tuple", "call")
+_COMPOSITE = ("via", "set", "tuple", "call", "occurrence")
 
 
 def split_units(
@@ -144,9 +144,9 @@ class _Resolver:
         elif kind == "via":
             inner = self(key[2])
             mapped = None if inner < 0 else self.space.find(("via", key[1], inner))
-        elif kind == "call":
+        elif kind in ("call", "occurrence"):  # a later call's or a repeated copy's label
             inner = self(key[2])
-            mapped = None if inner < 0 else self.space.find(("call", key[1], inner))
+            mapped = None if inner < 0 else self.space.find((kind, key[1], inner))
         else:  # tuple of positions and a channel
             parts = [self(p) for p in key[1:]]
             mapped = None if min(parts) < 0 else self.space.find(("tuple", *parts))

@@ -157,6 +157,34 @@ def test_widening_the_repeated_tensor_moves_both_copies():
     _assert_preserved(new, old, x, x)
 
 
+def test_net2net_splits_a_repeated_unit_in_both_copies():
+    """Policy "net2net": a new unit of p copies an old one in both copies of p in the cell,
+    and the old unit's outgoing rows in each copy are shared with its split: every share is
+    positive and each old unit's shares sum to 1, in both copies."""
+    old, x = _old(_dense_cell, (5,))
+    keras.utils.set_random_seed(2)
+    new = _dense_cell(p_units=6)
+    report = ks.migrate_weights(old, new, policy="net2net")
+    assert report.preserves_function, report.warnings
+    got, want = _kernels(new), _kernels(old)
+    sources = [int(np.argmin(np.abs(got["p"][:, j:j + 1] - want["p"]).sum(0)))
+               for j in range(6)]  # the old unit each new unit of p copies
+    assert sorted(set(sources)) == [0, 1, 2, 3] and len(set(sources)) < 6
+    shares = []
+    for start_new, start_old in ((0, 0), (9, 7)):  # first and second copy of p in the cell
+        rows = got["out"][start_new:start_new + 6]
+        old_rows = want["out"][start_old + np.asarray(sources)]
+        share = rows / old_rows  # one share per new unit, the same in every column
+        np.testing.assert_allclose(share, share[:, :1] * np.ones_like(share), rtol=1e-5)
+        for u in range(4):
+            np.testing.assert_allclose(share[[j for j in range(6) if sources[j] == u], 0].sum(),
+                                       1.0, rtol=1e-6)
+        shares.append(share[:, 0])
+    for share in shares:  # each copy's split units carry a share, none is left at zero
+        assert (share > 0).all(), share
+    _assert_preserved(new, old, x, x)
+
+
 def test_copies_match_by_copy_number_not_by_slot():
     """concat([p, q, p]) -> concat([p, p, q]): the second copy of p continues the second
     copy, wherever it sits, so the function is kept."""
