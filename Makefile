@@ -33,10 +33,12 @@ install: $(STAMP)
 demo: install
 	$(TF_ENV) $(BIN)/python examples/quickstart.py
 
-# The whole suite on TensorFlow; on JAX and PyTorch all but the tests marked tensorflow_only.
+# The whole suite on TensorFlow (the sweep over every keras.applications constructor as its
+# own step); on JAX and PyTorch all but the tests marked tensorflow_only.
 test: install
 	$(BIN)/python -m ruff check .
-	$(TF_ENV) $(BIN)/python -m pytest -q
+	$(TF_ENV) $(BIN)/python -m pytest -q -m "not applications_sweep"
+	$(TF_ENV) $(BIN)/python -m pytest -q -m applications_sweep tests/test_all_applications.py
 	KERAS_BACKEND=jax TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m "not tensorflow_only and not slow_on_other_backends"
 	KERAS_BACKEND=torch TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python -m pytest -q -m "not tensorflow_only and not slow_on_other_backends"
 
@@ -44,6 +46,7 @@ bench: install
 	$(TF_ENV) $(BIN)/python benchmarks/bench_five.py --json benchmarks/results_five.json
 	$(TF_ENV) $(BIN)/python benchmarks/bench_scaling.py \
 		--json benchmarks/results_scaling.json --plot benchmarks/scaling.png
+	$(TF_ENV) $(BIN)/python benchmarks/bench_graph.py
 
 lint: install
 	$(BIN)/python -m ruff check .

@@ -22,6 +22,11 @@ def pytest_configure(config):
         "slow_on_other_backends: runs on every backend, but too slowly for the JAX and PyTorch "
         "runs' time budget; the TensorFlow run covers it",
     )
+    config.addinivalue_line(
+        "markers",
+        "applications_sweep: every keras.applications constructor (tests/test_all_applications"
+        ".py); `make test` runs it as its own step after the TensorFlow suite",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 import keras_surgery as ks
-from tests.util import assert_input_sensitive, predict, randomize
+from tests.util import assert_input_sensitive, calibrate_batch_norm, predict, randomize
 
 OLD_CHANNELS, NEW_CHANNELS = 3, 4
 OLD_CLASSES, NEW_CLASSES = 10, 12
@@ -127,27 +127,6 @@ def _randomize_layer_scales(model: keras.Model, rng: np.random.Generator) -> Non
         if isinstance(layer, LayerScale):
             (gamma,) = layer.weights
             gamma.assign(rng.uniform(0.1, 0.5, gamma.shape).astype("float32"))
-
-
-def calibrate_batch_norm(model: keras.Model, x: np.ndarray, rng: np.random.Generator) -> None:
-    """Sets every BatchNormalization's statistics from batch `x` in one forward pass: with
-    momentum 0, a training-mode call stores each layer's batch mean and variance, computed on
-    the activations its predecessors, already normalised by their own batch statistics,
-    produce (what a layer-by-layer calibration gives). Then, as `randomize` does, the variances
-    get a random margin so that the inference outputs are not exactly those of the batch."""
-    norms = [la for la in model._flatten_layers()
-             if isinstance(la, keras.layers.BatchNormalization)]
-    momenta = [la.momentum for la in norms]
-    for la in norms:
-        la.momentum = 0.0
-    try:
-        model(x, training=True)
-    finally:
-        for la, momentum in zip(norms, momenta, strict=True):
-            la.momentum = momentum
-    for la in norms:
-        var = keras.ops.convert_to_numpy(la.moving_variance)
-        la.moving_variance.assign((var + rng.uniform(0.05, 0.2, var.shape)).astype("float32"))
 
 
 def _old_model(app: App, rng: np.random.Generator) -> tuple[keras.Model, np.ndarray]:

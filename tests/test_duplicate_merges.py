@@ -17,8 +17,13 @@ from keras_surgery.graph import graph_from_model
 from keras_surgery.labels import LabelSpace, concat_axes, occurrence_key, unit_key
 from keras_surgery.propagate import propagate
 from keras_surgery.rules.api import RuleResult, check_weights, single_input
-from tests.test_applications import calibrate_batch_norm
-from tests.util import assert_input_sensitive, predict, randomize, to_numpy
+from tests.util import (
+    assert_input_sensitive,
+    calibrate_batch_norm,
+    predict,
+    randomize,
+    to_numpy,
+)
 
 EPS32 = float(np.finfo(np.float32).eps)
 # Copied weights compute the same sums in the same order; the bound leaves room for a

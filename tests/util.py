@@ -41,6 +41,35 @@ def randomize(model, data, *, seed: int = 0, bias_scale: float = 0.3) -> None:
             layer.moving_variance.assign(var.astype("float32"))
 
 
+def calibrate_batch_norm(model, x: np.ndarray, rng: np.random.Generator, *,
+                         relative_margin: bool = False) -> None:
+    """Sets every BatchNormalization's statistics from batch `x` in one forward pass: with
+    momentum 0, a training-mode call stores each layer's batch mean and variance, computed on
+    the activations its predecessors, already normalised by their own batch statistics,
+    produce (what a layer-by-layer calibration gives). Then, as `randomize` does, the variances
+    get a random margin so that the inference outputs are not exactly those of the batch
+    (`relative_margin`: a random fraction of each variance rather than an absolute amount)."""
+    import keras
+
+    norms = [la for la in model._flatten_layers()
+             if isinstance(la, keras.layers.BatchNormalization)]
+    momenta = [la.momentum for la in norms]
+    for la in norms:
+        la.momentum = 0.0
+    try:
+        model(x, training=True)
+    finally:
+        for la, momentum in zip(norms, momenta, strict=True):
+            la.momentum = momentum
+    for la in norms:
+        var = keras.ops.convert_to_numpy(la.moving_variance)
+        margin = rng.uniform(0.05, 0.2, var.shape)
+        # relative: small-variance channels (after gates, in deep nets) keep their scale
+        # instead of being squashed towards 0 layer after layer
+        var = var * (1 + margin) if relative_margin else var + margin
+        la.moving_variance.assign(var.astype("float32"))
+
+
 def _all_layers(model):
     import keras
 
