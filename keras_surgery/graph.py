@@ -615,6 +615,12 @@ def _ref_list(obj: Any) -> list[TensorRef]:
     raise ValueError(f"unexpected tensor reference {obj!r}")
 
 
+# A file's inputs are labelled index by index (about 1 KB per index, phi table included):
+# 17 KB declaring an input [None, 2**26] would take tens of GB. Real inputs stay far below this
+# (a 262144-column input still fits, in about 250 MB); a live model is not budgeted.
+MAX_FILE_INPUT_INDICES = 1 << 18
+
+
 class _Builder:
     """Parses a (possibly nested) model config into a flat `ModelGraph`."""
 
@@ -628,6 +634,9 @@ class _Builder:
         self.alias: dict[TensorRef, TensorRef] = {}
         self.inputs: list[InputSpec] = []
         self.nested: dict[str, str] = {}
+        # Indices the model's inputs declare, over all their axes (a file's are budgeted).
+        self.input_indices = 0
+        self.input_budget: int | None = None
 
     def canonical(self, ref: TensorRef) -> TensorRef:
         while ref in self.alias:
@@ -746,6 +755,14 @@ class _Builder:
             raise SurgeryFileError(
                 f"{self.description}: input '{name}' declares shape {shape}; at most "
                 f"{MAX_AXIS_LENGTH} indices per axis are accepted."
+            )
+        self.input_indices += sum(d for d in shape if d is not None)
+        if self.input_budget is not None and self.input_indices > self.input_budget:
+            raise SurgeryFileError(
+                f"{self.description}: input '{name}' declares shape {shape}, which brings the "
+                f"model's inputs to {self.input_indices} indices, more than the "
+                f"{self.input_budget} a file may declare (each index is labelled, about 1 KB "
+                "each). If the file is trusted, raise keras_surgery.graph.MAX_FILE_INPUT_INDICES."
             )
         self.shapes[ref] = shape
         self.inputs.append(InputSpec(name, shape, "float32"))
@@ -930,6 +947,8 @@ def build_graph(
         )
     resolve = resolve or (lambda name, module, cls, reg: resolve_keras_class(module, cls, name))
     builder = _Builder(source.paths(), resolve, description, aliases)
+    if not isinstance(source, LiveWeights):  # a file: its declared sizes are budgeted
+        builder.input_budget = MAX_FILE_INPUT_INDICES
     try:
         outputs = builder.add_model(class_name, inner, "", "", None)
         builder.attach_weights()

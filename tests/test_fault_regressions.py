@@ -264,3 +264,28 @@ def test_a_layer_entry_given_twice_is_a_file_error(tmp_path):
         ks.phi_table(bad)
     with pytest.raises(ks.SurgeryFileError, match="appears twice"):
         ks.migrate_weights(bad, _mlp(seed=2))
+
+
+# -- an input declared huge in a small file ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [[None, 2**26], [None, 2**22], [None, 2**4, 2**18],
+                                   [None, 2**17 + 1, 2**17]])
+def test_an_input_declared_huge_is_refused_before_it_is_labelled(tmp_path, shape):
+    """17 KB declaring an input [None, 2**26] used to take 23 GB (phi table): the inputs'
+    declared indices are budgeted, and the error names the setting that raises the budget."""
+    x = keras.Input((3,), name="obs")
+    keras.Model(x, keras.layers.Activation("relu", name="a")(x)).save(tmp_path / "small.keras")
+
+    def declare(config):
+        for layer in config["config"]["layers"]:
+            if layer["class_name"] == "InputLayer":
+                layer["config"]["batch_shape"] = shape
+    _rewrite_config(tmp_path / "small.keras", tmp_path / "bomb.keras", declare)
+    assert (tmp_path / "bomb.keras").stat().st_size < 64 << 10
+    with pytest.raises(ks.SurgeryFileError, match="MAX_FILE_INPUT_INDICES"):
+        ks.phi_table(tmp_path / "bomb.keras")
+    x = keras.Input(tuple(shape[1:]), name="obs")
+    new = keras.Model(x, keras.layers.Activation("relu", name="a")(x))
+    with pytest.raises(ks.SurgeryFileError, match="obs"):
+        ks.migrate_weights(tmp_path / "bomb.keras", new)

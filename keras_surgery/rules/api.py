@@ -219,7 +219,7 @@ class RuleCall:
         """`n` output units of this layer, each depending on `dep`: unit j continues unit j of
         the old layer, or the old unit the user's `unit_map` names for it (-1: a new unit)."""
         n = self.weight_backed(n, f"{role or 'units'}")
-        if self.unit_map is not None and len(self.unit_map) == n:
+        if self.unit_map is not None and len(self.unit_map) == n and _applicable(self.unit_map):
             chosen = [unit_key(self.identity, role, int(e) if e >= 0 else ("new", j))
                       for j, e in enumerate(self.unit_map)]
         else:
@@ -450,3 +450,14 @@ class Composite:
             raise ValueError(f"{self.call.describe()}: unexpected variables {unknown}")
         weights = [self.weights[w.path] for w in self.call.weights]
         return RuleResult(outputs, weights, self.mixing, self.warnings, **kwargs)
+
+
+def _applicable(unit_map: Sequence[int]) -> bool:
+    """Whether a user's unit map can label units: integers >= -1, no old unit twice. Other maps
+    are not applied here; `check_unit_maps` refuses them by name once the graph is labelled
+    (applied, a repeated old unit would repeat a label on the axis)."""
+    if any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) or e < -1
+           for e in unit_map):
+        return False
+    kept = [int(e) for e in unit_map if e >= 0]
+    return len(set(kept)) == len(kept)
