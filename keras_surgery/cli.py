@@ -45,7 +45,7 @@ _FILE_BACKEND_NEEDS = ("jax", "jaxlib", "scipy")
 _NOT_NEEDED_BY_KERAS = ("matplotlib", "IPython", "requests")
 
 
-def _load_features(path: str | None) -> Any:
+def _load_features(path: str | None, what: str = "feature") -> Any:
     from keras_surgery.errors import FeatureSpecError
 
     if path is None:
@@ -54,7 +54,7 @@ def _load_features(path: str | None) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as exc:
-        raise FeatureSpecError(f"Cannot read feature spec '{path}': {exc}") from exc
+        raise FeatureSpecError(f"Cannot read {what} spec '{path}': {exc}") from exc
 
 
 def print_summary(plan: Any) -> None:
@@ -68,8 +68,10 @@ def _plan(args: argparse.Namespace) -> Any:
     from keras_surgery.migrator import ModelMigrator
 
     return ModelMigrator(args.old, old_features=_load_features(args.old_features),
+                         old_outputs=_load_features(args.old_outputs, "output"),
                          old_weights=args.old_weights).plan(
-        args.new, new_features=_load_features(args.new_features), policy=args.policy
+        args.new, new_features=_load_features(args.new_features),
+        new_outputs=_load_features(args.new_outputs, "output"), policy=args.policy
     )
 
 
@@ -123,6 +125,14 @@ def _cmd_phi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--old-outputs", metavar="F.json",
+                        help="JSON file with the old output spec: column names per output "
+                             "(class names, or {\"vocabulary\": [...]})")
+    parser.add_argument("--new-outputs", metavar="F.json",
+                        help="JSON file with the new output spec")
+
+
 def _old_weights_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--old-weights", metavar="W",
@@ -166,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("new", help="new .keras file")
     diff.add_argument("--old-features", help="JSON file with the old feature spec")
     diff.add_argument("--new-features", help="JSON file with the new feature spec")
+    _output_options(diff)
     _old_weights_option(diff)
     diff.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
     diff.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -182,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("-o", "--output", required=True, help="the .keras file to write")
     migrate.add_argument("--old-features", help="JSON file with the old feature spec")
     migrate.add_argument("--new-features", help="JSON file with the new feature spec")
+    _output_options(migrate)
     _old_weights_option(migrate)
     migrate.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
     migrate.add_argument("--require-preserve", action="store_true",

@@ -304,3 +304,26 @@ def test_file_commands_run_on_numpy_with_the_same_output(tmp_path):
     assert '"preserves_function": true' in outputs["numpy"] and "x:b -> h/kernel" in outputs[
         "numpy"]
     assert written["numpy"] == written[backend]
+
+
+def test_migrate_with_output_specs_moves_the_classes(tmp_path, capsys):
+    import numpy as np
+
+    old = _save(tmp_path, "old.keras", 3, 2)
+    new = _save(tmp_path, "new.keras", 3, 3)
+    old_spec, new_spec = tmp_path / "old_outputs.json", tmp_path / "new_outputs.json"
+    old_spec.write_text(json.dumps({"out": ["cat", "dog"]}))
+    new_spec.write_text(json.dumps({"out": ["dog", "fox", "cat"]}))
+    out = tmp_path / "out.keras"
+    assert main(["migrate", old, new, "-o", str(out), "--old-outputs", str(old_spec),
+                 "--new-outputs", str(new_spec), "--require-preserve"]) == 0
+    assert "classes of output 'out'" in capsys.readouterr().out
+    old_model, migrated = keras.saving.load_model(old), keras.saving.load_model(out)
+    x = np.random.default_rng(0).normal(size=(5, 3)).astype("float32")
+    old_y, new_y = predict(old_model, x), predict(migrated, x)
+    assert max_diff(new_y[:, [2, 0]], old_y) <= 8 * np.finfo(np.float32).eps * max(
+        1.0, float(np.abs(old_y).max()))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["diff", old, new, "--old-outputs", str(bad), "--new-outputs", str(bad)]) == 2
+    assert "Cannot read output spec" in capsys.readouterr().err
