@@ -103,6 +103,9 @@ class ModelGraph:
     # Nested models by the prefix of their layers' names (without the "/"): their class names,
     # in the order the models appear.
     nested: dict[str, str] = field(default_factory=dict)
+    # What describing the model had to work around (a layer whose get_config() raised), for
+    # the report.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def output_names(self) -> list[str]:
@@ -244,7 +247,7 @@ def graph_from_model(model: Any) -> ModelGraph:
         )
     if is_subclassed_model(model):
         return _traced_graph(model)
-    with readable_configs(model):
+    with readable_configs(model) as notes:
         try:
             config = {
                 "class_name": type(model).__name__ if isinstance(model, keras.Sequential)
@@ -257,19 +260,21 @@ def graph_from_model(model: Any) -> ModelGraph:
                 f"({type(exc).__name__}: {exc})."
             ) from exc
     objects = _live_operations(model)
-    return build_graph(
+    graph = build_graph(
         config,
         LiveWeights(live_variables(model)),
         resolve=_resolver(objects),
         description=f"model '{model.name}'",
         aliases=_shared_across_models(objects),
     )
+    graph.warnings.extend(f"{graph.description}: {note}" for note in notes)
+    return graph
 
 
 def _traced_graph(model: Any) -> ModelGraph:
     """The IR of a subclassed model: the graph of its trace, with the weights of the model's
     own store paths (what `model.save` writes, so applying and the optimizer find them)."""
-    with traced(model) as trace, readable_configs(model):
+    with traced(model) as trace, readable_configs(model) as notes:
         try:
             config = {"class_name": "Functional", "config": _traced_config(trace)}
         except Exception as exc:  # a third-party get_config that fails past its base classes
@@ -285,6 +290,7 @@ def _traced_graph(model: Any) -> ModelGraph:
     )
     graph.source = LiveWeights(live_variables(model))
     _attach_live_weights(graph, model, objects)
+    graph.warnings.extend(f"{description}: {note}" for note in notes)
     return graph
 
 
@@ -925,10 +931,13 @@ def build_graph(
         raise SurgeryFileError(f"{description}: config is not a serialized Keras model.")
     class_name = config.get("class_name")
     known = isinstance(class_name, str) and class_name in NESTED_MODEL_CLASSES  # may be a list
+    notes: list[str] = []
     if not known and resolve is None:
         model = model_from_registered_config(config, description)
         if model is not None:
-            config = {"class_name": "Functional", "config": _graph_config(model)}
+            with readable_configs(model) as config_notes:  # get_config raises (Gemma)
+                config = {"class_name": "Functional", "config": _graph_config(model)}
+            notes = [f"{description}: {note}" for note in config_notes]
             class_name, known = "Functional", True
             objects = _live_operations(model)
             resolve, aliases = _resolver(objects), _shared_across_models(objects)
@@ -981,6 +990,7 @@ def build_graph(
         source=source,
         description=description,
         nested=builder.nested,
+        warnings=notes,
     )
 
 

@@ -175,7 +175,8 @@ class ModelMigrator:
         if outputs.breaks:
             plan.preserves_function = False
         plan.old_optimizer = old_optimizer
-        plan.warnings.extend(w for w in old.warnings if w not in plan.warnings)
+        plan.warnings.extend(w for w in old.warnings + old.graph().warnings + new_graph.warnings
+                             if w not in plan.warnings)
         plan.labels = (old_labels, new_labels)
         logger.info("planned surgery %s -> %s: %s", plan.old, plan.new, plan.totals())
         return plan

@@ -298,8 +298,9 @@ def readable_configs(model: Any) -> Iterator[list[str]]:
                 continue
             patched.append((layer, layer.__dict__.get("get_config", _MISSING)))
             object.__setattr__(layer, "get_config", _fallback_config(layer))
+            first = (error.strip().splitlines() or [""])[0].rstrip(": ")
             notes.append(
-                f"layer '{layer.name}' ({type(layer).__name__}): get_config() failed ({error});"
+                f"layer '{layer.name}' ({type(layer).__name__}): get_config() failed ({first});"
                 " its config was read from its base class and its attributes instead"
             )
             logger.warning("%s: %s", model.name, notes[-1])

@@ -307,3 +307,21 @@ def test_check_rule_on_each_rms_norm():
                 RMSNormalization, keras.layers.RMSNormalization):
         result = check_rule(lambda cls=cls, **kw: cls(name="norm"), (3, 6), insert_feature=False)
         assert _agrees(result), (cls.__name__, result.verification.summary())
+
+
+@pytest.mark.slow_on_other_backends
+def test_gemma_from_a_file_with_an_added_layer(tmp_path):
+    """Gemma's RMSNormalization and attention cannot give their config (Keras's own
+    get_config raises NotImplementedError): read from a `.keras` file, the backbone is still
+    described, the report names the layers whose config was reconstructed, and an added final
+    layer starts as the identity."""
+    old = _old(_backbone, "gemma", 1)
+    old.save(tmp_path / "gemma.keras")
+    new = _backbone("gemma", 2, num_layers=3)
+    report = ks.migrate_weights(tmp_path / "gemma.keras", new)
+    assert report.preserves_function, report.warnings
+    assert any("gemma.keras" in w and "'pre_ffw_norm' (RMSNormalization)" in w
+               and "get_config() failed" in w for w in report.warnings), report.warnings
+    batch = _batch(3)
+    old_y, new_y = predict(old, batch), predict(new, batch)
+    assert max_diff(new_y, old_y) <= preservation_bound(old_y, ulps=32)
