@@ -466,19 +466,27 @@ def model_from_registered_config(config: Mapping[str, Any], description: str) ->
 
     registered = config.get("registered_name")
     cls = keras.saving.get_registered_object(registered) if isinstance(registered, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, Functional)):
+    # Keras makes a keras.Model subclass whose constructor calls `super().__init__(inputs,
+    # outputs)` a Functional subclass only when the first instance is made (keras-hub
+    # backbones, in a fresh process), so a registered Model subclass is built to know.
+    if not (isinstance(cls, type) and issubclass(cls, keras.Model)) or issubclass(
+            cls, keras.Sequential):
         return None
     arguments = config.get("config")
     if not isinstance(arguments, dict):
         raise SurgeryFileError(f"{description}: the config of {registered} must be a mapping.")
     try:
         with unallocated_keras_objects():
-            return cls.from_config(copy.deepcopy(arguments))
+            model = cls.from_config(copy.deepcopy(arguments))
     except Exception as exc:
         raise SurgeryFileError(
             f"{description}: cannot build {registered} from its config to read its graph "
             f"({type(exc).__name__}: {exc})."
         ) from exc
+    if not isinstance(model, Functional):
+        raise subclassed_file_error(registered, description) or SurgeryFileError(
+            f"{description}: {registered} is not a functional model.")
+    return model
 
 
 @contextlib.contextmanager

@@ -521,3 +521,26 @@ def test_task_model_built_twice_in_one_session_matches_its_auto_named_backbone()
         f"{old.backbone.name}/transformer_layer_1")
     batch = _batch("gpt2", 7)
     assert max_diff(predict(old, batch), predict(new, batch)[..., :V]) <= TOL
+
+
+def test_a_backbone_file_is_read_in_a_fresh_process(tmp_path):
+    """In a fresh process no backbone instance exists yet, and Keras makes GPT2Backbone a
+    Functional subclass only when the first one is built: the file must still be read (it was
+    refused as "not a Functional or Sequential model config")."""
+    import os
+    import subprocess
+    import sys
+
+    _gpt2().save(tmp_path / "gpt2.keras")
+    script = (
+        "import sys, keras_hub, keras_surgery as ks\n"
+        "plan = ks.ModelMigrator(sys.argv[1]).plan(sys.argv[1])\n"
+        "assert plan.preserves_function and not plan.totals()['fresh'], plan.warnings\n"
+        "print('copied', plan.totals()['copied'])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "gpt2.keras")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "copied" in done.stdout
