@@ -575,7 +575,8 @@ class KerasFile(WeightSource):
         """The bytes of archive member `name` (at most `limit`), or None if there is none.
 
         Raises:
-            SurgeryFileError: the member is encrypted, larger than `limit` or unreadable.
+            SurgeryFileError: the member is encrypted, compressed otherwise than Keras does
+            (stored or deflated), larger than `limit` or unreadable.
         """
         with self._zip() as archive:
             return read_member(archive, name, limit, self.path)
@@ -862,7 +863,8 @@ def read_member(archive: zipfile.ZipFile, name: str, limit: int, path: str) -> b
     """The bytes of member `name` of an open archive (at most `limit`), or None if it has none.
 
     Raises:
-        SurgeryFileError: the member is encrypted, larger than `limit` or unreadable.
+        SurgeryFileError: the member is encrypted, compressed otherwise than Keras does
+            (stored or deflated), larger than `limit` or unreadable.
     """
     try:
         info = archive.getinfo(name)
@@ -870,6 +872,12 @@ def read_member(archive: zipfile.ZipFile, name: str, limit: int, path: str) -> b
         return None
     if info.flag_bits & 0x1:
         raise SurgeryFileError(f"'{path}': {name} is encrypted.")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # zipfile decompresses bzip2 and lzma without an output bound (19 KB of bzip2 can
+        # expand to gigabytes before `limit` is seen); Keras writes neither.
+        raise SurgeryFileError(
+            f"'{path}': {name} is compressed with method {info.compress_type}; Keras writes "
+            "members stored or deflated, and only those are read.")
     if info.file_size > limit:
         raise SurgeryFileError(
             f"'{path}': {name} is {info.file_size} bytes, more than the {limit} allowed."

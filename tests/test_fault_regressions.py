@@ -289,3 +289,20 @@ def test_an_input_declared_huge_is_refused_before_it_is_labelled(tmp_path, shape
     new = keras.Model(x, keras.layers.Activation("relu", name="a")(x))
     with pytest.raises(ks.SurgeryFileError, match="obs"):
         ks.migrate_weights(tmp_path / "bomb.keras", new)
+
+
+def test_a_member_compressed_as_keras_never_does_is_refused(tmp_path):
+    """zipfile decompresses bzip2 and lzma without bounding the output (a 19 KB lineage record
+    expanded to 4 GB): only members stored or deflated, as Keras writes them, are read."""
+    from keras_surgery.lineage import LINEAGE_MEMBER
+
+    model = _mlp()
+    model.save(tmp_path / "plain.keras")
+    with zipfile.ZipFile(tmp_path / "plain.keras") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    with zipfile.ZipFile(tmp_path / "bz.keras", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        archive.writestr(LINEAGE_MEMBER, b"{}", compress_type=zipfile.ZIP_BZIP2)
+    with pytest.raises(ks.SurgeryFileError, match=f"{LINEAGE_MEMBER} is compressed with method"):
+        ks.migrate_weights(tmp_path / "bz.keras", _mlp(seed=1))
