@@ -278,6 +278,9 @@ def _traced_graph(model: Any) -> ModelGraph:
         try:
             config = {"class_name": "Functional", "config": _traced_config(trace)}
         except Exception as exc:  # a third-party get_config that fails past its base classes
+            own = _own_variables(model)
+            if own:  # on JAX a model's own variable used in call() fails serialization first
+                raise _untraced_variables_error(model, own) from exc
             raise SurgeryError(
                 f"Model '{model.name}' (subclassed {type(model).__name__}) cannot be described "
                 f"as a graph: get_config() failed ({type(exc).__name__}: {exc})."
@@ -345,12 +348,24 @@ def _attach_live_weights(graph: ModelGraph, model: Any, objects: Mapping[str, An
     missed = [f"{path_of.get(id(v), '?')} ({v.path})" for v in model.weights
               if id(v) not in attached]
     if missed:
-        raise SurgeryError(
-            f"Model '{model.name}' (subclassed {type(model).__name__}): variable(s) "
-            f"{missed[:5]} belong to no layer its traced call() reaches (a self.add_weight on "
-            "the model itself, or a layer call() never calls). Keep trainable state in Keras "
-            "layers called by call(), with a rule for custom ones (ks.register_rule)."
-        )
+        raise _untraced_variables_error(model, missed)
+
+
+def _untraced_variables_error(model: Any, missed: list[str]) -> SurgeryError:
+    return SurgeryError(
+        f"Model '{model.name}' (subclassed {type(model).__name__}): variable(s) "
+        f"{missed[:5]} belong to no layer its traced call() reaches (a self.add_weight on "
+        "the model itself, or a layer call() never calls). Keep trainable state in Keras "
+        "layers called by call(), with a rule for custom ones (ks.register_rule)."
+    )
+
+
+def _own_variables(model: Any) -> list[str]:
+    """The variables of `model` that none of its layers holds (`self.add_weight` on the model),
+    as "store path (variable path)"."""
+    held = {id(v) for layer in model._flatten_layers(include_self=False) for v in layer.weights}
+    path_of = {id(v): p for p, v in live_variables(model).items()}
+    return [f"{path_of.get(id(v), '?')} ({v.path})" for v in model.weights if id(v) not in held]
 
 
 def _resolver(objects: Mapping[str, Any]) -> Callable[..., type | None]:

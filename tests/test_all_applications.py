@@ -40,8 +40,10 @@ CALIBRATION = 16  # images the BatchNormalization statistics are computed on
 PRESERVE_RTOL = 2e-3
 # Smallest inputs the constructors accept, where it is not 32.
 SIZES = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71, "NASNetLarge": 32}
-# Models whose pixels are raw [0, 255] values (they rescale inside); the others get ~N(0, 1).
-RAW_PIXELS = ("EfficientNetB",)
+# Models whose pixels are raw [0, 255] values (EfficientNet rescales inside; VGG expects
+# caffe-style pixels, and without BatchNormalization its 16 ReLU layers under Glorot
+# initialisers shrink an N(0, 1) image below float32 resolution); the others get ~N(0, 1).
+RAW_PIXELS = ("EfficientNetB", "VGG")
 # Built-in preprocessing that is defined for 3 channels only (ImageNet means): off on both
 # sides, as a user growing the input would have it.
 NO_PREPROCESSING = ("ConvNeXt", "EfficientNetV2", "MobileNetV3")
@@ -86,7 +88,11 @@ def _calibrate(model: keras.Model, name: str, rng: np.random.Generator) -> None:
     from one forward pass over a calibration batch of CALIBRATION images (statistics from the
     two test images alone leave deep nets such as EfficientNetB7 chaotic: a 1e-6 change of
     the input moved their outputs by 1e4)."""
-    randomize(model, None)
+    # Without BatchNormalization (VGG) random biases of 0.3 swamp what reaches the head from
+    # the pixels (its outputs then barely depend on them): smaller ones there.
+    normalised = any(isinstance(la, keras.layers.BatchNormalization)
+                     for la in model._flatten_layers())
+    randomize(model, None, bias_scale=0.3 if normalised else 0.01)
     for layer in model._flatten_layers():
         if isinstance(layer, keras.layers.Normalization) and layer.weights:
             n = layer.adapt_mean.shape
