@@ -11,6 +11,7 @@ unless the user says it is meant (`allow_unrelated=True`).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from keras_surgery.errors import FeatureSpecError
@@ -125,11 +126,17 @@ def describe_changes(changes: dict[str, dict[str, Any]]) -> list[str]:
             lines.append(f"input '{name}' is new: {len(change['added'])} feature(s)")
             continue
         was = "" if change["old_input"] == name else f" (was '{change['old_input']}')"
-        parts = [f"{len(change['kept'])} kept"]
-        for key, show in (("moved", lambda m: f"{m[0]!r} {m[1]} -> {m[2]}"),
-                          ("added", repr), ("removed", repr)):
-            items = change[key]
-            listed = ", ".join(show(i) for i in items[:5]) + (", ..." if len(items) > 5 else "")
-            parts.append(f"{len(items)} {key}" + (f" ({listed})" if items else ""))
-        lines.append(f"features of input '{name}'{was}: " + ", ".join(parts))
+        lines.append(f"features of input '{name}'{was}: " + ", ".join(change_parts(change)))
     return lines
+
+
+def change_parts(change: Mapping[str, Any]) -> list[str]:
+    """The counts of a change (of an input's features, or of an output's columns): kept,
+    then moved, added and removed with the first few of each listed."""
+    parts = [f"{len(change['kept'])} kept"]
+    for key, show in (("moved", lambda m: f"{m[0]!r} {m[1]} -> {m[2]}"),
+                      ("added", repr), ("removed", repr)):
+        items = change[key]
+        listed = ", ".join(show(i) for i in items[:5]) + (", ..." if len(items) > 5 else "")
+        parts.append(f"{len(items)} {key}" + (f" ({listed})" if items else ""))
+    return parts

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from keras_surgery.errors import FeatureSpecError
+from keras_surgery.feature_changes import change_parts
 from keras_surgery.features import FeatureSpec, vocabularies
 
 if TYPE_CHECKING:
@@ -369,12 +370,7 @@ def describe_output_changes(changes: Mapping[str, Mapping[str, Any]]) -> list[st
     lines = []
     for name, change in changes.items():
         was = "" if change["old_output"] == name else f" (was '{change['old_output']}')"
-        parts = [f"{len(change['kept'])} kept"]
-        for key, show in (("moved", lambda m: f"{m[0]!r} {m[1]} -> {m[2]}"),
-                          ("added", repr), ("removed", repr)):
-            items = change[key]
-            listed = ", ".join(show(i) for i in items[:5]) + (", ..." if len(items) > 5 else "")
-            parts.append(f"{len(items)} {key}" + (f" ({listed})" if items else ""))
+        parts = change_parts(change)
         if change.get("init") == "mean":
             parts.append("new columns at the mean of the old ones")
         what = "tokens" if change["kind"] == "vocabulary" else "classes"
