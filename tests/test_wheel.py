@@ -19,6 +19,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,12 @@ def test_wheel_installs_without_backend_and_runs(tmp_path):
     wheel = wheels[0]
     assert wheel.name == f"keras_surgery-{_version()}-py3-none-any.whl"
     _run([sys.executable, "-m", "twine", "check", "--strict", wheel, sdists[0]], env, work)
+    # The licence setup.cfg declares travels with both.
+    with zipfile.ZipFile(wheel) as whl:
+        licences = [n for n in whl.namelist() if ".dist-info/" in n and n.endswith("/LICENSE")]
+        assert licences and b"Apache License" in whl.read(licences[0]), whl.namelist()
+    with tarfile.open(sdists[0]) as sdist:
+        assert any(n.endswith("/LICENSE") for n in sdist.getnames()), sdist.getnames()
 
     # A fresh venv (no system site-packages) with the wheel and its requirements only. This
     # suite's pip installs into it (`--python`): no pip of its own to set up. Modules are
