@@ -152,6 +152,7 @@ class ModelMigrator:
             strict=self.strict,
             where="the new model",
             unit_maps=unit_maps,
+            old_roles=old_roles_of(old_labels),
         )
         outputs = plan_outputs(old_labels, new_labels, self.old_outputs, new_outputs, unit_maps,
                                old_features, new_features)
@@ -210,7 +211,14 @@ class ModelMigrator:
             where="the new model",
             starts=starts,
             unit_maps=unit_maps,
+            old_roles=first.old_roles,
         )
+
+
+def old_roles_of(labels: GraphLabels) -> dict[str, tuple[str, frozenset[str]]]:
+    """Per layer of the old model, its class name and the roles of its weights."""
+    return {name: (rec.node.class_name, frozenset(w.role for w in rec.result.weights))
+            for name, rec in labels.records.items()}
 
 
 def mark_mean_units(plan: SurgeryPlan, layers: set[str]) -> None:

@@ -193,6 +193,9 @@ def _matched_weight(
     """The plan of one weight of a matched layer: index maps from its old counterpart, or
     fresh (with a warning) when it has none or cannot be mapped."""
     wp = WeightPlan(name, w.role, spec.path, spec.shape)
+    if found is None and w.role in rec.result.added:
+        wp.init = rec.result.added[w.role]  # a sublayer added inside the layer, started so
+        return wp
     if found is None:
         verdict.warn(
             f"layer '{name}': weight '{w.role}' has no counterpart in the old model; it keeps "

@@ -100,6 +100,8 @@ class GraphLabels:
     warnings: list[str] = field(default_factory=list)
     # The user's unit choices: layer -> per unit, the old unit it continues or -1.
     unit_maps: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    # For the new side of a surgery: old layer name -> (class name, roles of its weights).
+    old_roles: Mapping[str, tuple[str, frozenset[str]]] = field(default_factory=dict)
 
     @property
     def bits(self) -> list[FeatureColumn]:
@@ -142,6 +144,7 @@ def propagate(
     where: str | None = None,
     starts: Mapping[str, str] | None = None,
     unit_maps: Mapping[str, Sequence[int]] | None = None,
+    old_roles: Mapping[str, tuple[str, frozenset[str]]] | None = None,
 ) -> GraphLabels:
     """Labels every tensor and weight of `graph`.
 
@@ -170,7 +173,7 @@ def propagate(
     columns = feature_columns(features, widths, where=where)
     tokens = vocabularies(features, where=where)
     labels = GraphLabels(graph, LabelSpace() if space is None else space, DepSets(), columns, {},
-                         unit_maps=dict(unit_maps or {}))
+                         unit_maps=dict(unit_maps or {}), old_roles=dict(old_roles or {}))
     env: dict[TensorRef, TensorFacts] = {}
 
     def read(ref: TensorRef, reader: str) -> TensorFacts:
@@ -303,7 +306,13 @@ def _rule_call(
         input_values=[f.values for f in facts],
         input_nonnegative=[f.nonnegative for f in facts],
         unit_map=labels.unit_maps.get(name),
+        old_roles=_old_roles(labels, node, identity),
     )
+
+
+def _old_roles(labels: GraphLabels, node: Any, identity: str) -> frozenset[str] | None:
+    found = labels.old_roles.get(identity)
+    return found[1] if found is not None and found[0] == node.class_name else None
 
 
 def _started(result: RuleResult, call: RuleCall, name: str, start: str) -> RuleResult:

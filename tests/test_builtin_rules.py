@@ -116,6 +116,16 @@ def hub_norm(module: str, name: str) -> Make:
     return make
 
 
+def hub_vit_encoder(**kw: Any) -> Any:
+    """keras-hub's ViTEncoder (registered by class name) behind a projection to its hidden
+    width 8: the inserted feature enters through the projection."""
+    pytest.importorskip("keras_hub")
+    from keras_hub.src.models.vit.vit_layers import ViTEncoder
+
+    encoder = ViTEncoder(num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=12, name="layer")
+    return keras.Sequential([L.Dense(8, name="proj"), encoder], name="stack")
+
+
 def _op(name: str) -> type:
     from keras.src.ops import numpy as knp
 
@@ -266,6 +276,7 @@ CASES: dict[type | str, Case] = {
     "QwenLayerNorm": Case(hub_norm("qwen.qwen_layernorm", "QwenLayerNorm"), (3, 4)),
     "Qwen3LayerNorm": Case(hub_norm("qwen3.qwen3_layernorm", "Qwen3LayerNorm"), (3, 4)),
     "RMSNormalization": Case(hub_norm("gemma.rms_normalization", "RMSNormalization"), (3, 4)),
+    "ViTEncoder": Case(hub_vit_encoder, (5, 4)),
 }
 
 _KERAS_NLP = ("files written by keras-nlp name this class; keras-nlp is not installed, and "
@@ -284,6 +295,12 @@ NOT_CHECKED: dict[type | str, str] = {
         "translated",
     "Qwen3TransformerDecoder": "keras-hub 0.32's get_config() leaves out head_dim, so the "
         "verifier cannot clone it; checked in tests/test_hub_decoders.py with it added",
+    "ViTPatchingAndEmbedding": "keras-hub 0.32's get_config() writes num_patches and "
+        "num_positions, which its constructor refuses, so the verifier cannot clone it; checked "
+        "in tests/test_hub_vit.py with them dropped",
+    "ViTEncoderBlock": "keras-hub 0.32's get_config() writes key_dim, which its constructor "
+        "refuses, so the verifier cannot clone it; checked in tests/test_hub_vit.py with it "
+        "dropped",
 }
 
 

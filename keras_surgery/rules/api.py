@@ -151,6 +151,10 @@ class RuleResult:
     starts: dict[str, Start] = field(default_factory=dict)
     # The output is the sum of the inputs (Add): an input that is all 0 changes nothing.
     sums: bool = False
+    # Weights of sublayers the old layer did not have (see `RuleCall.old_roles`), by role, with
+    # the value each starts at so that the layer keeps its old function (None: its fresh
+    # value); the rule has labelled the layer's outputs as if those sublayers were so set.
+    added: dict[str, Init | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,6 +183,10 @@ class RuleCall:
     # The user's choice of units for this (new) layer: per new unit, the old unit it
     # continues or -1 (`migrate_weights(unit_maps=...)`); applies to every role of that size.
     unit_map: Sequence[int] | None = None
+    # For a layer of the new model that continues an old layer of its class: the roles of
+    # that old layer's weights, so that a composite rule can tell a sublayer added inside the
+    # layer (a block more in a ViTEncoder) from one it continues. None otherwise.
+    old_roles: frozenset[str] | None = None
 
     @property
     def config(self) -> dict[str, Any]:

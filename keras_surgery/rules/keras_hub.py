@@ -190,5 +190,6 @@ for _package in ("keras_hub", "keras_nlp"):
     register_rule(f"{_package}>TransformerDecoder", transformer_decoder_rule,
                   function_keys=TRANSFORMER_KEYS)
 
-# The pre-RMSNorm decoder families (Llama, Mistral, Qwen, Qwen3, Gemma) live in their own module.
-from keras_surgery.rules import keras_hub_decoders  # noqa: E402, F401
+# The pre-RMSNorm decoder families (Llama, Mistral, Qwen, Qwen3, Gemma) and ViT live in their own
+# modules.
+from keras_surgery.rules import keras_hub_decoders, keras_hub_vit  # noqa: E402, F401
