@@ -155,8 +155,26 @@ def live_variables(model: Any) -> dict[str, Any]:
 
     Runs Keras's own saving walk (`saving_lib._save_state`) into a recording store, so the
     paths are exactly those of a `.keras` file written from this model.
+
+    Keras 3 (at least to 3.15) caches the attribute skip set of each kind of object under
+    one global name (`saving_attr_skipset_<type>`) but looks it up under another
+    (`saving_attr_skiplist_<type>`), so every object it walks builds a reference `Layer()`
+    again: 5-15 ms each, most of the walk (and of Keras's own `load_weights`) on a model of
+    many layers. The set is put under the name looked up, with the value Keras computes
+    (`get_attr_skipset`); it depends only on the Keras classes, and `clear_session` drops it
+    with the rest of Keras's global state.
     """
+    from keras.src.backend.common import global_state
     from keras.src.saving import saving_lib
+
+    for kind in ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer",
+                 "Loss"):
+        if global_state.get_global_attribute(f"saving_attr_skiplist_{kind}") is None:
+            try:
+                skipset = saving_lib.get_attr_skipset(kind)
+            except Exception:  # a Keras that does not know this kind: its walk never asks
+                continue
+            global_state.set_global_attribute(f"saving_attr_skiplist_{kind}", skipset)
 
     class _RecordingStore(saving_lib.H5IOStore):
         # Deliberately skips H5IOStore.__init__: nothing is written, paths are recorded.
@@ -462,7 +480,9 @@ def _shared_across_models(objects: Mapping[str, Any]) -> dict[str, str]:
     return aliases
 
 
-def model_from_registered_config(config: Mapping[str, Any], description: str) -> Any | None:
+def model_from_registered_config(
+    config: Mapping[str, Any], description: str, *, subclassed_ok: bool = False
+) -> Any | None:
     """A model saved as its constructor arguments (a keras-hub backbone), built again so that
     its functional graph can be read; None when `config` does not name such a class.
 
@@ -473,8 +493,18 @@ def model_from_registered_config(config: Mapping[str, Any], description: str) ->
     file's arguments, inside a StatelessScope, so no variable is allocated or initialised;
     Keras's naming state is put back afterwards. The weights are still read as data.
 
+    Args:
+        config: the saved entry: `registered_name` and `config` (the constructor arguments).
+        description: how to name the file (and the layer) in messages.
+        subclassed_ok: return None for a registered subclassed (non-functional) model instead
+            of refusing it (a nested one stays one opaque layer, as from a live model).
+
+    Returns:
+        The built Functional model, or None.
+
     Raises:
-        SurgeryFileError: the class is registered but cannot be built from the config.
+        SurgeryFileError: the class is registered but cannot be built from the config, or is
+            a subclassed model (unless `subclassed_ok`).
     """
     import keras
     from keras.src.models.functional import Functional
@@ -499,6 +529,8 @@ def model_from_registered_config(config: Mapping[str, Any], description: str) ->
             f"({type(exc).__name__}: {exc})."
         ) from exc
     if not isinstance(model, Functional):
+        if subclassed_ok:
+            return None
         raise subclassed_file_error(registered, description) or SurgeryFileError(
             f"{description}: {registered} is not a functional model.")
     return model
@@ -657,7 +689,14 @@ class _Builder:
         self.weight_paths = weight_paths
         self.resolve = resolve
         self.description = description
-        self.aliases: Mapping[str, str] = aliases or {}
+        self.aliases: dict[str, str] = dict(aliases or {})
+        # A file's nested registered models (keras-hub backbones saved as their constructor
+        # arguments) are built to read their graph (`expand_registered`): their operations by
+        # graph name, which resolve the classes of their layers, and what describing them
+        # had to work around, for the graph's warnings.
+        self.expand_registered = False
+        self.objects: dict[str, Any] = {}
+        self.notes: list[str] = []
         self.layers: dict[str, LayerNode] = {}
         self.shapes: dict[TensorRef, tuple] = {}
         self.alias: dict[TensorRef, TensorRef] = {}
@@ -698,11 +737,53 @@ class _Builder:
         seen.add(name)
 
     def resolve_class(self, name, module, class_name, registered) -> type | None:
-        """`resolve`, with a refused class name reported against the file."""
+        """`resolve`, with a refused class name reported against the file; the layers of a
+        nested registered model built from a file have the classes of its operations."""
+        op = self.objects.get(name)
+        if op is not None:
+            return type(op)
         try:
             return self.resolve(name, module, class_name, registered)
         except SurgeryFileError as exc:
             raise SurgeryFileError(f"{self.description}: {exc}") from exc
+
+    def registered_model_config(self, name: str, class_name: str, registered: str | None,
+                                cfg: dict) -> dict:
+        """The functional graph config of a nested entry that a file saved as the constructor
+        arguments of a registered Functional subclass (a keras-hub backbone under the user's
+        head), built from them as a top-level one is (`model_from_registered_config`, under
+        the rules of ARCHITECTURE.md section 6); `cfg` itself for any other entry.
+
+        Args:
+            name: the entry's graph name ("outer/backbone").
+            class_name: the entry's class name.
+            registered: the entry's registered name ("keras_hub>GPT2Backbone").
+            cfg: the entry's config.
+
+        Returns:
+            The config to read the entry with: a nested model config when it was built.
+
+        Raises:
+            SurgeryFileError: the class is registered but cannot be built from `cfg`.
+        """
+        if not self.expand_registered or not isinstance(registered, str) or is_model_config(
+                class_name, cfg):
+            return cfg
+        where = f"{self.description}: layer '{name}'"
+        # A registered subclassed model has no graph to read from a file: one opaque layer,
+        # as the same model nested in a live one is.
+        model = model_from_registered_config({"registered_name": registered, "config": cfg},
+                                             where, subclassed_ok=True)
+        if model is None:
+            return cfg
+        with readable_configs(model) as notes:  # get_config raises (Gemma)
+            graph_config = _graph_config(model)
+        self.notes.extend(f"{where}: {note}" for note in notes)
+        objects = _live_operations(model, name + "/")
+        self.objects.update(objects)
+        self.objects[name] = model
+        self.aliases.update(_shared_across_models(objects))
+        return graph_config
 
     def new_layer(self, name, class_name, module, registered, cfg, group) -> LayerNode:
         cls = self.resolve_class(name, module, class_name, registered)
@@ -759,6 +840,7 @@ class _Builder:
         for entry in rest:
             name, class_name, module, registered, lcfg = self.entry_fields(entry, "Sequential")
             self.check_unique(prefix + name, seen)
+            lcfg = self.registered_model_config(prefix + name, class_name, registered, lcfg)
             # A Sequential config has no tensors to carry shapes; each built layer's
             # build_config says what it reads, the shape of the tensor before it (a layer
             # without a rule, such as a Lambda, is labelled from its output shape).
@@ -809,6 +891,7 @@ class _Builder:
         for entry in entries:
             name, class_name, module, registered, lcfg = self.entry_fields(entry, "model")
             self.check_unique(prefix + name, seen)
+            lcfg = self.registered_model_config(prefix + name, class_name, registered, lcfg)
             cls = self.resolve_class(prefix + name, module, class_name, registered)
             is_layer = _is_layer_class(cls, module)
             group = f"{group_prefix}layers/{group_name(class_name)}" if is_layer else None
@@ -936,8 +1019,10 @@ def build_graph(
     """Parses a Keras 3 model config (with class_name and config keys) into a ModelGraph.
 
     A config that holds only the constructor arguments of a registered Functional subclass
-    (a keras-hub backbone saved to a `.keras` file) is described by the graph of that class
-    built from them (`model_from_registered_config`).
+    (a keras-hub backbone saved to a `.keras` file), at the top or nested at any depth in the
+    user's model, is described by the graph of that class built from them
+    (`model_from_registered_config`); a nested one is spliced in as a nested model, so its
+    weights are read by their paths in the file.
 
     Args:
         config: the model config, as `config.json` holds it.
@@ -981,6 +1066,7 @@ def build_graph(
     builder = _Builder(source.paths(), resolve, description, aliases)
     if not isinstance(source, LiveWeights):  # a file: its declared sizes are budgeted
         builder.input_budget = MAX_FILE_INPUT_INDICES
+        builder.expand_registered = True
     try:
         outputs = builder.add_model(class_name, inner, "", "", None)
         builder.attach_weights()
@@ -1013,7 +1099,7 @@ def build_graph(
         source=source,
         description=description,
         nested=builder.nested,
-        warnings=notes,
+        warnings=notes + builder.notes,
     )
 
 
