@@ -95,7 +95,7 @@ class Regions:
 
 
 def _copies_everything(wp: WeightPlan) -> bool:
-    return wp.scale == 1.0 and all(
+    return wp.scale == 1.0 and not wp.shift and all(
         a.share is None and len(a.index) and bool(a.matched.all()) for a in wp.axes or []
     )
 
@@ -214,7 +214,7 @@ def fill(
     if wp.axes is None:
         return value
     if not wp.axes:  # a weight without axes (a scalar such as a count): one value to copy
-        value[...] = old if wp.scale == 1.0 else old * wp.scale
+        value[...] = checked_cast(old, value.dtype, wp.layer, wp.role, scale=wp.scale)
         return value
     regions = regions_of(wp, policy)
     if regions.zero is not None:
@@ -251,9 +251,9 @@ def _copy_block(
 ) -> None:
     """value[new_idx] = old[old_idx] (outer products of per-axis indices), scaled and shared."""
     copied = old[index_tuple(old_idx, old.shape)]
-    if wp.scale != 1.0:
+    if wp.scale != 1.0 or wp.shift:
         with np.errstate(over="ignore"):  # an overflow is counted below
-            copied = copied * wp.scale
+            copied = copied * wp.scale + wp.shift if wp.shift else copied * wp.scale
     for a, amap in enumerate(wp.axes or []):
         if amap.share is not None:
             share = amap.share[new_idx[a]]
@@ -267,7 +267,8 @@ def _copy_block(
     with np.errstate(over="ignore", invalid="ignore"):
         cast = copied.astype(value.dtype, copy=False)
     if not _cast_is_sound(copied, cast):
-        scaled = wp.scale != 1.0 or any(a.share is not None for a in wp.axes or [])
+        scaled = (wp.scale != 1.0 or bool(wp.shift)
+                  or any(a.share is not None for a in wp.axes or []))
         raw = old[index_tuple(old_idx, old.shape)] if scaled else copied
         lost = _count_lost(raw, copied, cast)
         if lost:
@@ -357,7 +358,7 @@ def watching_casts() -> Iterator[list[CastLoss]]:
     Example:
         >>> with watching_casts() as losses:                              # doctest: +SKIP
         ...     value = fill(wp, old, fresh, "preserve")
-        >>> note = cast_warning(losses)
+        >>> note = cast_warning(losses)                                   # doctest: +SKIP
     """
     losses: list[CastLoss] = []
     token = _CAST_LOSSES.set(losses)
@@ -427,6 +428,43 @@ def cast_can_overflow(source: Any, target: Any) -> bool:
     if target.kind in "iu" and source.kind not in "iu":
         return True  # NaN, inf and fractions beyond the range have no integer
     return src[0] < dst[0] or src[1] > dst[1]
+
+
+def checked_cast(old: Any, dtype: Any, layer: str, weight: str, *,
+                 scale: float = 1.0) -> np.ndarray:
+    """`old` times `scale`, cast to `dtype`, watched as the copy blocks of `fill` are: finite
+    old values that overflow or leave the integer range are recorded as a `CastLoss` of
+    `layer`/`weight` (a warning naming them, and the promise broken, under `watching_casts`).
+    For small values (a weight without axes, an optimizer's iteration count).
+
+    Args:
+        old: the old value; dtype: the new variable's dtype.
+        layer, weight: how the loss names the variable.
+        scale: the plan's rescale of the weight.
+
+    Returns:
+        The cast value (a new array, never a view of `old`).
+
+    Example:
+        >>> with watching_casts() as losses:
+        ...     value = checked_cast(np.float64(1e39), np.float32, "norm", "count")
+        >>> [loss.count for loss in losses]
+        [1]
+    """
+    raw = np.asarray(old)
+    copied = raw
+    if scale != 1.0:
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is counted below
+            copied = raw * scale
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = copied.astype(dtype)
+    may_lose = cast_can_overflow(copied.dtype, cast.dtype) or abs(scale) > 1.0
+    if may_lose and not _cast_is_sound(copied, cast):
+        lost = _count_lost(raw, copied, cast)
+        if lost:
+            _record_cast_loss(CastLoss(layer, weight, np.dtype(raw.dtype).name,
+                                       np.dtype(cast.dtype).name, lost))
+    return cast
 
 
 def _cast_may_lose(source: Any, target: Any, wp: WeightPlan) -> bool:

@@ -15,6 +15,7 @@ guessed at: the report says the state was not migrated.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.fill import fill
+from keras_surgery.fill import checked_cast, fill
 from keras_surgery.graph import ModelGraph, WeightSource, live_variables, strategy_scope
 from keras_surgery.propagate import propagate
 from keras_surgery.stream import Write
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from keras_surgery.plan import SurgeryPlan
 
 OPTIMIZER_PREFIX = "optimizer/vars/"
+logger = logging.getLogger("keras_surgery")
 
 
 @dataclass
@@ -133,8 +135,9 @@ def live_layout(model: Any, variables: dict[str, Any] | None = None) -> Optimize
 @dataclass
 class SlotFill:
     """One slot of the new optimizer and where its value comes from: the old slot at
-    `old_path` through `plan` (the variable's WeightPlan without rescaling or splits, so a slot
-    is copied as it is and is zero wherever new), or zeros when `old_path` is None."""
+    `old_path` through `plan` (the variable's WeightPlan without splits, its rescale replaced by
+    the slot's own, `slot_scale`, so a slot is zero wherever new), or zeros when `old_path` is
+    None."""
 
     position: int  # in the new layout's variables
     what: str
@@ -186,11 +189,61 @@ def slot_fills(
             if t_old is None or wp is None or wp.axes is None or s >= len(old_slots[t_old]):
                 fills.append(SlotFill(position, what))
                 continue
-            # Slots are copied as they are (no value rescaling, no net2net shares) and are zero
-            # wherever new, split units and new vocabulary rows included.
-            exact = dataclasses.replace(wp, scale=1.0, axes=[a.without_splits() for a in wp.axes])
+            # Slots are copied without net2net shares and are zero wherever new, split units
+            # and new vocabulary rows included; a rescaled weight rescales them (`slot_scale`).
+            exact = dataclasses.replace(
+                wp, scale=slot_scale(old.class_name, len(old_slots[t_old]), s, wp.scale),
+                shift=0.0, axes=[a.without_splits() for a in wp.axes])
             fills.append(SlotFill(position, what, old.variables[old_slots[t_old][s]], exact))
     return fills, None
+
+
+# Per optimizer class and number of slots per variable: the power of the gradient each slot
+# holds, in slot order (Adam's m ~ g, v ~ g ** 2; RMSprop's momentum of g / sqrt(v) ~ g ** 0).
+# An optimizer or slot count not listed has its slots copied unscaled.
+SLOT_GRADIENT_POWERS: dict[tuple[str, int], tuple[int, ...]] = {
+    **{(name, 2): (1, 2) for name in ("Adam", "AdamW", "Nadam", "Lamb")},
+    **{(name, 3): (1, 2, 2) for name in ("Adam", "AdamW")},  # amsgrad: v_hat
+    ("Adamax", 2): (1, 1),  # m, and u = max |g|
+    ("SGD", 1): (1,), ("Lion", 1): (1,), ("Adagrad", 1): (2,), ("RMSprop", 1): (2,),
+    ("RMSprop", 3): (2, 0, 1),  # velocity, momentum, average gradient (centered)
+}
+
+
+def slot_scale(class_name: str, n_slots: int, slot: int, weight_scale: float) -> float:
+    """The factor slot `slot` of a weight whose copied values are multiplied by
+    `weight_scale` (c) is multiplied by.
+
+    A weight stored as c * w that computes what w computed before (an RMS norm gain, an
+    attention query under a grown key_dim) has gradient g / c, so a slot holding g ** p
+    becomes c ** -p times the old one: Adam's m is divided by c, v by c ** 2. That is the
+    state the optimizer would hold had it seen the new parameterisation's gradients, so the
+    next update's m / sqrt(v) is unchanged and new gradients add to it consistently. (Scaling
+    m by c and v by c ** 2 instead keeps the first ratio too, but then mixes each new
+    gradient with a history c ** 2 times too large.)
+
+    Args:
+        class_name: the optimizer's class.
+        n_slots: how many slots it keeps per variable.
+        slot: which of them.
+        weight_scale: the weight's rescale c.
+
+    Returns:
+        c ** -p for the slot's gradient power p; 1.0 when c is 1, and for an optimizer
+        `SLOT_GRADIENT_POWERS` does not list (logged).
+
+    Example:
+        >>> slot_scale("Adam", 2, 1, 0.5)
+        4.0
+    """
+    if weight_scale == 1.0:
+        return 1.0
+    powers = SLOT_GRADIENT_POWERS.get((class_name, n_slots))
+    if powers is None:
+        logger.warning("optimizer slots of a rescaled weight copied unscaled: the slots of "
+                       "%s (%d per variable) are not known", class_name, n_slots)
+        return 1.0
+    return float(weight_scale ** -powers[slot])
 
 
 def iterations_note(
@@ -204,7 +257,23 @@ def iterations_note(
 
 
 def copied_iterations(old_value: np.ndarray, current: np.ndarray) -> np.ndarray:
-    return np.asarray(old_value).astype(current.dtype).reshape(current.shape)
+    """The old iteration count as the new optimizer's: cast to its dtype (int32 on JAX and
+    PyTorch, int64 on TensorFlow), watched like every copied weight (`fill.checked_cast`), so
+    a count past the new dtype's range is named in a warning instead of wrapping silently.
+
+    Args:
+        old_value: the old optimizer's iteration count.
+        current: the new optimizer's iteration count, whose dtype and shape the result takes.
+
+    Returns:
+        The new value.
+
+    Example:
+        >>> copied_iterations(np.int64(7), np.zeros((), np.int32))
+        array(7, dtype=int32)
+    """
+    cast = checked_cast(old_value, np.asarray(current).dtype, "optimizer", "iterations")
+    return cast.reshape(np.shape(current))
 
 
 def state_difference(

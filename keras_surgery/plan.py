@@ -103,6 +103,9 @@ class WeightPlan:
     old_shape: tuple[int, ...] | None = None
     axes: list[AxisMap] | None = None  # None: nothing to copy, keep the fresh value
     scale: float = 1.0  # copied values are multiplied by this
+    shift: float = 0.0  # then this is added to them (a rescaled offset gain: Gemma's 1 + scale)
+    # Why the copied values are rescaled (the operator, for the report), or "".
+    operator: str = ""
     # False when none of an input-side axis's old indices survived and the old function is lost
     # anyway: zeros there would only disconnect the layer from its inputs, so new input-side
     # entries keep their fresh values (the "random" fill for this weight).
@@ -147,6 +150,8 @@ class WeightPlan:
             "fresh": self.fresh,
             "preset": self.preset,
             "scale": self.scale,
+            "shift": self.shift,
+            "operator": self.operator,
             "zero_fill": self.zero_fill,
             "init": None if self.init is None else self.init.to_dict(),
             "axes": None if self.axes is None else [a.to_dict() for a in self.axes],
@@ -165,6 +170,8 @@ class WeightPlan:
             old_shape=None if data.get("old_shape") is None else tuple(data["old_shape"]),
             axes=None if axes is None else [AxisMap.from_dict(a) for a in axes],
             scale=float(data.get("scale", 1.0)),
+            shift=float(data.get("shift", 0.0)),
+            operator=str(data.get("operator", "")),
             zero_fill=bool(data.get("zero_fill", True)),
             init=None if init is None else Init.from_dict(init),
             copied=data.get("copied", 0),

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
+from keras_surgery.fill import fill_rule, regions_of
 from keras_surgery.graph import WeightSpec
 from keras_surgery.growth import Growth
 from keras_surgery.labels import AxisLabels, LabelSpace
@@ -79,6 +80,7 @@ def build_plan(
     matches: dict[str, str] = {}
     new_layers: list[str] = []
     continued_old: set[str] = set()
+    zero_growths: list[ZeroGrowth] = []
 
     for name, rec in new.records.items():
         old_rec = old.records.get(rec.identity)
@@ -91,7 +93,7 @@ def build_plan(
         setting = changed_settings_warning(name, rec.node, old_rec.node)
         if setting is not None:
             verdict.warn(setting)
-        _check_mixing(name, rec, old_rec, verdict)
+        zero_growths += _check_mixing(name, rec, old_rec, verdict)
         old_weights = {w.role: (w, spec) for w, spec in zip(old_rec.result.weights,
                                                             old_rec.node.weights)}
         for w, spec in zip(rec.result.weights, rec.node.weights):
@@ -109,6 +111,8 @@ def build_plan(
         split_units(old, new, splittable)
         for wp, _, _ in splittable:
             wp.count(policy)
+    if zero_growths:
+        accept_zero_growths(zero_growths, new, weights, policy, verdict)
     dropped = [
         spec.path for rec in old.records.values() for spec in rec.node.weights
         if spec.path not in continued_old
@@ -153,9 +157,13 @@ def _new_layer_weights(name: str, rec: LayerRecord, policy: str) -> list[WeightP
     return planned
 
 
-def _check_mixing(name: str, rec: LayerRecord, old_rec: LayerRecord, verdict: Verdict) -> None:
+def _check_mixing(
+    name: str, rec: LayerRecord, old_rec: LayerRecord, verdict: Verdict
+) -> list[ZeroGrowth]:
     """Mixing axes (a LayerNorm's, a softmax's) must keep their labels, or the old outputs
-    change."""
+    change. A growth of an axis that may grow by zeros (an RMS norm's) is returned instead,
+    for `accept_zero_growths` to decide once every weight is planned."""
+    pending: list[ZeroGrowth] = []
     for new_mix, old_mix in zip(rec.result.mixing, old_rec.result.mixing):
         for new_axis, old_axis in zip(new_mix.labels, old_mix.labels):
             if new_axis.ids is None or old_axis.ids is None:
@@ -171,12 +179,18 @@ def _check_mixing(name: str, rec: LayerRecord, old_rec: LayerRecord, verdict: Ve
             else:
                 gained = len(np.setdiff1d(new_axis.ids, old_axis.ids))
                 lost = len(np.setdiff1d(old_axis.ids, new_axis.ids))
+            if new_mix.grows_with_zeros and gained and not lost and len(new_mix.labels) == 1:
+                pending.append(ZeroGrowth(name, rec.node.class_name, new_mix.reason,
+                                          len(old_axis.ids), np.setdiff1d(new_axis.ids,
+                                                                          old_axis.ids)))
+                continue
             reordered = ", reordered" if new_mix.ordered and not gained and not lost else ""
             verdict.warn(
                 f"layer '{name}' ({rec.node.class_name}): {new_mix.reason}; that axis "
                 f"changed (gained {gained}, lost {lost} labels{reordered}), so the old outputs "
                 "cannot be preserved."
             )
+    return pending
 
 
 def _matched_weight(
@@ -220,10 +234,25 @@ def _matched_weight(
     for axis, (na, oa) in enumerate(zip(w.axes, old_w.axes)):
         wp.axes.append(_axis_map(name, w.role, axis, na, oa, wp, space, verdict, old_value))
     _check_shared_calls(rec, old_rec, w.role, wp, verdict)
-    if w.rescale is not None:
+    if w.rescale is not None and spec.shape[w.rescale[0]] != wp.old_shape[w.rescale[0]]:
         axis, power = w.rescale
         wp.scale = float((spec.shape[axis] / wp.old_shape[axis]) ** power)
+        # The layer uses offset + value: c * (offset + old) = offset + (c * old + (c - 1) offset)
+        wp.shift = float((wp.scale - 1.0) * w.offset)
+        wp.operator = rescale_operator(wp, axis, power, w.offset)
     return wp
+
+
+def rescale_operator(wp: WeightPlan, axis: int, power: float, offset: float) -> str:
+    """What a rescaled weight's copied values become, for the report: "values x0.8165
+    ((48/32) ** -0.5, axis 0 grew 32 -> 48)", with the offset's shift when it has one."""
+    n_old, n_new = wp.old_shape[axis] if wp.old_shape else 0, wp.shape[axis]
+    text = (f"values x{wp.scale:.4g} (({n_new}/{n_old}) ** {power:g}, axis {axis} "
+            f"{'grew' if n_new > n_old else 'shrank'} {n_old} -> {n_new})")
+    if offset:
+        text += (f", then {wp.shift:+.4g}: the layer uses {offset:g} + value, so "
+                 f"{offset:g} + new = {wp.scale:.4g} * ({offset:g} + old)")
+    return text
 
 
 def _axis_map(
@@ -342,3 +371,160 @@ def _check_output_labels(
                 f"output '{name}' lost {len(lost)} of its old indices on axis {axis} "
                 f"({describe_labels(space, lost)}); those old outputs are gone."
             )
+
+
+# -- growth by zeros through a normaliser (issue 20) ---------------------------------------------
+
+
+@dataclass
+class ZeroGrowth:
+    """A mixing axis that gained indices and may grow by zeros (an RMS norm's): the layer,
+    the mixing's reason, the old length and the gained labels."""
+
+    layer: str
+    class_name: str
+    reason: str
+    old_length: int
+    gained: np.ndarray
+
+    def describe(self) -> str:
+        return f"layer '{self.layer}' ({self.class_name}): {self.reason}"
+
+
+def _writers(new: GraphLabels) -> dict[int, list[tuple[str, int, int]]]:
+    """For each label on an output-side ("out") weight axis: (weight path, axis, index) of
+    every entry that writes it."""
+    found: dict[int, list[tuple[str, int, int]]] = {}
+    for rec in new.records.values():
+        for w, spec in zip(rec.result.weights, rec.node.weights):
+            for a, axis in enumerate(w.axes):
+                if axis.kind != "out" or axis.labels.ids is None:
+                    continue
+                for i, label in enumerate(axis.labels.ids.tolist()):
+                    found.setdefault(label, []).append((spec.path, a, i))
+    return found
+
+
+def _members(space: LabelSpace, label: int, zero_through: set[str]) -> list[int]:
+    """The labels whose values make up `label`: a sum's members, and through a layer that
+    keeps zeros (an RMS norm's derived output, `Mixing.zero_through`) what it derives from."""
+    key = space.key(label)
+    if isinstance(key, tuple) and key and key[0] == "set":
+        return [m for member in sorted(key[1]) for m in _members(space, member, zero_through)]
+    if isinstance(key, tuple) and len(key) == 3 and key[0] == "via" and key[1] in zero_through:
+        return _members(space, int(key[2]), zero_through)
+    return [label]
+
+
+def _axis_states(wp: WeightPlan, axis: int, policy: str) -> np.ndarray:
+    """Per index of `axis`, whether the slice of `wp` there starts at 0: "zero", "zeroable" (a
+    new index the fill zeroes once the axis is marked `zero_new`) or "nonzero"."""
+    n = wp.shape[axis]
+    if wp.init is not None:
+        zero_init = wp.init.kind == "constant" and wp.init.value == 0.0
+        return np.full(n, "zero" if zero_init else "nonzero", dtype=object)
+    if wp.axes is None:
+        return np.full(n, "nonzero", dtype=object)
+    amap = wp.axes[axis]
+    copy, zero = regions_of(wp, policy).masks(wp.shape)
+    others_zero = all(z.all() for b, z in enumerate(zero) if b != axis)
+    states = np.full(n, "zeroable" if fill_rule(wp, policy) == "preserve" else "nonzero",
+                     dtype=object)
+    states[zero[axis] & ~copy[axis] & others_zero] = "zero"
+    states[(amap.old_index >= 0) | amap.mean_new] = "nonzero"
+    return states
+
+
+def _zero_writers(
+    growth: ZeroGrowth, space: LabelSpace, writers: dict[int, list[tuple[str, int, int]]],
+    by_path: dict[str, WeightPlan], policy: str, zero_through: set[str],
+) -> tuple[list[tuple[WeightPlan, int]], str | None]:
+    """The writer axes to mark `zero_new` so that every gained index starts at 0, or why it
+    cannot (a label nothing writes, or an entry that cannot be 0)."""
+    members = dict.fromkeys(m for label in growth.gained.tolist()
+                            for m in _members(space, label, zero_through))
+    states: dict[tuple[str, int], np.ndarray] = {}
+    to_zero: dict[tuple[str, int], tuple[WeightPlan, int]] = {}
+    for member in members:
+        entries = writers.get(member)
+        if not entries:
+            return [], (f"new index {space.describe(member)} is not written by a weight "
+                        "(it may not be 0)")
+        for path, axis, i in entries:
+            wp = by_path.get(path)
+            if wp is not None and (path, axis) not in states:
+                states[(path, axis)] = _axis_states(wp, axis, policy)
+            state = "nonzero" if wp is None else states[(path, axis)][i]
+            if state == "nonzero":
+                return [], (f"weight '{path}' writes new index {space.describe(member)} "
+                            "with values that are not 0")
+            if state == "zeroable":
+                to_zero[(path, axis)] = (wp, axis)  # type: ignore[assignment]
+    return list(to_zero.values()), None
+
+
+def accept_zero_growths(
+    growths: list[ZeroGrowth], new: GraphLabels, weights: list[WeightPlan], policy: str,
+    verdict: Verdict,
+) -> None:
+    """Decides each growth of an axis that may grow by zeros: when every weight that writes a
+    new index can start it at 0, those weights' new output indices are zeroed (the residual
+    stream's new dims: embedding columns, attention and MLP output projections) and the growth
+    keeps the old outputs, the normaliser's gain being rescaled by its rule; otherwise the
+    report says which writer breaks it. Growths are accepted one by one: a refused one leaves
+    the weights as the fill rule has them."""
+    writers = _writers(new)
+    by_path = {wp.path: wp for wp in weights}
+    zero_through = {m.zero_through for rec in new.records.values() for m in rec.result.mixing
+                    if m.zero_through}
+    known_zero: set[int] = set()
+    for growth in growths:
+        to_zero, why = _zero_writers(growth, new.space, writers, by_path, policy, zero_through)
+        n_new = growth.old_length + len(growth.gained)
+        if why is not None:
+            verdict.warn(f"{growth.describe()}; that axis grew {growth.old_length} -> {n_new}, "
+                         f"and {why}, so the old outputs cannot be preserved.")
+            continue
+        for wp, axis in to_zero:
+            assert wp.axes is not None
+            wp.axes[axis].zero_new = True
+            wp.count(policy)
+            wp.operator = wp.operator or f"new indices of axis {axis} start at 0"
+        known_zero.update(m for g in growth.gained.tolist()
+                          for m in [g, *_members(new.space, g, zero_through)])
+        c = (growth.old_length / n_new) ** 0.5
+        verdict.warn(
+            f"{growth.describe()}; that axis grew {growth.old_length} -> {n_new} with the new "
+            f"indices at 0 in every weight that writes them, so its gain is multiplied by "
+            f"sqrt({growth.old_length}/{n_new}) = {c:.4f} and the old outputs are kept (up to "
+            f"epsilon, which now acts as epsilon * {n_new}/{growth.old_length}).", breaks=False)
+    if known_zero:
+        _fresh_readers(known_zero, new, by_path, policy, zero_through)
+
+
+def _fresh_readers(
+    known_zero: set[int], new: GraphLabels, by_path: dict[str, WeightPlan], policy: str,
+    zero_through: set[str],
+) -> None:
+    """Weights whose every new input index reads a dim that starts at 0 keep fresh values
+    there instead of zeros (`zero_fill=False`): the old outputs cannot see them, and with the
+    writers of those dims at 0 too, zeros on both sides would leave the new dims with a zero
+    gradient forever. A weight with a `zero_new` axis keeps the fill rule's zeros."""
+    for rec in new.records.values():
+        for w, spec in zip(rec.result.weights, rec.node.weights):
+            wp = by_path.get(spec.path)
+            if wp is None or wp.axes is None or wp.init is not None or any(
+                    a.zero_new for a in wp.axes) or fill_rule(wp, policy) != "preserve":
+                continue
+            new_inputs = [
+                int(label) for axis, amap in zip(w.axes, wp.axes)
+                if axis.kind in INPUT_SIDE_KINDS and axis.labels.ids is not None
+                for label in axis.labels.ids[amap.index < 0]]
+            if new_inputs and all(
+                    label in known_zero
+                    or set(_members(new.space, label, zero_through)) <= known_zero
+                    for label in new_inputs):
+                wp.zero_fill = False
+                wp.count(policy)
+                wp.operator = wp.operator or ("new input indices keep fresh values: they read "
+                                              "dims that start at 0, so they can learn")

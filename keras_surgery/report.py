@@ -93,6 +93,7 @@ def summary_footer(plan: SurgeryPlan, warnings: list[str] | None = None) -> list
         lines.append("new layers started: " + ", ".join(
             f"{name} as the identity" if how == "identity" else f"{name} at zero"
             for name, how in plan.starts.items()))
+    lines.extend(operator_lines(plan))
     lines.append(f"preserves_function: {plan.preserves_function}")
     for w in warnings if warnings is not None else plan.warnings:
         lines.append(f"warning: {w}")
@@ -138,6 +139,14 @@ class SurgeryReport:
     def totals(self) -> dict[str, int]:
         return self.plan.totals()
 
+    @property
+    def operators(self) -> dict[str, str]:
+        """Per weight path, the operator its values went through when it is not a plain copy
+        (issue 20's growth operators): "values x0.8165 ((48/32) ** -0.5, axis 0 grew 32 ->
+        48)" for an RMS norm's gain, "new indices of axis 1 start at 0" for a weight writing
+        a residual stream that grew by zeros. See `operator_lines` for the text form."""
+        return {w.path: w.operator for w in self.plan.weights if w.operator}
+
     def one_line(self) -> str:
         t = self.totals
         return (
@@ -175,3 +184,11 @@ class SurgeryReport:
 
     def __repr__(self) -> str:
         return f"SurgeryReport({self.one_line()})"
+
+
+def operator_lines(plan: SurgeryPlan) -> list[str]:
+    """One line per weight whose values went through an operator other than a copy, by layer:
+    `layer 'backbone/transformer_layer_0': weight '_self_attention_layernorm/scale': values
+    x0.8165 ((48/32) ** -0.5, axis 0 grew 32 -> 48)`."""
+    return [f"layer '{w.layer}': weight '{w.role}': {w.operator}"
+            for w in plan.weights if w.operator]

@@ -200,12 +200,15 @@ def test_heads_growth_keeps_the_grouping(family, grown):
     assert np.all(np.delete(new_out, moved, axis=0) == 0)
 
 
-def test_hidden_growth_is_reported_naming_the_rms_norm():
+def test_hidden_growth_with_the_same_heads_is_reported_naming_the_rotary_embedding():
+    """Qwen derives head_dim = hidden_dim / num_query_heads: growing hidden_dim alone grows
+    head_dim, which moves the rotary frequencies (the RMS norms alone would be rescaled
+    exactly, see tests/test_transformer_growth.py)."""
     old = _old(_backbone, "qwen", 1)
     new = _backbone("qwen", 2, hidden_dim=24)
     report = ks.migrate_weights(old, new)
     assert not report.preserves_function
-    assert any("RMS" in w and "root mean square" in w for w in report.warnings), report.warnings
+    assert any("rotary" in w and "head_dim" in w for w in report.warnings), report.warnings
 
 
 def test_changed_rotary_wavelength_is_reported():

@@ -72,6 +72,10 @@ class WeightLabels:
     # axis, for layers whose computation scales with an axis length (attention's 1/sqrt(key_dim)).
     rescale: tuple[int, float] | None = None
     trainable: bool = True  # False for statistics (moving mean/variance), which have no slots
+    # The constant the layer adds to this weight before using it (Gemma's RMS norm gain is
+    # 1 + scale): a rescale by c then multiplies `offset + value`, so the stored value becomes
+    # c * value + (c - 1) * offset.
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,15 @@ class Mixing:
     labels: TensorLabels
     reason: str
     ordered: bool = False
+    # Growth by indices that are exactly 0 keeps the old outputs on the old indices once the
+    # layer's weights are rescaled (`WeightLabels.rescale`): an RMS norm's mean of squares over
+    # d_new indices, d_new - d_old of them 0, is d_old / d_new times the old one. The planner
+    # accepts such a growth when every writer of the new indices starts them at 0.
+    grows_with_zeros: bool = False
+    # The identity of the layer whose derived outputs (`derived_key` labels) are 0 wherever
+    # its inputs are (RMS normalisation scales each index), or "": a stream behind such a
+    # layer (Gemma's post-norms) starts at 0 where the layer's input does.
+    zero_through: str = ""
 
 
 @dataclass(frozen=True)

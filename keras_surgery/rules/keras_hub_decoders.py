@@ -10,8 +10,13 @@ through its sublayers (`Composite`), in its store order:
 nothing below.) What each weight axis means:
 
 * the residual stream (hidden_dim) is read ("in") by the RMS norms' outputs and written
-  ("out") by the attention output and down projections; every RMS norm mixes it, so a grown
-  hidden_dim is reported as not preserving, naming the norm (issue 20 rescales the gains);
+  ("out") by the token embedding and the attention output and down projections; every RMS
+  norm mixes it, and a grown hidden_dim keeps the old function exactly (up to epsilon) when
+  the new dims start at 0 wherever they are written: the planner then zeroes those writers'
+  new columns and each norm's gain is rescaled by sqrt(d_old / d_new) (see
+  `rules.normalization.rms_normalization_rule` and `planner.accept_zero_growths`). Llama,
+  Mistral (without head_dim) and Qwen derive head_dim = hidden_dim / num_query_heads, so
+  hidden_dim must grow with the heads in proportion; else head_dim grows (below);
 * query heads are units labelled (key/value head, rank in its group): keras-hub repeats each
   key/value head over `num_query_heads // num_key_value_heads` consecutive query heads, so
   labelling a query head by the head it reads keeps the grouping when heads or key/value heads

@@ -15,6 +15,8 @@ from keras_surgery.rules.api import (
     RuleCall,
     RuleResult,
     Start,
+    WeightAxis,
+    WeightLabels,
     check_weights,
     single_input,
     weight,
@@ -90,11 +92,17 @@ def rms_normalization_rule(call: RuleCall, gain_offset: float | None = None) -> 
     0 unless given or set in the config (Gemma's norms compute 1 + scale, their scale starts
     at 0).
 
-    Like a LayerNormalization it mixes its axes: a grown axis adds terms to every mean of
-    squares, so the report says the old outputs change (an exact rescale of the gains is
-    issue 20's). It has no identity start (it normalises); it outputs exactly 0 with a gain
-    of 0, so a new one can end a residual branch. RMS normalisation maps 0 to 0, which lets a
-    decoder's post-norm branch start at 0 behind a zero projection.
+    Like a LayerNormalization it mixes its axes, but a growth by indices that are exactly 0
+    is exact up to epsilon (issue 20): over d_new indices, d_new - d_old of them 0, the mean
+    of squares is d_old / d_new times the old one, so rsqrt grows by sqrt(d_new / d_old) and
+    a gain multiplied by c = sqrt(d_old / d_new) gives the old outputs on the old indices
+    (and 0 on the new ones). Epsilon then acts as epsilon * d_new / d_old. The gain is
+    declared rescaled by (d_new / d_old) ** -0.5 along a single normalised axis, with its
+    offset (Gemma: 1 + s_new = c * (1 + s_old), so s_new = c * s_old + (c - 1)); the planner
+    accepts the growth only when every writer of the new indices starts them at 0, and
+    reports it otherwise. It has no identity start (it normalises); it outputs exactly 0 with
+    a gain of 0, so a new one can end a residual branch. RMS normalisation maps 0 to 0, which
+    lets a decoder's post-norm branch start at 0 behind a zero projection.
 
     Args:
         call: the layer's call.
@@ -106,10 +114,13 @@ def rms_normalization_rule(call: RuleCall, gain_offset: float | None = None) -> 
     x = single_input(call)
     axes = _axes(call, x, call.config.get("axis", -1))
     mixed = call.mixed(x, axes)
-    weights = [weight("scale", *(("diag", mixed[a]) for a in axes))] if call.weights else []
-    mixing = Mixing(tuple(x[a] for a in axes),
-                    "RMS normalisation divides by the root mean square over this axis")
     offset = float(call.config.get("gain_offset", 0.0) if gain_offset is None else gain_offset)
+    rescale = (0, -0.5) if len(axes) == 1 else None  # (d_new / d_old) ** -0.5 on the gain
+    weights = [WeightLabels("scale", tuple(WeightAxis("diag", mixed[a]) for a in axes), rescale,
+                            offset=offset)] if call.weights else []
+    mixing = Mixing(tuple(x[a] for a in axes),
+                    "RMS normalisation divides by the root mean square over this axis",
+                    grows_with_zeros=rescale is not None, zero_through=call.identity)
     zero_out = tuple(call.zeros(a.length or 0) if i in axes else a for i, a in enumerate(x))
     starts = {
         "identity": Start("identity", refused=(

@@ -1,0 +1,352 @@
+"""Exact transformer growth (issue 20) for keras-hub's pre-RMSNorm decoders: hidden_dim grown
+with the heads in proportion (head_dim kept), query and key/value heads grown with the grouping
+kept, the optimizer's slots following every rescale.
+
+The operator: new residual dims start at 0 wherever they are written (token embedding columns,
+attention output and down projection columns), and every RMS norm over the grown residual
+axis has its gain multiplied by c = sqrt(d_old / d_new): the mean of squares over d_new dims,
+d_new - d_old of them 0, is d_old / d_new times the old one. Exact up to epsilon, which then
+acts as epsilon * d_new / d_old (checked on its own with a large epsilon).
+
+Tiny configurations (vocabulary 50, 2 layers, hidden 32 -> 48, 4 -> 6 query heads over
+2 -> 3 key/value heads, head_dim 8, intermediate 64), every weight redrawn at a scale where
+every layer matters, and old models shown to depend on their tokens. Skipped without keras-hub.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_surgery as ks
+from keras_surgery.report import operator_lines
+from tests.test_hub_decoders import (  # noqa: F401  (_llama_config: an autouse fixture)
+    _batch,
+    _calibrate,
+    _causal_lm,
+    _llama_config,
+    _old,
+)
+from tests.util import assert_input_sensitive, max_diff, predict, preservation_bound
+
+keras_hub = pytest.importorskip("keras_hub")
+
+EPS32 = float(np.finfo(np.float32).eps)
+OLD = dict(hidden_dim=32, num_query_heads=4, num_key_value_heads=2, intermediate_dim=64)
+GROWN = dict(hidden_dim=48, num_query_heads=6, num_key_value_heads=3, intermediate_dim=64)
+C = (32 / 48) ** 0.5
+RMS_FAMILIES = ("llama", "mistral", "qwen", "qwen3")
+
+
+def _sizes(family: str, **kw) -> dict:
+    sizes = dict(kw)
+    if family in ("qwen3", "gemma"):
+        sizes["head_dim"] = sizes["hidden_dim"] // sizes["num_query_heads"]
+    return sizes
+
+
+def _variables(model) -> dict[str, np.ndarray]:
+    return {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+
+
+def _path(variables: dict, tail: str) -> str:
+    (path,) = [p for p in variables if p.endswith(tail)]
+    return path
+
+
+def _epsilon_term(old, batch, n_norms: int, epsilon: float, grown: float) -> float:
+    """A bound on the change the epsilon term makes to the old outputs: a norm computes
+    x * g * rsqrt(ms + grown * epsilon) instead of rsqrt(ms + epsilon), a relative change of at
+    most (grown - 1) * epsilon / (2 * ms); summed over the norms, at the outputs' scale. ms is
+    the smallest mean square of the residual streams the norms read that the graph exposes
+    (the embeddings, each decoder layer's output), halved for the streams it does not."""
+    backbone = old.backbone
+    streams = [backbone.token_embedding.output] + [
+        layer.output for layer in backbone.transformer_layers]
+    probe = keras.Model(backbone.inputs, streams)
+    ms = min(float(np.min(np.mean(np.square(keras.ops.convert_to_numpy(s)), axis=-1)))
+             for s in probe(batch))
+    scale = float(np.max(np.abs(predict(old, batch))))
+    return n_norms * (grown - 1.0) * epsilon / (2.0 * ms / 2.0) * scale
+
+
+# -- hidden_dim through the RMS norms ---------------------------------------------------------
+
+
+@pytest.mark.slow_on_other_backends
+@pytest.mark.parametrize("family", RMS_FAMILIES)
+def test_hidden_growth_with_heads_keeps_old_logits(family):
+    """hidden 32 -> 48 with 4 -> 6 heads over 2 -> 3 key/value heads (head_dim 8 kept): the
+    logits of the old tokens are kept, the verifier agrees, and the report names the operator
+    of every norm (5: two per layer and the final one)."""
+    old = _old(_causal_lm, family, 1, **_sizes(family, **OLD))
+    new = _causal_lm(family, 2, **_sizes(family, **GROWN))
+    report = ks.migrate_weights(old, new, verify=True)
+
+    assert report.preserves_function, report.warnings
+    assert report.verification.ok, report.verification.summary()
+    notes = [w for w in report.warnings if "sqrt(32/48) = 0.8165" in w]
+    assert len(notes) == 5 and all("epsilon * 48/32" in w for w in notes), report.warnings
+    batch = _batch(3)
+    old_y, new_y = predict(old, batch), predict(new, batch)
+    epsilon = float(old.backbone.transformer_layers[0].layer_norm_epsilon)
+    bound = preservation_bound(old_y, ulps=32) + _epsilon_term(old, batch, 5, epsilon, 1.5)
+    assert max_diff(old_y, new_y) <= bound, (max_diff(old_y, new_y), bound)
+
+    before, after = _variables(old), _variables(new)
+    gains = [p for p in after if p.endswith("/scale")
+             and after[p].shape == (48,)]  # not Qwen3's per-head query/key norms
+    assert len(gains) == 5
+    for path in gains:
+        np.testing.assert_array_equal(after[path][:32], before[path] * C)  # x0.8165
+    lines = operator_lines(report.plan)
+    assert sum("scale': values x0.8165 ((48/32) ** -0.5, axis 0 grew 32 -> 48)" in line
+               for line in lines) == 5, lines
+    assert sum(line.endswith("start at 0") for line in lines) >= 4, lines  # the projections
+    written = [p for p in after if p.endswith(("token_embedding/embeddings",
+                                               "attention_output/kernel",
+                                               "feedforward_output_dense/kernel"))]
+    assert len(written) == 5
+    for path in written:  # the residual stream's new dims start at 0 where they are written
+        assert np.all(after[path][..., 32:] == 0), path
+        assert np.abs(before[path]).max() > 0
+    table = _path(after, "token_embedding/embeddings")
+    np.testing.assert_array_equal(after[table][:, :32], before[table])
+
+
+def test_hidden_growth_without_heads_moves_the_rotary_frequencies():
+    """Qwen derives head_dim = hidden_dim / num_heads: 32 -> 48 at 4 heads grows head_dim 8 ->
+    12, which moves the rotary frequencies; the report names them (the norms' growth is
+    exact, and said so)."""
+    old = _old(_causal_lm, "qwen", 1, **OLD)
+    new = _causal_lm("qwen", 2, **dict(OLD, hidden_dim=48))
+    report = ks.migrate_weights(old, new)
+    assert not report.preserves_function
+    assert any("rotary" in w and "head_dim" in w and "gained 4" in w
+               for w in report.warnings), report.warnings
+
+
+def test_gemma_hidden_growth_is_reported():
+    """Gemma's backbone multiplies the embeddings by sqrt(hidden_dim), a constant of the graph
+    that grows with hidden_dim: not a weight, so the planner cannot start the new dims at 0
+    after it, and says so by name rather than claiming the norms' growth."""
+    old = _old(_causal_lm, "gemma", 1, **_sizes("gemma", **OLD))
+    new = _causal_lm("gemma", 2, **_sizes("gemma", **GROWN))
+    report = ks.migrate_weights(old, new)
+    assert not report.preserves_function
+    assert any("multiply" in w and "not written by a weight" in w
+               for w in report.warnings), report.warnings
+
+
+def _block(family: str, seed: int, hidden: int, heads: int, kv: int):
+    """Input (4, 8) -> Dense(hidden) -> one decoder layer: float inputs, so the verifier
+    checks the labels against gradients."""
+    from keras_hub.src.models.gemma.gemma_decoder_block import GemmaDecoderBlock
+    from keras_hub.src.models.llama.llama_decoder import LlamaTransformerDecoder
+
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4, 8), name="x")
+    h = keras.layers.Dense(hidden, name="proj")(x)
+    sizes = dict(intermediate_dim=64, num_query_heads=heads, num_key_value_heads=kv,
+                 name="decoder")
+    if family == "gemma":
+        layer = GemmaDecoderBlock(hidden_dim=hidden, head_dim=8, use_post_ffw_norm=True,
+                                  use_post_attention_norm=True, **sizes)
+    else:
+        layer = LlamaTransformerDecoder(**sizes)
+    return keras.Model(x, layer(h))
+
+
+@pytest.mark.slow_on_other_backends
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_decoder_block_growth_agrees_with_the_gradients(family):
+    """A decoder layer behind a Dense that grows 32 -> 48 units: the Dense's new columns and
+    bias start at 0, and so do the attention output's (a norm reads the stream after it), the
+    norms' gains are rescaled (Gemma's 1 + scale: s_new = c * s_old + (c - 1)), the old
+    outputs are kept, and the labels agree with the gradients of the grown model. (The down
+    projection's new columns stay fresh: no norm reads the stream after it here.)"""
+    rng = np.random.default_rng(0)
+    old = _block(family, 1, 32, 4, 2)
+    _calibrate(old, seed=3)
+    x1, x2 = (rng.normal(size=(3, 4, 8)).astype("float32") for _ in range(2))
+    assert_input_sensitive(old, x1, x2)
+    new = _block(family, 2, 48, 6, 3)
+    report = ks.migrate_weights(old, new, verify=True)
+
+    assert report.preserves_function, report.warnings
+    assert report.verification.ok, report.verification.summary()
+    assert report.verification.mapping.checked > 0 and not report.verification.mapping.mismatches
+    old_y, new_y = predict(old, x1), predict(new, x1)
+    assert max_diff(old_y, new_y[..., :32]) <= preservation_bound(old_y, ulps=32) + (
+        # two (Gemma: four) norms, epsilon 1e-6 acting as 1.5e-6, inputs of mean square >~ 0.1
+        4 * 0.5 * 1e-6 / 0.1 * float(np.max(np.abs(old_y))))
+    before, after = _variables(old), _variables(new)
+    offset = 1.0 if family == "gemma" else 0.0
+    gains = [p for p in after if p.endswith("/scale")]
+    assert len(gains) == (4 if family == "gemma" else 2)
+    for path in gains:
+        expected = before[path] * C + (C - 1.0) * offset if offset else before[path] * C
+        np.testing.assert_array_equal(after[path][:32], expected.astype("float32"))
+        np.testing.assert_allclose(offset + after[path][:32], C * (offset + before[path]),
+                                   rtol=4 * EPS32, atol=4 * EPS32)
+    assert np.all(after["proj/kernel"][:, 32:] == 0) and np.all(after["proj/bias"][32:] == 0)
+    loaded = ks.SurgeryPlan.from_json(report.plan.to_json())  # the shift survives JSON
+    assert [(w.scale, w.shift, w.operator) for w in loaded.weights] == [
+        (w.scale, w.shift, w.operator) for w in report.plan.weights]
+    assert any(w.shift for w in loaded.weights) == bool(offset)
+    attention_out = after[_path(after, "attention_output/kernel")]
+    assert np.all(attention_out[..., 32:] == 0) and np.abs(attention_out[..., :32]).max() > 0
+
+
+def test_epsilon_acts_as_epsilon_times_the_growth():
+    """The one inexact term, measured: with a large epsilon (0.05) the grown model computes
+    exactly what the old model computes with epsilon * 48/32, and visibly not what it computes
+    with epsilon itself."""
+    from keras_hub.src.models.llama.llama_layernorm import LlamaLayerNorm
+
+    def model(units: int, epsilon: float, seed: int):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((16,), name="x")
+        h = keras.layers.Dense(units, name="proj")(x)
+        h = LlamaLayerNorm(epsilon=epsilon, name="norm")(h)
+        return keras.Model(x, keras.layers.Dense(3, name="head")(h))
+
+    old = model(32, 0.05, 1)
+    _calibrate(old, seed=5)
+    new = model(48, 0.05, 2)
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    oracle = model(32, 0.05 * 48 / 32, 3)
+    oracle.set_weights(old.get_weights())
+    x = np.random.default_rng(1).normal(0, 0.3, (64, 16)).astype("float32")
+    old_y, new_y, oracle_y = predict(old, x), predict(new, x), predict(oracle, x)
+    assert max_diff(new_y, oracle_y) <= preservation_bound(oracle_y, ulps=32)
+    assert max_diff(new_y, old_y) > 100 * preservation_bound(old_y, ulps=32)
+
+
+# -- query and key/value heads ----------------------------------------------------------------
+
+
+def test_key_value_heads_growth_that_splits_groups_is_reported():
+    """4 query heads over 2 -> 4 key/value heads: old query head 1 read key/value head 0, its
+    continuation would read a new one, so the report names the query heads that are gone."""
+    old = _old(_causal_lm, "llama", 1, **OLD)
+    new = _causal_lm("llama", 2, **dict(OLD, num_key_value_heads=4))
+    report = ks.migrate_weights(old, new)
+    assert not report.preserves_function
+    assert any("_output_dense/kernel" in w and "head[(1, 1)]" in w and "gone" in w
+               for w in report.warnings), report.warnings
+
+
+@pytest.mark.slow_on_other_backends
+@pytest.mark.parametrize("family, old_sizes, new_sizes", [
+    # Mistral takes head_dim: 4 -> 8 query heads over 2 -> 4 key/value heads at head_dim 8
+    ("mistral", dict(OLD, head_dim=8), dict(OLD, head_dim=8, num_query_heads=8,
+                                            num_key_value_heads=4)),
+    # Qwen3 too: 4 -> 6 query heads over 2 key/value heads (groups of 2 -> 3)
+    ("qwen3", dict(OLD, head_dim=8), dict(OLD, head_dim=8, num_query_heads=6)),
+], ids=["mistral-heads-and-kv-heads", "qwen3-query-heads"])
+def test_heads_growth_keeps_old_logits(family, old_sizes, new_sizes):
+    """New heads get zero rows in the output projection; the grouping is kept (old query head
+    (g, r) reads key/value head g in both models)."""
+    old = _old(_causal_lm, family, 1, **old_sizes)
+    new = _causal_lm(family, 2, **new_sizes)
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    batch = _batch(4)
+    old_y = predict(old, batch)
+    assert max_diff(old_y, predict(new, batch)) <= preservation_bound(old_y, ulps=32)
+    old_group = old_sizes["num_query_heads"] // old_sizes["num_key_value_heads"]
+    new_group = new_sizes["num_query_heads"] // new_sizes["num_key_value_heads"]
+    moved = [(u // old_group) * new_group + u % old_group
+             for u in range(old_sizes["num_query_heads"])]
+    path = _path(_variables(new), "transformer_layer_0/self_attention/attention_output/kernel")
+    before, after = _variables(old)[path], _variables(new)[path]
+    np.testing.assert_array_equal(np.take(after, moved, axis=0), before)
+    assert np.all(np.delete(after, moved, axis=0) == 0)
+
+
+# -- optimizer slots ----------------------------------------------------------------------------
+
+
+def _compiled(model):
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=True)  # tracing two train steps costs more than 4 eager ones
+    return model
+
+
+def _slots(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    opt = model.optimizer
+    return {v.path: tuple(keras.ops.convert_to_numpy(s[opt._get_variable_index(v)])
+                          for s in (opt._momentums, opt._velocities))
+            for v in model.trainable_variables}
+
+
+def _train(model, seeds) -> None:
+    for seed in seeds:
+        batch = _batch(seed)
+        model.train_on_batch(batch, np.roll(batch["token_ids"], -1, axis=1))
+
+
+@pytest.mark.slow_on_other_backends
+def test_adam_slots_follow_the_gain_rescale():
+    """After 3 Adam steps on the old model: the new gains' m is the old m / c and v the old
+    v / c ** 2 (a gain stored as c * g has gradient grad / c), zero at the new dims; other
+    slots are copied. The oracle of that convention: one more step on the same batch in both
+    models gives the new m = old m / c again (the gradient really is grad / c), which m * c
+    would not."""
+    old = _compiled(_old(_causal_lm, "llama", 1, **OLD))
+    _train(old, (7, 8, 9))
+    new = _compiled(_causal_lm("llama", 2, **GROWN))
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    before, after = _slots(old), _slots(new)
+    gains = [p for p in after if p.endswith("/scale")]
+    assert len(gains) == 5
+    for path in gains:
+        (m0, v0), (m1, v1) = before[path], after[path]
+        assert np.abs(m0).max() > 0 and np.abs(v0).max() > 0
+        np.testing.assert_allclose(m1[:32], m0 / C, rtol=2 * EPS32, atol=0)
+        np.testing.assert_allclose(v1[:32], v0 / C**2, rtol=2 * EPS32, atol=0)
+        assert np.all(m1[32:] == 0) and np.all(v1[32:] == 0)
+    table = _path(after, "token_embedding/embeddings")
+    np.testing.assert_array_equal(after[table][0][:, :32], before[table][0])
+    assert np.all(after[table][0][:, 32:] == 0)
+
+    _train(old, (10,))
+    _train(new, (10,))
+    before, after = _slots(old), _slots(new)
+    for path in gains:
+        (m0, v0), (m1, v1) = before[path], after[path]
+        np.testing.assert_allclose(m1[:32], m0 / C, rtol=1e-4, atol=1e-4 * np.abs(m0).max())
+        np.testing.assert_allclose(v1[:32], v0 / C**2, rtol=1e-4,
+                                   atol=1e-4 * np.abs(v0).max())
+
+
+@pytest.mark.slow_on_other_backends
+def test_new_residual_dims_can_learn():
+    """hidden 32 -> 48 alone (Qwen3 takes head_dim: 4 heads of 8 kept). The writers of the new
+    dims start at 0, so their readers (query/key/value, gate/up) keep fresh rows there: the old
+    logits cannot see them, and the new dims get a gradient. Zeros on both sides would be a
+    saddle: every new entry's gradient exactly 0, for ever."""
+    sizes = dict(OLD, head_dim=8)
+    old = _compiled(_old(_causal_lm, "qwen3", 1, **sizes))
+    new = _compiled(_causal_lm("qwen3", 2, **dict(sizes, hidden_dim=48)))
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    batch = _batch(3)
+    old_y = predict(old, batch)
+    bound = preservation_bound(old_y, ulps=32) + _epsilon_term(old, batch, 5, 1e-6, 1.5)
+    assert max_diff(old_y, predict(new, batch)) <= bound
+    after = _variables(new)
+    query = _path(after, "transformer_layer_0/self_attention/query/kernel")
+    assert np.abs(after[query][32:]).max() > 0  # (hidden, heads, head_dim): fresh new rows
+    assert any("transformer_layer_0': weight '_self_attention_layer/_query_dense/kernel': "
+               "new input indices keep fresh values" in line
+               for line in operator_lines(report.plan)), operator_lines(report.plan)
+    table = _path(after, "token_embedding/embeddings")
+    assert np.all(after[table][:, 32:] == 0)
+    _train(new, (10,))
+    assert np.abs(_variables(new)[table][:, 32:]).max() > 0  # a gradient reached them
