@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_surgery.budgets import check_config_values, check_layer_entry
 from keras_surgery.errors import SurgeryFileError
 from keras_surgery.graph import (
     NESTED_MODEL_CLASSES,
@@ -697,23 +698,44 @@ class KerasFile(WeightSource):
         """The model graph described by this file.
 
         Raises:
-            SurgeryFileError: the config is not a Keras model, or the weights stored for a
+            SurgeryFileError: the config is not a Keras model, declares values or shapes
+                beyond the budgets of `keras_surgery.budgets`, or the weights stored for a
                 layer are not those Keras would create from the layer's config.
         """
+        self._check_budgets()
         graph = build_graph(self.config, self, description=f"'{self.path}'")
         self._check_group_names(graph)
         self._check_layouts(graph)
         return graph
 
+    def _check_budgets(self) -> None:
+        """Bounds what the config makes us allocate (`keras_surgery.budgets`), before any
+        graph is built or layer made from it: a file of a few KB must not cost gigabytes."""
+        model = self.config.get("config")
+        spent = 0
+        if isinstance(model, Mapping):  # a registered model's own arguments (keras-hub)
+            spent = check_config_values({k: v for k, v in model.items() if k != "layers"},
+                                        f"'{self.path}': model")
+        for name, entry in _config_entries(self.config):
+            spent = check_layer_entry(entry, f"'{self.path}': layer '{name}'", spent)
+
     def _check_layouts(self, graph: ModelGraph) -> None:
         # Keras's loader refuses a layer whose stored variables differ in number or shape from
         # those its config builds; we must too, or a damaged layer would be read as a layer of
         # another configuration (a Dense without its bias) and its rule would quietly give up.
+        # Rebuilding a layer costs 5-20 ms; layers that differ only in their name (a stack of
+        # identical blocks) have the same variables, so each layout is built once per call.
+        layouts: dict[tuple, dict[str, tuple[int, ...]] | None] = {}
         for name, entry in _config_entries(self.config):
             node = graph.layers.get(name)
             if node is None or node.group is None:
                 continue
-            expected = keras_layout(node, entry)
+            unnamed = {k: v for k, v in node.config.items() if k != "name"}
+            key = (node.cls, json.dumps([unnamed, entry.get("build_config")], sort_keys=True,
+                                        default=repr))
+            if key not in layouts:
+                layouts[key] = keras_layout(node, entry)
+            expected = layouts[key]
             if expected is None:
                 continue
             stored = {w.local: w.shape for w in node.weights}
@@ -953,7 +975,9 @@ SCAN_CHUNK_BYTES = 8 << 20
 def signature_positions(data: Any, signature: bytes, start: int, end: int) -> Iterator[int]:
     """Every position in `data[start:end]` where `signature` begins, in order (overlapping
     ones included), as `data.find` would give them one by one, but compared by numpy a chunk
-    at a time: about twice as fast over a weights file, and a chunk's memory at most."""
+    at a time: about twice as fast over a weights file, and a chunk's memory at most (the
+    pages of a memory-mapped file are dropped after each chunk: a 2.8 GB file stayed resident
+    whole, 64 MB now)."""
     k = len(signature)
     sig = np.frombuffer(signature, np.uint8)
     end = min(end, len(data))  # as `find` does, should the file have shrunk meanwhile
@@ -966,6 +990,8 @@ def signature_positions(data: Any, signature: bytes, start: int, end: int) -> It
             found = found[chunk[found + i] == sig[i]]
         del chunk  # a memory map cannot close while a view of it is alive
         yield from (chunk_start + found).tolist()
+        if isinstance(data, mmap.mmap):  # a scan of a whole file never holds it resident
+            _drop_pages(data, chunk_start, chunk_end)
 
 
 def _sizeof_lengths(data: Any, start: int, end: int) -> int | None:

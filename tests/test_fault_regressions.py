@@ -306,3 +306,152 @@ def test_a_member_compressed_as_keras_never_does_is_refused(tmp_path):
         archive.writestr(LINEAGE_MEMBER, b"{}", compress_type=zipfile.ZIP_BZIP2)
     with pytest.raises(ks.SurgeryFileError, match=f"{LINEAGE_MEMBER} is compressed with method"):
         ks.migrate_weights(tmp_path / "bz.keras", _mlp(seed=1))
+
+
+# -- config values that make the reader allocate: budgets before allocation --------------------
+
+
+def _normalized_mlp(seed=0):
+    """obs -> Normalization (fixed mean and variance) -> Masking -> Dense."""
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4,), name="obs")
+    h = keras.layers.Normalization(mean=[0.5, 1.0, -2.0, 3.0], variance=[2.0, 1.0, 0.5, 4.0],
+                                   name="norm")(x)
+    h = keras.layers.Masking(mask_value=0.0, name="mask")(h)
+    return keras.Model(x, keras.layers.Dense(2, name="out")(h))
+
+
+def _lambdas(seed=0):
+    """A Sequential whose last layers have no rule, so their shapes come from build_config."""
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, name="d1"),
+                             keras.layers.Lambda(lambda t: t * 2.0, name="lam"),
+                             keras.layers.Lambda(lambda t: t * 3.0, name="lam2")], name="seq")
+
+
+def _entry(config, name):
+    return next(e for e in config["config"]["layers"] if e["config"].get("name") == name)
+
+
+def _broadcast_bomb(config):  # 2**24 + 4096 elements, mean and variance each (+140 MB before)
+    norm = _entry(config, "norm")
+    norm["config"].update(mean=0.5, variance=2.0, axis=[1, 2])
+    norm["build_config"]["input_shape"] = [None, 2**12, 2**12 + 1]
+
+
+def _dtype_bomb(config):  # every element of the mask value 128 MB (2 GB: "(1024,1024,255)f8")
+    mask = _entry(config, "mask")
+    mask["build_config"] = {"input_shape": [None, 4]}
+    mask["config"]["mask_value"] = {"class_name": "__numpy__",
+                                    "config": {"value": 0.0, "dtype": "(1024,1024,16)f8"}}
+
+
+def _string_bomb(config):  # 2**27 bytes an element
+    _dtype_bomb(config)
+    _entry(config, "mask")["config"]["mask_value"]["config"].update(value="a",
+                                                                    dtype=f"S{2**27}")
+
+
+def _declared_tensor_bomb(config):  # the tensor lam2 is called on, declared wide
+    _entry(config, "lam2")["inbound_nodes"][0]["args"][0]["config"]["shape"] = [None, 2**20 + 1]
+
+
+def _declared_build_bomb(config):  # a Sequential layer's build_config: the shape it reads
+    _entry(config, "lam2")["build_config"] = {"input_shape": [None, 2**20 + 1]}
+
+
+def _functional_lambdas(seed=0):
+    keras.utils.set_random_seed(seed)
+    x = keras.Input((4,), name="obs")
+    h = keras.layers.Lambda(lambda t: t * 2.0, name="lam")(keras.layers.Dense(4, name="d1")(x))
+    h = keras.layers.Lambda(lambda t: t * 3.0, name="lam2")(h)
+    return keras.Model(x, keras.layers.Dense(2, name="out")(h))
+
+
+@pytest.mark.parametrize("make,edit,layer,constant", [
+    (_normalized_mlp, _broadcast_bomb, "norm", "MAX_BUILD_ELEMENTS"),
+    (_normalized_mlp, _dtype_bomb, "mask", "MAX_CONFIG_ITEMSIZE"),
+    (_normalized_mlp, _string_bomb, "mask", "MAX_CONFIG_ITEMSIZE"),
+    (_functional_lambdas, _declared_tensor_bomb, "lam2", "MAX_FILE_TENSOR_INDICES"),
+    (_lambdas, _declared_build_bomb, "lam2", "MAX_FILE_TENSOR_INDICES"),
+])
+def test_config_values_that_would_allocate_are_refused_first(tmp_path, capsys, make, edit,
+                                                              layer, constant):
+    """A few KB of config.json made the reader allocate before anything was refused: a
+    Normalization's fixed mean broadcast to its build_config shape (2**28 elements: 2.7 GB,
+    7.6 s), a Masking `__numpy__` value whose dtype makes each element gigabytes (killed at
+    6 GB), a declared tensor labelled index by index (2**24 indices: killed at 4 GB after
+    90 s). Each is refused before allocation, naming the layer and the setting to raise."""
+    make().save(tmp_path / "old.keras")
+    _rewrite_config(tmp_path / "old.keras", tmp_path / "bomb.keras", edit)
+    assert (tmp_path / "bomb.keras").stat().st_size < 64 << 10
+    expected = rf"bomb\.keras': layer '{layer}'.*keras_surgery\.budgets\.{constant}"
+    with pytest.raises(ks.SurgeryFileError, match=expected):
+        ks.phi_table(tmp_path / "bomb.keras")
+    new = make(seed=2)
+    before = _values(new)
+    with pytest.raises(ks.SurgeryFileError, match=expected):
+        ks.migrate_weights(tmp_path / "bomb.keras", new)
+    for a, b in zip(_values(new), before):
+        np.testing.assert_array_equal(a, b)
+    assert cli.main(["phi", str(tmp_path / "bomb.keras")]) == 2
+    assert constant in capsys.readouterr().err
+
+
+def test_long_lists_in_a_deflated_config_are_refused_first(tmp_path):
+    """A 41 KB file whose deflated config.json holds a Normalization mean and variance of ten
+    million numbers each ran past 90 s (Keras tracks every element of a list it is given;
+    2**20 of each: 9 s, +380 MB): the lists of a file's configs are budgeted."""
+    _normalized_mlp().save(tmp_path / "old.keras")
+    with zipfile.ZipFile(tmp_path / "old.keras") as archive:
+        members = {n: archive.read(n) for n in archive.namelist()}
+    config = json.loads(members["config.json"])
+    n = 2**19 + 1  # mean and variance: just past MAX_CONFIG_ELEMENTS = 2**20 in all
+    _entry(config, "norm")["config"].update(mean=[0] * n, variance=[1] * n)
+    members["config.json"] = json.dumps(config).encode()
+    with zipfile.ZipFile(tmp_path / "lists.keras", "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    assert (tmp_path / "lists.keras").stat().st_size < 64 << 10
+    with pytest.raises(ks.SurgeryFileError,
+                       match=r"layer 'norm'.*keras_surgery\.budgets\.MAX_CONFIG_ELEMENTS"):
+        ks.phi_table(tmp_path / "lists.keras")
+
+
+def test_config_values_within_the_budgets_still_read(tmp_path, monkeypatch):
+    """The budgets refuse only what exceeds them: a Masking value stored as Keras stores an
+    array, a fixed-mean Normalization and a wide Lambda input are read, and migrate exactly;
+    a budget raised through its constant admits what it refused."""
+    from keras_surgery import budgets
+
+    old = _normalized_mlp()
+    randomize(old, None, seed=4)
+    old.save(tmp_path / "old.keras")
+
+    def numpy_mask(config):
+        _entry(config, "mask")["build_config"] = {"input_shape": [None, 4]}
+        _entry(config, "mask")["config"]["mask_value"] = {
+            "class_name": "__numpy__", "config": {"value": [0.0], "dtype": "float32"}}
+
+    _rewrite_config(tmp_path / "old.keras", tmp_path / "ok.keras", numpy_mask)
+    rng = np.random.default_rng(0)
+    x, x2 = (rng.normal(size=(16, 4)).astype("float32") for _ in range(2))
+    assert_input_sensitive(old, x, x2)
+    new = _normalized_mlp(seed=2)
+    report = ks.migrate_weights(tmp_path / "ok.keras", new)
+    assert report.preserves_function
+    for a, b in zip(_values(new), _values(old)):
+        np.testing.assert_array_equal(a, b)  # every weight copied
+    reference = predict(old, x)
+    assert np.max(np.abs(predict(new, x) - reference)) <= preservation_bound(reference)
+
+    _lambdas().save(tmp_path / "seq.keras")
+    _rewrite_config(tmp_path / "seq.keras", tmp_path / "wide.keras", _declared_build_bomb)
+    monkeypatch.setattr(budgets, "MAX_FILE_TENSOR_INDICES", 2**19)
+    with pytest.raises(ks.SurgeryFileError, match="at most 524288 are accepted"):
+        ks.phi_table(tmp_path / "wide.keras")
+    edited = tmp_path / "narrow.keras"
+    _rewrite_config(tmp_path / "seq.keras", edited, lambda c: _entry(c, "lam2").update(
+        build_config={"input_shape": [None, 2**10]}))
+    monkeypatch.setattr(budgets, "MAX_FILE_TENSOR_INDICES", 2**10)
+    ks.phi_table(edited)  # exactly at the budget

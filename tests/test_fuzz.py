@@ -3,7 +3,9 @@
 Mutants of valid files of two small trained models (bytes flipped, spliced or cut at the zip
 level; config.json text and JSON values, its structure (layers renamed with or without their
 readers, cycles, class names of other layers, functions or modules, keys gone, wrong types,
-sizes past every limit, a layer twice), model.weights.h5 bytes and h5 structure (datasets gone,
+sizes past every limit, a layer twice), its values past the budgets of keras_surgery.budgets
+(array values of hostile dtypes, fixed-mean Normalizations broadcast to declared shapes, wide
+declared shapes), model.weights.h5 bytes and h5 structure (datasets gone,
 renamed, of other dtypes, shapes or values, layer groups moved) changed and re-zipped; zip
 members renamed, dropped, duplicated, compressed or flagged encrypted) go through
 `ks.migrate_weights`, `ks.phi_table` and `SurgeryPlan.apply_file`. Every outcome must be a
@@ -47,7 +49,7 @@ MIN_MUTANTS = 50
 SEED = int(os.environ.get("KS_FUZZ_SEED", "20240601"))  # another seed explores new mutants
 CONFIG, WEIGHTS, METADATA = "config.json", "model.weights.h5", "metadata.json"
 KINDS = ("flip", "truncate", "splice", "config_text", "config_json", "config_struct",
-         "h5_bytes", "h5_struct", "members")
+         "config_values", "h5_bytes", "h5_struct", "members")
 
 
 # -- the test (parent side) ------------------------------------------------------------------
@@ -317,6 +319,67 @@ def _mutate_structure(rng, config: dict) -> dict:
     return config
 
 
+# Dtypes of a config's array values ({"class_name": "__numpy__", "config": {"value", "dtype"}},
+# which Keras makes with np.array): each element gigabytes, sub-arrays, records, and sane ones.
+ARRAY_DTYPES = ("(1024,1024,255)f8", "S2000000000", "V2000000000", "U500000000", "(64,64)f4",
+                [["a", "f8", [1024, 1024, 255]]], "float32", "int64", "bfloat16", None, 7)
+ARRAY_VALUES = (0.0, [0.0, 1.0, 2.0, 3.0], "a", [[1, 2], [3, 4]], None, {"a": 1})
+# Declared shapes past the budgets (MAX_FILE_TENSOR_INDICES, MAX_BUILD_ELEMENTS), and one
+# within them whose fixed-mean broadcast is not.
+BUDGET_SHAPES = ([None, 2**20 + 1], [None, 2**12, 2**12 + 1], [None, 2**25],
+                 [None, 4, 2**20, 3], [None, 2**26])
+
+
+def _pick(rng, options):
+    return copy.deepcopy(options[int(rng.integers(0, len(options)))])
+
+
+def _mutate_values(rng, config: dict) -> dict:
+    """A config value a small file can use to exhaust the reader: an array value of a hostile
+    dtype, a fixed-mean Normalization broadcast to a declared shape, a wide build_config shape
+    or a wide shape of a tensor a layer is called on."""
+    config = copy.deepcopy(config)
+    entries = _layer_entries(config)
+    if not entries:
+        return config
+    entry = entries[int(rng.integers(0, len(entries)))]
+    cfg = entry["config"]
+    op = int(rng.integers(0, 4))
+    if op == 0:
+        key = _pick(rng, list(cfg) + ["mask_value", "kernel_initializer", "mean"])
+        cfg[key] = {"class_name": _pick(rng, ("__numpy__", "__tensor__")),
+                    "config": {"value": _pick(rng, ARRAY_VALUES),
+                               "dtype": _pick(rng, ARRAY_DTYPES)}}
+        if rng.random() < 0.5:
+            entry["build_config"] = {"input_shape": [None, 4]}
+    elif op == 1:
+        entry["module"], entry["class_name"] = "keras.layers", "Normalization"
+        entry.pop("registered_name", None)
+        entry["config"] = {"name": cfg.get("name"), "axis": _pick(rng, ([-1], [1, 2], None, 1)),
+                           "mean": 0.5, "variance": 2.0, "invert": False}
+        entry["build_config"] = {"input_shape": _pick(rng, BUDGET_SHAPES)}
+    elif op == 2:
+        entry["build_config"] = {"input_shape": _pick(rng, BUDGET_SHAPES)}
+    else:
+        tensors = list(_tensors(entry.get("inbound_nodes"))) or [{"config": {}}]
+        tensors[int(rng.integers(0, len(tensors)))]["config"]["shape"] = _pick(
+            rng, BUDGET_SHAPES)
+    return config
+
+
+def _tensors(node):
+    """Every serialized Keras tensor inside `node` (a layer's inbound nodes)."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "__keras_tensor__" and isinstance(node.get("config"), dict):
+            yield node
+            return
+        for value in node.values():
+            yield from _tensors(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _tensors(value)
+
+
 def _mutate_text(rng, text: bytes) -> bytes:
     out = bytearray(text)
     alphabet = b'{}[]",:0123456789-.eE null true abc\\u00'
@@ -432,6 +495,9 @@ def mutate(base: bytes, index: int) -> tuple[str, bytes]:
         return kind, replace_member(base, CONFIG, json.dumps(config).encode())
     if kind == "config_struct":
         config = _mutate_structure(rng, json.loads(members[CONFIG]))
+        return kind, replace_member(base, CONFIG, json.dumps(config).encode())
+    if kind == "config_values":
+        config = _mutate_values(rng, json.loads(members[CONFIG]))
         return kind, replace_member(base, CONFIG, json.dumps(config).encode())
     if kind == "h5_bytes":
         blob = members[WEIGHTS]
