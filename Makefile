@@ -47,6 +47,8 @@ bench: install
 	$(TF_ENV) $(BIN)/python benchmarks/bench_scaling.py \
 		--json benchmarks/results_scaling.json --plot benchmarks/scaling.png
 	$(TF_ENV) $(BIN)/python benchmarks/bench_graph.py
+	$(TF_ENV) $(BIN)/python benchmarks/bench_layers.py --json benchmarks/results_layers.json
+	$(BIN)/python benchmarks/bench_billion.py --json benchmarks/results_billion.json
 
 lint: install
 	$(BIN)/python -m ruff check .

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
 from keras_surgery.fill import (
+    COPY_BLOCK_BYTES,
     cast_warning,
     fill,
     needs_fresh,
@@ -84,11 +86,9 @@ def _weight_writes(
                     f"Old weight '{wp.old_path}' of layer '{wp.old_layer}' has shape "
                     f"{tuple(old.shape)}; expected {wp.old_shape}."
                 )
-            note = nonfinite_warning(wp, old)
+            note = _nonfinite_in_blocks(wp, old, release)
             if note:
                 notes[(i, 0)] = note
-            if release is not None:
-                release()
             return fill(wp, old, current, plan.policy, in_place=owned, release=release)
 
         writes.append(Write(
@@ -96,6 +96,25 @@ def _weight_writes(
             reads_current=needs_fresh(wp, plan.policy),
         ))
     return writes
+
+
+def _nonfinite_in_blocks(
+    wp: WeightPlan, old: np.ndarray, release: Callable[[], None] | None
+) -> str | None:
+    """`nonfinite_warning` of `old`, read in row blocks of about `COPY_BLOCK_BYTES` with the
+    old file's pages released after each (when `release` is given): the check reads every
+    value, and a memory-mapped weight must not become resident all at once for it."""
+    if release is None or old.ndim == 0 or old.nbytes <= COPY_BLOCK_BYTES:
+        note = nonfinite_warning(wp, old)
+    else:
+        step = max(1, len(old) * COPY_BLOCK_BYTES // old.nbytes)
+        note = None
+        for start in range(0, len(old), step):
+            note = note or nonfinite_warning(wp, old[start:start + step])
+            release()
+    if release is not None:
+        release()
+    return note
 
 
 def _cast_checked(

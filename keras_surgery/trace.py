@@ -289,6 +289,12 @@ def readable_configs(model: Any) -> Iterator[list[str]]:
         >>> with readable_configs(model) as notes:                       # doctest: +SKIP
         ...     config = model.get_config()
     """
+    with tensorflow_unprobed(), _patched_configs(model) as notes:
+        yield notes
+
+
+@contextlib.contextmanager
+def _patched_configs(model: Any) -> Iterator[list[str]]:
     patched: list[tuple[Any, Any]] = []  # (layer, its own instance attribute or _MISSING)
     notes: list[str] = []
     try:
@@ -311,6 +317,32 @@ def readable_configs(model: Any) -> Iterator[list[str]]:
                 object.__delattr__(layer, "get_config")
             else:
                 object.__setattr__(layer, "get_config", own)
+
+
+@contextlib.contextmanager
+def tensorflow_unprobed() -> Iterator[None]:
+    """For the block, Keras's serialization does not import TensorFlow to ask whether a value
+    is one of its types, when TensorFlow has not been imported yet.
+
+    `serialize_keras_object` asks `module_utils.tensorflow.available` (for tf.TensorShape,
+    tf.DType and tf.TypeSpec values), which imports TensorFlow when it is installed: on JAX
+    and PyTorch, with TensorFlow next to them (Colab), the first `get_config` of a migration
+    cost 4-7 s and about 400 MB. No value can be of a type of a module that is not imported,
+    so the answer False is exact; the question is put back unanswered afterwards, so
+    whatever asks it later gets Keras's own answer.
+    """
+    from keras.src.utils import module_utils
+
+    lazy = getattr(module_utils, "tensorflow", None)
+    if "tensorflow" in sys.modules or getattr(lazy, "_available", True) is not None:
+        yield  # already imported or already answered: nothing to spare
+        return
+    lazy._available = False
+    try:
+        yield
+    finally:
+        if "tensorflow" not in sys.modules:
+            lazy._available = None
 
 
 def _config_error(layer: Any) -> str | None:
