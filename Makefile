@@ -49,6 +49,7 @@ bench: install
 	$(TF_ENV) $(BIN)/python benchmarks/bench_graph.py
 	$(TF_ENV) $(BIN)/python benchmarks/bench_layers.py --json benchmarks/results_layers.json
 	$(BIN)/python benchmarks/bench_billion.py --json benchmarks/results_billion.json
+	$(TF_ENV) $(BIN)/python benchmarks/bench_growth_lm.py --json benchmarks/results_growth_lm.json
 
 lint: install
 	$(BIN)/python -m ruff check .
