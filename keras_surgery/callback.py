@@ -80,7 +80,8 @@ class SurgeryCallback(keras.callbacks.Callback):
         unit_maps: chosen units of matched layers (see `migrate_weights`).
         old_weights: a weights-only checkpoint (`.weights.h5` or a sharded `.weights.json`)
             with the old values (see `migrate_weights`).
-        policy: "preserve" (default), "net2net" or "random" (see `migrate_weights`).
+        policy: "preserve" (default), "net2net", "duplicate" or "random" (see
+            `migrate_weights`).
         optimizer: carry the optimizer state (the model is compiled inside `fit`).
         strict: raise UnsupportedLayerError for a layer without a rule.
         verify: check the surgery (see `migrate_weights`).

@@ -24,6 +24,10 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+# keras_surgery.plan.POLICIES, written out: importing plan imports Keras, and `--help` must not
+# (tests/test_cli.py checks that the two agree).
+POLICY_CHOICES = ("preserve", "random", "net2net", "duplicate")
+
 EXIT_OK, EXIT_NOT_PRESERVED, EXIT_ERROR = 0, 1, 2
 
 logger = logging.getLogger(__name__)
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--new-features", help="JSON file with the new feature spec")
     _output_options(diff)
     _old_weights_option(diff)
-    diff.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
+    diff.add_argument("--policy", default="preserve", choices=POLICY_CHOICES)
     diff.add_argument("--json", action="store_true", help="print the plan as JSON")
     diff.add_argument("--require-preserve", action="store_true",
                       help="exit 1 if the old function cannot be preserved")
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--new-features", help="JSON file with the new feature spec")
     _output_options(migrate)
     _old_weights_option(migrate)
-    migrate.add_argument("--policy", default="preserve", choices=("preserve", "random", "net2net"))
+    migrate.add_argument("--policy", default="preserve", choices=POLICY_CHOICES)
     migrate.add_argument("--require-preserve", action="store_true",
                          help="exit 1 and write nothing if the function cannot be preserved")
     _picture_options(migrate)

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from keras_surgery.rules.api import Init
 
 OUT_KINDS = ("out", "diag")
-# Policies that promise the old function: "net2net" fills like "preserve", except that new
-# units start as copies of old ones (see `keras_surgery.net2net`).
-PRESERVING_POLICIES = ("preserve", "net2net")
+# Policies that promise the old function: "net2net" and "duplicate" fill like "preserve",
+# except that new units start as copies of old ones (see `keras_surgery.net2net`).
+PRESERVING_POLICIES = ("preserve", "net2net", "duplicate")
 COPY_BLOCK_BYTES = 32 << 20
 """A copy from an old weight larger than this goes in row blocks of about this size, the old
 file's pages released after each, so a large weight is never resident twice over."""

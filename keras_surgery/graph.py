@@ -118,6 +118,12 @@ class ModelGraph:
 class WeightSource:
     """Reads variables by store path; subclasses read from a file or from live variables."""
 
+    @property
+    def file_bytes(self) -> int | None:
+        """The size of the file(s) the values come from (None: not read from a file); the
+        label budget of a side read from a file grows with it (`labels.file_label_limit`)."""
+        return None
+
     def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
         """Every store path -> (shape, dtype)."""
         raise NotImplementedError

@@ -656,6 +656,11 @@ class KerasFile(WeightSource):
                 "writes it."
             )
 
+    @property
+    def file_bytes(self) -> int | None:
+        """The size of the open file (see `WeightSource.file_bytes`)."""
+        return None if self._raw is None else os.fstat(self._raw.fileno()).st_size
+
     def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
         self.check_unchanged()
         return self._weights().paths()

@@ -8,24 +8,55 @@ two axes is a numpy sort, not a Python loop over pairs.
 Separately, every index carries a *dependency set*: the input feature columns it depends on (a
 frozenset of column numbers). Dependency sets belong to one model (the same unit depends on
 different features before and after a surgery), so they are interned per graph by `DepSets`.
+
+A side read from a file is labelled under a budget (`label_budget`, MAX_FILE_LABELS): every id
+handed out counts, so a few KB of config cannot make the reader label without bound.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import gc
-from collections.abc import Callable, Hashable, Iterable, Sequence
+import itertools
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
-from keras_surgery.errors import SurgeryError
+from keras_surgery.errors import SurgeryError, SurgeryFileError
 
 # Every index of every axis gets a label. A damaged config can declare sizes no model has
 # (units=1e308, an input 10**12 wide) and labelling them would never end; real axes stay far
 # below this (a 16M-token vocabulary, a 1M-sample waveform).
 MAX_AXIS_LENGTH = 1 << 26
+
+# Labelled indices (label ids handed out by `LabelSpace.intern`, a label made again included)
+# one side read from a file may use in all (`label_budget`); a live model is never budgeted.
+# Each costs about 230 bytes and 3 us. The budget is MAX_FILE_LABELS, or one label per
+# FILE_BYTES_PER_LABEL bytes of the file if that is more (`file_label_limit`): a crafted file of
+# a few KB whose rule-made axes are wide (a RepeatVector's `n`, an UpSampling's `size`, layers
+# each declaring an axis just under the per-tensor budget) stops at about 250 MB and 3-4 s,
+# and a larger file costs at most about 15 times its own size. Measured from files:
+# EfficientNetB0 101k labels (21 MB), NASNetMobile 98k, GPT-2 (124M, vocabulary 50257) 158k
+# (500 MB), all below the floor; a Llama-3-8B (about 1.7M by per-layer counts, 16 GB) is
+# 600 times below its file's allowance.
+MAX_FILE_LABELS = 1 << 20
+FILE_BYTES_PER_LABEL = 16
+
+
+def file_label_limit(file_bytes: int | None) -> int:
+    """The label budget of a side read from a file of `file_bytes` bytes (None: unknown):
+    MAX_FILE_LABELS, or `file_bytes // FILE_BYTES_PER_LABEL` if that is more. Both constants
+    are read at the call, so raising either raises the budget.
+
+    Example:
+        >>> file_label_limit(None) == MAX_FILE_LABELS
+        True
+    """
+    return max(MAX_FILE_LABELS, int(file_bytes or 0) // FILE_BYTES_PER_LABEL)
 
 # -- label keys --------------------------------------------------------------------------------
 
@@ -109,6 +140,100 @@ class TokenValues:
 ZERO_SAFE_KINDS = frozenset({"feature"})
 
 
+class LabelBudgetError(SurgeryFileError):
+    """A side read from a file needs more labelled indices than its budget allows."""
+
+
+@dataclass
+class LabelBudget:
+    """The labelled indices one side read from a file has used, and may use.
+
+    Attributes:
+        limit: how many it may use in all (MAX_FILE_LABELS when the budget was entered).
+        where: how messages name the file, e.g. `"'old.keras'"`.
+        spent: how many it has used so far.
+        labelling: what is being labelled, for messages (`"layer 'rep' (RepeatVector)"`).
+    """
+
+    limit: int
+    where: str
+    spent: int = 0
+    labelling: str = "its inputs"
+
+    def check(self, n: int) -> None:
+        """Refuses, before anything is made, `n` more indices than the budget has left."""
+        if self.spent + n > self.limit:
+            raise self.exceeded(self.spent + n)
+
+    def charge(self, n: int) -> None:
+        """Counts `n` indices labelled, refusing once the total passes the limit."""
+        self.spent += n
+        if self.spent > self.limit:
+            raise self.exceeded(self.spent)
+
+    def exceeded(self, total: int) -> LabelBudgetError:
+        return LabelBudgetError(
+            f"{self.where}: labelling {self.labelling} brings the file to {total} labelled "
+            f"indices, more than the {self.limit} a side read from a file may use (each costs "
+            "about 230 bytes and 3 us: is the config damaged?); keras_surgery.labels."
+            "MAX_FILE_LABELS raises the limit for a file you trust."
+        )
+
+
+_BUDGET: contextvars.ContextVar[LabelBudget | None] = contextvars.ContextVar(
+    "keras_surgery_label_budget", default=None)
+_CHARGE_CHUNK = 1 << 12  # keys a generator given to `intern_many` makes before they are counted
+
+
+@contextlib.contextmanager
+def label_budget(where: str, limit: int | None = None) -> Iterator[LabelBudget]:
+    """Counts every label made inside the block against one budget, for a side read from a
+    file (a live model's sizes are its own: it is labelled outside any budget).
+
+    Budgets do not nest: the block's budget replaces any outer one until it ends.
+
+    Args:
+        where: how messages name the file, e.g. `"'old.keras'"`.
+        limit: the indices it may label in all; default MAX_FILE_LABELS (read on entry, so
+            raising the module constant raises it).
+
+    Yields:
+        The LabelBudget (its `labelling` names what is being labelled, for messages).
+
+    Raises:
+        LabelBudgetError: (a SurgeryFileError) inside the block, once labels would pass the
+            limit; it names the file, what was being labelled, the limit and MAX_FILE_LABELS.
+
+    Example:
+        >>> with label_budget("'tiny.keras'", limit=10) as budget:
+        ...     _ = positions(LabelSpace(), 0, 4)
+        >>> budget.spent
+        4
+    """
+    budget = LabelBudget(MAX_FILE_LABELS if limit is None else int(limit), where)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+@contextlib.contextmanager
+def unbudgeted() -> Iterator[None]:
+    """Labels made inside the block count against no budget (a live model's), even inside
+    the block of a `label_budget`."""
+    token = _BUDGET.set(None)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
+
+
+def current_budget() -> LabelBudget | None:
+    """The budget labels are counted against here, or None (a live model, outside any)."""
+    return _BUDGET.get()
+
+
 class LabelSpace:
     """Interns label keys into integer ids; one space is shared by both sides of a surgery."""
 
@@ -122,7 +247,34 @@ class LabelSpace:
         return len(self._keys)
 
     def intern(self, key: Hashable) -> int:
-        """Returns the id of `key`, creating it on first sight."""
+        """Returns the id of `key`, creating it on first sight (counted against the label
+        budget, if one is entered: `label_budget`)."""
+        budget = _BUDGET.get()
+        if budget is not None:
+            budget.charge(1)
+        return self._intern(key)
+
+    def intern_many(self, keys: Iterable[Hashable]) -> np.ndarray:
+        """Interns every key; returns their ids as an int64 array.
+
+        Under a label budget a sized `keys` is counted before any is interned, an iterator in
+        chunks of `_CHARGE_CHUNK`, so a refused axis costs at most one chunk.
+        """
+        budget = _BUDGET.get()
+        if budget is None:
+            return np.fromiter((self._intern(k) for k in keys), dtype=np.int64)
+        if isinstance(keys, Sized):
+            budget.charge(len(keys))
+            return np.fromiter((self._intern(k) for k in keys), dtype=np.int64, count=len(keys))
+        parts = []
+        iterator = iter(keys)
+        while chunk := list(itertools.islice(iterator, _CHARGE_CHUNK)):
+            budget.charge(len(chunk))
+            parts.append(np.fromiter((self._intern(k) for k in chunk), dtype=np.int64,
+                                     count=len(chunk)))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _intern(self, key: Hashable) -> int:
         found = self._ids.get(key)
         if found is not None:
             return found
@@ -131,10 +283,6 @@ class LabelSpace:
         self._keys.append(key)
         self._zero_safe.append(self._compute_zero_safe(key))
         return new_id
-
-    def intern_many(self, keys: Iterable[Hashable]) -> np.ndarray:
-        """Interns every key; returns their ids as an int64 array."""
-        return np.fromiter((self.intern(k) for k in keys), dtype=np.int64)
 
     def key(self, label_id: int) -> Hashable:
         """The key behind an id."""
@@ -216,13 +364,18 @@ class LabelSpace:
         repeats = np.ones(len(ids), dtype=bool)
         repeats[first] = False
         out = ids.copy()
+        # The smallest free copy number of a base only grows (numbers are only taken), so a
+        # cursor per base finds it: linear in the copies (a search from 1 each time was
+        # quadratic: a file concatenating one tensor 10,000 times took minutes).
+        cursor: dict[int, int] = {}
         for i in np.flatnonzero(repeats).tolist():
             base, _ = self._occurrence(int(ids[i]))
             used = taken[base]
-            k = 1
+            k = cursor.get(base, 1)
             while k in used:
                 k += 1
             used.add(k)
+            cursor[base] = k + 1
             out[i] = self.intern(occurrence_key(base, k))
         return out
 
@@ -408,10 +561,12 @@ def repeated_label(ids: np.ndarray | None) -> int | None:
 
 
 def axis_length(n: int, what: str) -> int:
-    """`n` as the length of a labelled axis of `what`.
+    """`n` as the length of a labelled axis of `what`, checked before it is labelled.
 
     Raises:
         SurgeryError: `n` is negative or above MAX_AXIS_LENGTH.
+        LabelBudgetError: under a label budget (a side read from a file), `n` more indices
+            than the budget has left.
     """
     n = int(n)
     if not 0 <= n <= MAX_AXIS_LENGTH:
@@ -419,6 +574,9 @@ def axis_length(n: int, what: str) -> int:
             f"{what} declares {n} indices on one axis; at most {MAX_AXIS_LENGTH} are accepted "
             "(is the config damaged?)."
         )
+    budget = _BUDGET.get()
+    if budget is not None:
+        budget.check(n)
     return n
 
 

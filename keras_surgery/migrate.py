@@ -61,9 +61,15 @@ def migrate_weights(
             keeps the old function.
         policy: "preserve" (default; exact preservation where possible), "net2net" (the same,
             but new units of a widened layer start as copies of old units, their outgoing
-            weights split among the copies: Net2WiderNet) or "random" (copy full matches, keep
-            fresh values everywhere else). Under both preserving policies a new layer inserted
-            between old layers starts as the identity and a new residual branch at zero.
+            weights split among the copies: Net2WiderNet), "duplicate" (the same with every
+            unit of a role that grows by an integer factor k duplicated k times: new unit j
+            copies old unit j mod d_old, each copy reading 1/k of it, which keeps
+            LayerNormalizations over a grown residual stream exact: GPT-2 and BERT hidden_dim
+            growth by Staged Training's operator; tied logits through a final LayerNorm divide
+            its gamma and beta by k; a non-integer factor is reported) or "random" (copy full
+            matches, keep fresh values everywhere else). Under the preserving policies a new
+            layer inserted between old layers starts as the identity and a new residual branch
+            at zero.
         optimizer: carry the optimizer state through the surgery: Adam's moments, momentum,
             ... follow their variables through the same index maps (zeros where new), and
             `iterations` is copied. Needs a compiled new model; the report says what was not

@@ -102,7 +102,7 @@ class ModelMigrator:
             new_features: the new model's feature spec.
             new_outputs: the new model's output spec; with the old one, the columns of the
                 heads they name follow their class names or tokens.
-            policy: "preserve", "net2net" or "random" (see `migrate_weights`).
+            policy: "preserve", "net2net", "duplicate" or "random" (see `migrate_weights`).
             allow_unrelated: accept a plan that copies nothing from an old model that has
                 weights (the new model then keeps its initial values, with a warning), and an
                 input none of whose old features is among the new ones; by default both are

@@ -13,12 +13,21 @@ of a residual stream, flattened (position, channel) tuples) and map only if the 
 exists in the old model. g depends only on the numbers of old and new units of a role, so
 layers widened together (the writers of one residual stream, the gates of an LSTM) pick the
 same sources. Indices whose labels do not map keep the "preserve" fill (fresh or zero).
+
+Policy "duplicate" (Staged Training, Shen et al. 2022) is the same mechanism made uniform:
+when a role grows by an integer factor k, new unit j copies old unit j mod d_old (the grown
+axis is [x, x, ...]) and every copy of a unit gets the share 1/k. Every old unit then has
+exactly k copies, so a LayerNormalization over the grown axis sees the same mean and
+variance (`planner.accept_duplicate_growths`). A role that grows by a factor that is not an
+integer is not split, and the report names it.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,16 +43,32 @@ _COMPOSITE = ("via", "set", "tuple", "call", "occurrence")
 
 
 def split_units(
-    old: GraphLabels, new: GraphLabels, weights: list[tuple[Any, WeightLabels, WeightLabels]]
-) -> None:
+    old: GraphLabels, new: GraphLabels, weights: list[tuple[Any, WeightLabels, WeightLabels]],
+    *, duplicate: bool = False,
+) -> Splits:
     """Adds `source` (and on input-side axes `share`) to the axis maps of `weights`, a list of
-    (WeightPlan, new WeightLabels, old WeightLabels) of matched layers, in place."""
+    (WeightPlan, new WeightLabels, old WeightLabels) of matched layers, in place.
+
+    Args:
+        old: the old model's labels.
+        new: the new model's labels.
+        weights: the matched weights with their new and old labels.
+        duplicate: policy "duplicate": sources j mod d_old and shares 1/k, for roles that grow
+            by an integer factor k (others are not split and are named in `Splits.refused`).
+
+    Returns:
+        The `Splits`: how new labels map to the old labels they copy, and the refused roles.
+
+    Example:
+        >>> splits = split_units(old_labels, new_labels, splittable)     # doctest: +SKIP
+        >>> splits.resolve(new_label)  # the old label it copies, or -1  # doctest: +SKIP
+    """
     space = new.space
     old_ids = _all_labels(old)
-    source = _unit_sources(space, old_ids, new, weights)
-    if not source:
-        return
+    source, refused = _unit_sources(space, old_ids, new, weights, duplicate)
     resolve = _Resolver(space, old_ids, source)
+    if not source:
+        return Splits(resolve, refused)
     for wp, new_w, old_w in weights:
         for amap, na, oa in zip(wp.axes, new_w.axes, old_w.axes):
             if amap.kind not in SPLIT_KINDS or amap.zero_new or na.labels.ids is None:
@@ -61,7 +86,35 @@ def split_units(
                 continue
             amap.source = src
             if amap.kind == "in":
-                amap.share = _shares(amap.old_index, zlib.crc32(wp.path.encode()))
+                amap.share = _shares(amap.old_index, zlib.crc32(wp.path.encode()), duplicate)
+        if duplicate and any(a.source is not None for a in wp.axes):
+            wp.operator = "; ".join(t for t in (duplication_operator(wp), wp.operator) if t)
+    return Splits(resolve, refused)
+
+
+@dataclass
+class Splits:
+    """What `split_units` did: `resolve(label)` is the old label a new label copies (itself
+    for an old label, -1 for none); `refused`, under policy "duplicate", one line per unit
+    role that grew by a factor that is not an integer (its new units were not split)."""
+
+    resolve: Callable[[int], int]
+    refused: list[str]
+
+
+def duplication_operator(wp: Any) -> str:
+    """The report's text for a duplicated weight: per split axis, which old index each new
+    index copies and, on input-side axes, the share its copies get."""
+    parts = []
+    for a, amap in enumerate(wp.axes):
+        if amap.source is None:
+            continue
+        n_old, n_new = wp.old_shape[a], len(amap.index)
+        text = f"axis {a} duplicated {n_old} -> {n_new} (new index j copies j mod {n_old})"
+        if amap.share is not None:
+            text += f", each copy x1/{n_new // n_old}"
+        parts.append(text)
+    return "duplication: " + "; ".join(parts)
 
 
 def _all_labels(graph: GraphLabels) -> set[int]:
@@ -79,11 +132,16 @@ def _all_labels(graph: GraphLabels) -> set[int]:
 
 
 def _unit_sources(
-    space: LabelSpace, old_ids: set[int], new: GraphLabels, weights: list
-) -> dict[int, int]:
-    """new unit label -> the old unit label of the same layer and role it copies."""
+    space: LabelSpace, old_ids: set[int], new: GraphLabels, weights: list, duplicate: bool
+) -> tuple[dict[int, int], list[str]]:
+    """new unit label -> the old unit label of the same layer and role it copies, and the
+    roles refused by policy "duplicate" (a growth by a factor that is not an integer)."""
     outputs = {new.records[ref[0]].identity for ref in new.graph.outputs
                if ref[0] in new.records}
+    if duplicate:  # only the units on the outputs themselves: a tied table's columns split
+        outputs = set()
+        output_labels = {int(i) for x in new.output_labels() if x is not None for a in x
+                         if a.ids is not None for i in a.ids}
     new_units: dict[tuple, set[tuple[int, int]]] = defaultdict(set)
     for _, new_w, _ in weights:
         for axis in new_w.axes:
@@ -91,26 +149,39 @@ def _unit_sources(
                 continue
             for label in axis.labels.ids.tolist():
                 key = space.key(label)
-                if key[0] == "unit" and label not in old_ids and key[1] not in outputs:
+                if key[0] == "unit" and label not in old_ids and key[1] not in outputs and (
+                        not duplicate or label not in output_labels):
                     new_units[(key[1], key[2])].add((key[3], label))
     if not new_units:
-        return {}
+        return {}, []
     old_units: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
     for label in old_ids:
         key = space.key(label)
         if key[0] == "unit" and (key[1], key[2]) in new_units:
             old_units[(key[1], key[2])].append((key[3], label))
-    source = {}
+    source: dict[int, int] = {}
+    refused: list[str] = []
     for group, items in new_units.items():
         olds = sorted(old_units.get(group, ()))
         if not olds:
             continue
         items_sorted = sorted(items)
-        rng = np.random.default_rng([SEED, len(olds), len(items_sorted)])
-        picks = rng.integers(len(olds), size=len(items_sorted))
+        if duplicate:
+            if len(items_sorted) % len(olds):
+                n_new = len(olds) + len(items_sorted)
+                refused.append(
+                    f"{repr(group[1]) + ' ' if group[1] else ''}units of layer '{group[0]}' "
+                    f"grew {len(olds)} -> "
+                    f"{n_new}, which is not an integer factor, so policy 'duplicate' leaves "
+                    "its new units to the 'preserve' fill")
+                continue
+            picks = np.arange(len(items_sorted)) % len(olds)  # new unit j copies j mod d_old
+        else:
+            rng = np.random.default_rng([SEED, len(olds), len(items_sorted)])
+            picks = rng.integers(len(olds), size=len(items_sorted))
         for (_, label), pick in zip(items_sorted, picks):
             source[label] = olds[int(pick)][1]
-    return source
+    return source, refused
 
 
 class _Resolver:
@@ -158,15 +229,16 @@ def _positions(old_ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return index_map(old_ids, labels)
 
 
-def _shares(old_index: np.ndarray, seed: int) -> np.ndarray:
+def _shares(old_index: np.ndarray, seed: int, duplicate: bool = False) -> np.ndarray:
     """Per index of an input-side axis, the share of its old index's outgoing weights: 1 for
-    an index nothing else copies, random positive shares summing to 1 among copies."""
+    an index nothing else copies, random positive shares summing to 1 among copies (1 / their
+    count under policy "duplicate")."""
     share = np.ones(len(old_index), dtype=np.float64)
     rng = np.random.default_rng([SEED, seed])
     valid = old_index >= 0
     values, counts = np.unique(old_index[valid], return_counts=True)
     for g in values[counts > 1]:
         members = np.nonzero(old_index == g)[0]
-        w = rng.uniform(0.5, 1.5, len(members))
+        w = np.ones(len(members)) if duplicate else rng.uniform(0.5, 1.5, len(members))
         share[members] = w / w.sum()
     return share

@@ -191,11 +191,41 @@ def slot_fills(
                 continue
             # Slots are copied without net2net shares and are zero wherever new, split units
             # and new vocabulary rows included; a rescaled weight rescales them (`slot_scale`).
+            # Duplicated units (policy "duplicate") share their old unit's slots instead.
+            duplicated = plan.policy == "duplicate"
+            scale = wp.scale * (duplication_gradient_factor(wp) if duplicated else 1.0)
             exact = dataclasses.replace(
-                wp, scale=slot_scale(old.class_name, len(old_slots[t_old]), s, wp.scale),
-                shift=0.0, axes=[a.without_splits() for a in wp.axes])
+                wp, scale=slot_scale(old.class_name, len(old_slots[t_old]), s, scale),
+                shift=0.0, axes=[dataclasses.replace(a, share=None) if duplicated
+                                 else a.without_splits() for a in wp.axes])
             fills.append(SlotFill(position, what, old.variables[old_slots[t_old][s]], exact))
     return fills, None
+
+
+def duplication_gradient_factor(wp: Any) -> float:
+    """The c for which a weight duplicated by policy "duplicate" has gradient g / c, g the old
+    weight's: the product of the factors k of its duplicated output-side axes.
+
+    After a duplication the new model computes the old one on the average of each unit's k
+    copies, so a copy on an output-side ("out"/"diag") axis, whose value every reader divides
+    by k, has 1/k of the old gradient; a copy on an input-side axis (x1/k, reading a
+    duplicated unit) has the old gradient itself. The slots of g / c are `slot_scale(..., c)`.
+
+    Args:
+        wp: the weight's plan.
+
+    Returns:
+        c (1.0 for a weight without duplicated output-side axes).
+
+    Example:
+        >>> duplication_gradient_factor(wp)  # an embedding 16 -> 32 wide   # doctest: +SKIP
+        2.0
+    """
+    factor = 1.0
+    for a, amap in enumerate(wp.axes or []):
+        if amap.kind in ("out", "diag") and amap.source is not None and wp.old_shape:
+            factor *= len(amap.index) / wp.old_shape[a]
+    return factor
 
 
 # Per optimizer class and number of slots per variable: the power of the gradient each slot

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["OUT_KINDS", "POLICIES", "PRESERVING_POLICIES", "AxisMap", "SurgeryPlan",
            "WeightPlan", "init_value"]
 
-POLICIES = ("preserve", "random", "net2net")
+POLICIES = ("preserve", "random", "net2net", "duplicate")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from keras_surgery.graph import WeightSpec
 from keras_surgery.growth import Growth
 from keras_surgery.labels import AxisLabels, LabelSpace
 from keras_surgery.match import index_map
-from keras_surgery.net2net import split_units
+from keras_surgery.net2net import Splits, split_units
 from keras_surgery.plan import POLICIES, PRESERVING_POLICIES, AxisMap, SurgeryPlan, WeightPlan
 from keras_surgery.propagate import GraphLabels, LayerRecord
 from keras_surgery.rules.api import WeightLabels
@@ -107,10 +107,14 @@ def build_plan(
                 if wp.axes is not None:
                     splittable.append((wp, w, found[0]))
 
-    if policy == "net2net":
-        split_units(old, new, splittable)
-        for wp, _, _ in splittable:
-            wp.count(policy)
+    tied = tied_duplications(new, weights) if policy == "duplicate" else []
+    splits = _split(old, new, splittable, policy, verdict)
+    if tied:
+        scale_tied_readers(tied, weights, policy)
+    duplicated = [g for g in zero_growths if g.by_duplication]
+    zero_growths = [g for g in zero_growths if not g.by_duplication]
+    if duplicated:
+        accept_duplicate_growths(duplicated, splits, verdict)
     if zero_growths:
         accept_zero_growths(zero_growths, new, weights, policy, verdict)
     dropped = [
@@ -179,17 +183,19 @@ def _check_mixing(
             else:
                 gained = len(np.setdiff1d(new_axis.ids, old_axis.ids))
                 lost = len(np.setdiff1d(old_axis.ids, new_axis.ids))
-            if new_mix.grows_with_zeros and gained and not lost and len(new_mix.labels) == 1:
+            reordered = ", reordered" if new_mix.ordered and not gained and not lost else ""
+            changed = (f"layer '{name}' ({rec.node.class_name}): {new_mix.reason}; that axis "
+                       f"changed (gained {gained}, lost {lost} labels{reordered}), so the old "
+                       "outputs cannot be preserved.")
+            single = gained and not lost and len(new_mix.labels) == 1
+            by_duplication = bool(single and new_mix.grows_by_duplication)
+            if single and (new_mix.grows_with_zeros or by_duplication):
                 pending.append(ZeroGrowth(name, rec.node.class_name, new_mix.reason,
                                           len(old_axis.ids), np.setdiff1d(new_axis.ids,
-                                                                          old_axis.ids)))
+                                                                          old_axis.ids),
+                                          by_duplication, old_axis.ids, changed))
                 continue
-            reordered = ", reordered" if new_mix.ordered and not gained and not lost else ""
-            verdict.warn(
-                f"layer '{name}' ({rec.node.class_name}): {new_mix.reason}; that axis "
-                f"changed (gained {gained}, lost {lost} labels{reordered}), so the old outputs "
-                "cannot be preserved."
-            )
+            verdict.warn(changed)
     return pending
 
 
@@ -386,6 +392,12 @@ class ZeroGrowth:
     reason: str
     old_length: int
     gained: np.ndarray
+    # A mixing whose axis may instead grow by duplicating every index k times (a
+    # LayerNormalization's: `accept_duplicate_growths`), with its old labels and the warning
+    # to give when it does not.
+    by_duplication: bool = False
+    old_ids: np.ndarray | None = None
+    changed: str = ""
 
     def describe(self) -> str:
         return f"layer '{self.layer}' ({self.class_name}): {self.reason}"
@@ -528,3 +540,166 @@ def _fresh_readers(
                 wp.count(policy)
                 wp.operator = wp.operator or ("new input indices keep fresh values: they read "
                                               "dims that start at 0, so they can learn")
+
+
+# -- growth by duplication through a LayerNormalization (issue 20, policy "duplicate") -----------
+
+SPLIT_POLICIES = ("net2net", "duplicate")
+
+
+def _split(
+    old: GraphLabels, new: GraphLabels, splittable: list, policy: str, verdict: Verdict
+) -> Splits | None:
+    """Policies "net2net" and "duplicate": new units split off old ones (`split_units`); the
+    roles that "duplicate" cannot grow by an integer factor are named in the report."""
+    if policy not in SPLIT_POLICIES:
+        return None
+    splits = split_units(old, new, splittable, duplicate=policy == "duplicate")
+    for wp, _, _ in splittable:
+        wp.count(policy)
+    for line in splits.refused:
+        verdict.warn(line, breaks=False)  # a mixing axis it reaches says if the promise breaks
+    return splits
+
+
+def duplication_factor(growth: ZeroGrowth, splits: Splits | None) -> tuple[int, str | None]:
+    """The factor k by which every old index of a growing mixing axis is duplicated, or why
+    the growth is not a duplication (a new index copying nothing, old indices copied unequally
+    often: a growth by a factor that is not an integer).
+
+    Args:
+        growth: the mixing axis's growth.
+        splits: what policy "duplicate" split (None under another policy).
+
+    Returns:
+        (k, None) when the new axis holds every old index exactly k times, else (0, why).
+
+    Example:
+        >>> duplication_factor(growth, splits)                            # doctest: +SKIP
+        (2, None)
+    """
+    assert growth.old_ids is not None
+    if splits is None:
+        return 0, None
+    n_new = growth.old_length + len(growth.gained)
+    if n_new % growth.old_length:
+        return 0, (f"{n_new} is not a multiple of {growth.old_length}, and only an integer "
+                   "factor keeps the mean and variance (policy 'duplicate')")
+    copies = np.array([splits.resolve(int(label)) for label in growth.gained.tolist()])
+    if (copies < 0).any():
+        return 0, f"{int((copies < 0).sum())} new indices copy no old index"
+    labels, counts = np.unique(np.concatenate([growth.old_ids, copies]), return_counts=True)
+    k = n_new // growth.old_length
+    if len(labels) != growth.old_length or (counts != k).any():
+        return 0, f"the old indices are not each copied {k} times"
+    return k, None
+
+
+def accept_duplicate_growths(
+    growths: list[ZeroGrowth], splits: Splits | None, verdict: Verdict
+) -> None:
+    """Decides each growth of a mixing axis that may grow by duplication (a LayerNorm's):
+    when the new axis holds every old index exactly k times (policy "duplicate"), the mean
+    and variance over it are the old ones, each copy normalises to the old value and its
+    duplicated gamma and beta give the old output, so the growth keeps the old outputs;
+    otherwise the report gives the mixing's warning, and why it is not a duplication."""
+    for growth in growths:
+        k, why = duplication_factor(growth, splits)
+        n_new = growth.old_length + len(growth.gained)
+        if k:
+            verdict.warn(
+                f"{growth.describe()}; that axis grew {growth.old_length} -> {n_new} by "
+                f"duplicating every index {k} times, so its mean and variance are unchanged "
+                "and the old outputs are kept.", breaks=False)
+        else:
+            verdict.warn(growth.changed if why is None else
+                         f"{growth.changed[:-1]}: duplication is not exact there: {why}.")
+
+
+@dataclass
+class TiedDuplication:
+    """A table whose output-side axis a later call reads back (tied logits, `hidden @ E^T`),
+    and the LayerNormalization that computes what it reads: duplicating the table's columns
+    makes that later call sum k copies, which dividing the norm's gamma and beta by k undoes."""
+
+    table: WeightPlan
+    axis: int
+    norm: str  # the new layer name of the norm
+
+
+def _norm_reading(new: GraphLabels, labels: AxisLabels) -> str | None:
+    """The LayerNormalization (with gamma and beta) whose derived outputs are `labels`."""
+    if labels.ids is None or not len(labels.ids):
+        return None
+    keys = [new.space.key(int(i)) for i in labels.ids]
+    if not all(isinstance(k, tuple) and len(k) == 3 and k[0] == "via" for k in keys):
+        return None
+    identities = {k[1] for k in keys}
+    names = [name for name, rec in new.records.items() if rec.identity in identities]
+    if len(identities) != 1 or len(names) != 1:
+        return None
+    rec = new.records[names[0]]
+    roles = {w.role for w in rec.result.weights}
+    return names[0] if rec.node.class_name == "LayerNormalization" and roles == {
+        "gamma", "beta"} else None
+
+
+def tied_duplications(new: GraphLabels, weights: list[WeightPlan]) -> list[TiedDuplication]:
+    """Policy "duplicate": the tables a later call reads back through a LayerNormalization
+    (GPT-2's tied logits). Their output-side axis is released from `zero_new` (the rule zeroes
+    new columns so that they cannot reach the tied logits) so that `split_units` duplicates
+    it; `scale_tied_readers` then divides the norm's gamma and beta by k.
+
+    Args:
+        new: the new model's labels.
+        weights: the planned weights.
+
+    Returns:
+        One `TiedDuplication` per released axis.
+
+    Example:
+        >>> tied = tied_duplications(new_labels, weights)                 # doctest: +SKIP
+        >>> [(t.table.layer, t.norm) for t in tied]                       # doctest: +SKIP
+        [('backbone/token_embedding', 'backbone/layer_norm')]
+    """
+    by_path = {wp.path: wp for wp in weights}
+    found: list[TiedDuplication] = []
+    for rec in new.records.values():
+        for later in rec.later_calls:
+            second_of = {w.role: w for w in later.weights}
+            for first, spec in zip(rec.result.weights, rec.node.weights):
+                wp, second = by_path.get(spec.path), second_of.get(first.role)
+                if wp is None or wp.axes is None or second is None:
+                    continue
+                for a, (fa, sa) in enumerate(zip(first.axes, second.axes)):
+                    norm = _norm_reading(new, sa.labels) if fa.kind == "out" and sa.kind == (
+                        "in") and wp.axes[a].zero_new else None
+                    if norm is not None:
+                        wp.axes[a].zero_new = False
+                        found.append(TiedDuplication(wp, a, norm))
+    return found
+
+
+def scale_tied_readers(
+    tied: list[TiedDuplication], weights: list[WeightPlan], policy: str
+) -> None:
+    """After `split_units`: each table whose axis was duplicated k times has its norm's gamma
+    and beta divided by k (the tied logits sum k copies of [y, y] / k: the old logits); a table
+    that was not duplicated gets its zeroed new columns back."""
+    for t in tied:
+        amap = t.table.axes[t.axis] if t.table.axes else None
+        if amap is None:
+            continue
+        norm = [wp for wp in weights if wp.layer == t.norm and wp.axes is not None
+                and any(a.source is not None for a in wp.axes)]
+        if amap.source is None or len(norm) != 2 or not t.table.old_shape:
+            amap.source, amap.zero_new = None, True  # back to the rule's zero columns
+            t.table.operator = ""
+            t.table.count(policy)
+            continue
+        k = len(amap.index) / t.table.old_shape[t.axis]
+        for wp in norm:  # gamma and beta
+            wp.scale /= k
+            wp.operator = (f"{wp.operator}; values x1/{k:g}: they feed the tied "
+                           f"'{t.table.layer}' read back over {k:g} copies of each column")
+            wp.count(policy)

@@ -7,6 +7,7 @@ layer's rule (or the opaque fallback, loudly).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -18,18 +19,22 @@ import numpy as np
 from keras_surgery import rules as _rules  # noqa: F401 - registers the built-in rules
 from keras_surgery.errors import SurgeryError, SurgeryFileError, UnsupportedLayerError
 from keras_surgery.features import FeatureColumn, FeatureSpec, feature_columns, vocabularies
-from keras_surgery.graph import InputSpec, LayerNode, ModelGraph, TensorRef
+from keras_surgery.graph import InputSpec, LayerNode, LiveWeights, ModelGraph, TensorRef
 from keras_surgery.labels import (
     AxisLabels,
     DepSets,
+    LabelBudgetError,
     LabelSpace,
     TensorLabels,
     TokenValues,
     feature_key,
+    file_label_limit,
     gc_paused,
+    label_budget,
     positions,
     repeated_label,
     token_key,
+    unbudgeted,
 )
 from keras_surgery.registry import find_rule
 from keras_surgery.rules.api import RuleCall, RuleResult
@@ -167,6 +172,11 @@ def propagate(
 
     Returns:
         GraphLabels.
+
+    Raises:
+        LabelBudgetError: (a SurgeryFileError) a graph read from a file needs more labelled
+            indices than `keras_surgery.labels.MAX_FILE_LABELS`; the message names the file
+            and the layer (a live model is not budgeted).
     """
     where = where or graph.description
     widths = {i.name: (i.shape[-1] if i.shape else 1) for i in graph.inputs}
@@ -190,18 +200,31 @@ def propagate(
         known = env.get(ref)
         env[ref] = facts if known is None else known.updated(facts)
 
-    _bind_inputs(labels, tokens, match_input, write)
-    shapes = _shapes_by_call(graph)
-    for position, (name, call_index) in enumerate(graph.order):
-        facts = [read(ref, name) for ref in graph.layers[name].calls[call_index].inputs]
-        outputs = _label_call(
-            labels, position, name, call_index, facts, shapes.get((name, call_index), {}),
-            match_layer=match_layer, strict=strict, start=(starts or {}).get(name),
-        )
-        for t, out in enumerate(outputs):
-            write((name, call_index, t), out)
+    with _budget_of(graph) as budget:
+        _bind_inputs(labels, tokens, match_input, write)
+        shapes = _shapes_by_call(graph)
+        for position, (name, call_index) in enumerate(graph.order):
+            if budget is not None:
+                budget.labelling = f"layer '{name}' ({graph.layers[name].class_name})"
+            facts = [read(ref, name) for ref in graph.layers[name].calls[call_index].inputs]
+            outputs = _label_call(
+                labels, position, name, call_index, facts, shapes.get((name, call_index), {}),
+                match_layer=match_layer, strict=strict, start=(starts or {}).get(name),
+            )
+            for t, out in enumerate(outputs):
+                write((name, call_index, t), out)
     _publish(labels, env)
     return labels
+
+
+def _budget_of(graph: ModelGraph) -> contextlib.AbstractContextManager:
+    """The label budget a graph is labelled under: one of its own for a graph read from a file
+    (a `.keras` file, or an architecture fitted to a weights-only checkpoint, which counts as
+    a file), none for a live model, whose sizes are its own (`keras_surgery.labels`)."""
+    if isinstance(graph.source, LiveWeights):
+        return unbudgeted()
+    return label_budget(graph.description,
+                        limit=file_label_limit(getattr(graph.source, "file_bytes", None)))
 
 
 def _label_call(
@@ -405,7 +428,7 @@ def _run_rule(call: RuleCall, strict: bool) -> RuleResult:
         return opaque_rule(call, f"no rule for class {node.class_name}; treated as opaque")
     try:
         return rule(call)
-    except UnsupportedLayerError:
+    except (UnsupportedLayerError, LabelBudgetError):  # never hidden behind an opaque layer
         raise
     except Exception as exc:  # a rule that cannot label this configuration
         if strict:

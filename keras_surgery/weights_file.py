@@ -183,6 +183,11 @@ class WeightsFile(WeightSource):
                     "writes it."
                 )
 
+    @property
+    def file_bytes(self) -> int | None:
+        """The size of the checkpoint, every shard (see `WeightSource.file_bytes`)."""
+        return sum(os.fstat(shard.raw.fileno()).st_size for shard in self._shards)
+
     def paths(self) -> Mapping[str, tuple[tuple[int, ...], str]]:
         self.check_unchanged()
         if self._paths is None:

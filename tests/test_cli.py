@@ -327,3 +327,18 @@ def test_migrate_with_output_specs_moves_the_classes(tmp_path, capsys):
     bad.write_text("{not json")
     assert main(["diff", old, new, "--old-outputs", str(bad), "--new-outputs", str(bad)]) == 2
     assert "Cannot read output spec" in capsys.readouterr().err
+
+
+def test_policy_choices_are_the_engines_policies(tmp_path, capsys):
+    """The command line lists the policies without importing the engine (`--help` imports no
+    Keras): the list must stay the engine's, and `--policy duplicate` must reach it."""
+    from keras_surgery import cli
+    from keras_surgery.plan import POLICIES
+
+    assert tuple(cli.POLICY_CHOICES) == tuple(POLICIES)
+    old, new = str(tmp_path / "old.keras"), str(tmp_path / "new.keras")
+    x = keras.Input((3,), name="x")
+    keras.Model(x, keras.layers.Dense(2, name="out")(keras.layers.Dense(4, name="h")(x))).save(old)
+    x = keras.Input((3,), name="x")
+    keras.Model(x, keras.layers.Dense(2, name="out")(keras.layers.Dense(8, name="h")(x))).save(new)
+    assert main(["diff", old, new, "--policy", "duplicate"]) == 0, capsys.readouterr()

@@ -97,6 +97,9 @@ class Mixing:
     # its inputs are (RMS normalisation scales each index), or "": a stream behind such a
     # layer (Gemma's post-norms) starts at 0 where the layer's input does.
     zero_through: str = ""
+    # Growth by duplication (every index copied k times) keeps the old outputs: a
+    # LayerNormalization's mean and variance over [x, x] are those over x (policy "duplicate").
+    grows_by_duplication: bool = False
 
 
 @dataclass(frozen=True)

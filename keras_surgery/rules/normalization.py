@@ -68,7 +68,15 @@ def _batch_normalization_starts(
 
 
 def layer_normalization_rule(call: RuleCall) -> RuleResult:
-    """LayerNormalization mixes every index of its axes (mean and variance over them)."""
+    """LayerNormalization mixes every index of its axes (mean and variance over them).
+
+    A growth of a single normalised axis by duplication is exact (issue 20, policy
+    "duplicate"): over [x, x] (every index k times) the mean and variance are x's, so each
+    copy normalises to the old value and duplicated gamma and beta give [LN(x), LN(x)]. The
+    mixing says so (`grows_by_duplication`); the planner accepts the growth only when every
+    old index is copied exactly k times (`planner.accept_duplicate_growths`). Zero padding is
+    not exact (the zeros move the mean) and is reported.
+    """
     x = single_input(call)
     axes = _axes(call, x, call.config.get("axis", -1))
     roles = (["gamma"] if call.config.get("scale", True) else []) + (
@@ -80,7 +88,8 @@ def layer_normalization_rule(call: RuleCall) -> RuleResult:
     weights = [weight(role, *(("diag", mixed[a]) for a in axes)) for role in roles]
     if len(call.weights) != len(weights):  # rms_scaling/center combinations vary by version
         weights = [weight(w.local, *(("diag", mixed[a]) for a in axes)) for w in call.weights]
-    mixing = Mixing(tuple(x[a] for a in axes), "LayerNormalization normalises over this axis")
+    mixing = Mixing(tuple(x[a] for a in axes), "LayerNormalization normalises over this axis",
+                    grows_by_duplication=True)
     out = call.mixed(_derive(call, x, axes), axes)
     return RuleResult([out], check_weights(call, weights), [mixing])
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from keras_surgery.graph import LayerNode, resolve_keras_class
-from keras_surgery.labels import AxisLabels, concat_axes, positions
+from keras_surgery.labels import AxisLabels, axis_length, concat_axes, positions
 from keras_surgery.registry import find_rule, register_rule
 from keras_surgery.rules.api import Mixing, RuleCall, RuleResult, check_weights, single_input
 from keras_surgery.rules.conv import (
@@ -39,6 +39,8 @@ def merge_axes(call: RuleCall, axes: Sequence[AxisLabels]) -> AxisLabels:
         raise ValueError(f"{call.describe()}: cannot flatten an axis of unknown length.")
     if len(axes) == 1:
         return axes[0]
+    # Counted before the grid is made: a file's budget refuses it before any memory is taken.
+    axis_length(math.prod(len(a.ids) for a in axes), call.describe())
     id_grid = np.meshgrid(*(a.ids for a in axes), indexing="ij")
     rows = np.stack([g.ravel() for g in id_grid], axis=1).tolist()
     ids = call.space.intern_many(("tuple", *row) for row in rows)

@@ -89,8 +89,18 @@ def _outputs(model: Any, inputs: Any) -> list[np.ndarray]:
     import keras
 
     # convert_to_numpy, not np.asarray: a PyTorch output that requires grad refuses the latter
-    return [keras.ops.convert_to_numpy(o)
-            for o in keras.tree.flatten(model(inputs, training=False))]
+    return [keras.ops.convert_to_numpy(o) for o in _in_config_order(model(inputs, training=False))]
+
+
+def _in_config_order(value: Any) -> list[Any]:
+    """The leaves of a model's outputs in the order of its graph's outputs: a dict in its own
+    key order, as a config's `output_layers` lists them (`keras.tree.flatten` sorts the keys,
+    which pairs BertBackbone's `pooled_output` with the graph's `sequence_output`)."""
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _in_config_order(v)]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in _in_config_order(v)]
+    return [value]
 
 
 def _cannot_feed(spec: Any) -> str:
