@@ -50,6 +50,8 @@ bench: install
 	$(TF_ENV) $(BIN)/python benchmarks/bench_layers.py --json benchmarks/results_layers.json
 	$(BIN)/python benchmarks/bench_billion.py --json benchmarks/results_billion.json
 	$(TF_ENV) $(BIN)/python benchmarks/bench_growth_lm.py --json benchmarks/results_growth_lm.json
+	$(TF_ENV) $(BIN)/python benchmarks/bench_growth_lm.py --family gpt2 \
+		--json benchmarks/results_growth_lm_gpt2.json
 
 lint: install
 	$(BIN)/python -m ruff check .

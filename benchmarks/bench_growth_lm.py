@@ -1,4 +1,4 @@
-"""Benchmark: loss recovery after growing a small Llama language model, versus from scratch.
+"""Benchmark: loss recovery after growing a small Llama or GPT-2 language model, versus scratch.
 
 Task: next-token prediction on sequences from a fixed random order-2 Markov chain over 64
 tokens, with logits[a, b] = 2 * (A[a] + B[b]) + G[a, b] (A, B, G standard normal): the
@@ -23,19 +23,37 @@ Step 0 of the exact growth is checked two ways: the grown model's logits equal t
 old model with its norms' epsilon x 48/32 (the one inexact term of the operator) within
 float32 round-off, and its loss equals the old loss within the epsilon term's bound.
 
-    python benchmarks/bench_growth_lm.py [--quick] [--seeds 3] [--pre-steps 250] [--steps 250]
-        [--json benchmarks/results_growth_lm.json]
+    python benchmarks/bench_growth_lm.py [--family llama|gpt2] [--quick] [--seeds 3]
+        [--pre-steps 250] [--steps 250] [--json benchmarks/results_growth_lm.json]
+
+``--family gpt2``: a keras-hub GPT2CausalLM (LayerNorms, tied logits, learned positions)
+from a config: 2 layers, hidden 32, 2 heads (head_dim 16), intermediate 64, dropout 0, the
+same task and optimizer, grown to hidden 64 / 4 heads (head_dim kept) by
+
+* "duplicate": ``policy="duplicate"`` (every residual dim copied, readers' rows x1/2, the
+  final LayerNorm x1/2 for the tied logits; exact, Adam state carried). Its step 0 is
+  checked: logits equal the old logits, and the loss the old loss, within float32 bounds;
+* "zero-pad": the default policy (new residual dims start at 0; not exact through the
+  LayerNorms, whose mean and variance now run over the zeros: recorded, not asserted);
+* "scratch" and "old (no growth)" as above.
 
 Measured here (3 seeds, TensorFlow CPU, 2 cores shared with other jobs: 4.6 min of CPU,
 7.7 min wall at load 5): after 250 more steps the grown model reaches 2.266 (median) against
 2.335 for the old model trained on and 2.378 from scratch; carrying Adam's state is worth
 0.008; net2net ends within 0.01 of zero-padding (2.257 here, 2.234 vs 2.228 at 300 + 300
 steps) after starting 0.03 worse, its copies not keeping the function.
+
+GPT-2 (3 seeds, 217 s wall, ``results_growth_lm_gpt2.json``): the old model is at 3.145 after
+250 steps; "duplicate" starts exactly there (loss within 5e-9, logits within 2.9e-6) and ends
+at 2.738, next to the old model trained on (2.765): under training its copies stay identical
+(bit for bit after 250 steps, seed 0), so it is still the old 32-wide function class. Zero
+padding starts 0.17-0.22 worse (not exact) and ends far ahead at 2.377; scratch 2.916.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +72,28 @@ OLD = dict(hidden_dim=32, num_query_heads=4, num_key_value_heads=2)
 GROWN = dict(hidden_dim=48, num_query_heads=6, num_key_value_heads=3)
 EPS32 = float(np.finfo(np.float32).eps)
 VARIANTS = ("zero-pad", "zero-pad, fresh Adam", "net2net", "scratch", "old (no growth)")
+GPT2_OLD = dict(hidden_dim=32, num_heads=2)
+GPT2_GROWN = dict(hidden_dim=64, num_heads=4)
+GPT2_VARIANTS = ("duplicate", "zero-pad", "scratch", "old (no growth)")
+# variant -> (policy of migrate_weights, Adam state carried); scratch and the old model: none
+POLICIES = {"zero-pad": ("preserve", True), "zero-pad, fresh Adam": ("preserve", False),
+            "net2net": ("net2net", True), "duplicate": ("duplicate", True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family of the benchmark: its sizes before and after growth, its variants and
+    the variant whose step 0 is checked as exact."""
+
+    name: str
+    old: dict
+    grown: dict
+    variants: tuple[str, ...]
+    exact: str
+
+
+FAMILIES = {"llama": Family("llama", OLD, GROWN, VARIANTS, "zero-pad"),
+            "gpt2": Family("gpt2", GPT2_OLD, GPT2_GROWN, GPT2_VARIANTS, "duplicate")}
 
 
 class MarkovTask:
@@ -111,6 +151,29 @@ def causal_lm(seed: int, sizes: dict, epsilon: float, lr: float):
     model.compile(optimizer=keras.optimizers.Adam(lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
+
+
+def gpt2_lm(seed: int, sizes: dict, lr: float):
+    """A compiled keras-hub GPT2CausalLM of `sizes` (tied logits, dropout 0) with weights
+    drawn from `seed`."""
+    import keras
+    import keras_hub
+
+    keras.utils.set_random_seed(seed)
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=VOCAB, num_layers=2, intermediate_dim=64, dropout=0.0,
+        max_sequence_length=SEQ, name="backbone", **sizes)
+    model = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
+    model.compile(optimizer=keras.optimizers.Adam(lr),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def build(family: Family, seed: int, sizes: dict, args):
+    """The compiled causal LM of `family` at `sizes` (weights drawn from `seed`)."""
+    if family.name == "gpt2":
+        return gpt2_lm(seed, sizes, args.lr)
+    return causal_lm(seed, sizes, args.epsilon, args.lr)
 
 
 def logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -182,25 +245,57 @@ def check_exact_step0(old, new, eval_tokens: np.ndarray, args) -> dict:
             "epsilon_term_logits": epsilon_term, "logit_scale": float(np.abs(old_y).max())}
 
 
-def grow(old, variant: str, seed: int, args):
+def check_duplicate_step0(old, new, eval_tokens: np.ndarray) -> dict:
+    """The duplication's step 0 (GPT-2): the grown logits equal the old logits within float32
+    round-off at their scale, and the loss the old loss within what that bound can move it.
+
+    Raises:
+        AssertionError: either bound is broken (the engine did not keep the function).
+    """
+    old_y, new_y = logits(old, eval_tokens), logits(new, eval_tokens)
+    # the old logits depend on the tokens (else any surgery would look right)
+    assert float(np.abs(np.diff(old_y, axis=0)).max()) > 0.1, "old logits ignore the tokens"
+    bound = 64 * EPS32 * max(1.0, float(np.abs(old_y).max()))  # float32 round-off
+    to_old = float(np.abs(new_y - old_y).max())
+    assert to_old <= bound, f"grown logits differ from the old ones by {to_old:.3g} > {bound}"
+    old_loss, new_loss = loss_of(old_y, eval_tokens), loss_of(new_y, eval_tokens)
+    loss_bound = 2.0 * bound  # cross-entropy moves at most 2 x max |logit change|
+    assert abs(new_loss - old_loss) <= loss_bound, (new_loss, old_loss, loss_bound)
+    loss_float32 = 64 * EPS32 * max(1.0, old_loss)
+    return {"old_loss": old_loss, "grown_loss": new_loss, "loss_diff": new_loss - old_loss,
+            "loss_bound": loss_bound, "loss_float32_bound": loss_float32,
+            "loss_within_float32": bool(abs(new_loss - old_loss) <= loss_float32),
+            "max_logit_diff_to_old": to_old, "float32_bound": bound,
+            "logit_scale": float(np.abs(old_y).max())}
+
+
+def grow(old, variant: str, seed: int, args, family: Family):
     """The grown model of `variant` (fresh values drawn from `seed`), the surgery's wall
     seconds and its report (None for scratch)."""
     import keras_surgery as ks
 
-    new = causal_lm(seed, GROWN, args.epsilon, args.lr)
+    new = build(family, seed, family.grown, args)
     if variant == "scratch":
         return new, 0.0, None
-    policy = "net2net" if variant == "net2net" else "preserve"
+    policy, carry = POLICIES[variant]
     start = time.perf_counter()
-    carry = variant != "zero-pad, fresh Adam"
     report = ks.migrate_weights(old, new, policy=policy, optimizer=carry)
     return new, time.perf_counter() - start, report
 
 
-def run_seed(seed: int, task: MarkovTask, eval_tokens: np.ndarray, args) -> dict:
+def check_step0(family: Family, old, new, report, eval_tokens: np.ndarray, args) -> dict:
+    """The exact variant's step-0 check of `family` (asserted; see the two checks)."""
+    assert report.preserves_function, report.warnings
+    if family.name == "gpt2":
+        return check_duplicate_step0(old, new, eval_tokens)
+    return check_exact_step0(old, new, eval_tokens, args)
+
+
+def run_seed(seed: int, task: MarkovTask, eval_tokens: np.ndarray, args,
+             family: Family) -> dict:
     """One seed: pre-train the old model, then every variant on the same batches."""
     checkpoints = sorted({0, args.steps // 10, args.steps // 2, args.steps})
-    old = causal_lm(seed, OLD, args.epsilon, args.lr)
+    old = build(family, seed, family.old, args)
     pre_curve, pre_s = train(old, task, args.pre_steps, 1000 + seed, eval_tokens,
                              [args.pre_steps])
     logger.info("seed %d: old model trained %d steps in %.1f s, loss %.4f", seed,
@@ -208,19 +303,18 @@ def run_seed(seed: int, task: MarkovTask, eval_tokens: np.ndarray, args) -> dict
     result = {"seed": seed, "old_loss_at_growth": pre_curve[args.pre_steps],
               "pre_train_s": pre_s, "variants": {}}
     old_y = logits(old, eval_tokens)
-    for variant in VARIANTS:
+    for variant in family.variants:
         if variant == "old (no growth)":
             new, surgery_s, report = old, 0.0, None
         else:
-            new, surgery_s, report = grow(old, variant, seed + 100, args)
+            new, surgery_s, report = grow(old, variant, seed + 100, args, family)
         entry: dict = {"surgery_s": surgery_s}
         if report is not None:
             entry["preserves_function"] = bool(report.preserves_function)
             entry["warnings"] = len(report.warnings)
             entry["step0_max_logit_diff"] = float(np.abs(logits(new, eval_tokens) - old_y).max())
-        if variant == "zero-pad":
-            assert report.preserves_function, report.warnings
-            entry["step0_check"] = check_exact_step0(old, new, eval_tokens, args)
+        if variant == family.exact:
+            entry["step0_check"] = check_step0(family, old, new, report, eval_tokens, args)
         curve, train_s = train(new, task, args.steps, 2000 + seed, eval_tokens, checkpoints)
         entry.update(curve={str(k): v for k, v in curve.items()}, train_s=train_s)
         logger.info("seed %d, %s: loss %s (surgery %.2f s, training %.1f s)", seed, variant,
@@ -229,10 +323,10 @@ def run_seed(seed: int, task: MarkovTask, eval_tokens: np.ndarray, args) -> dict
     return result
 
 
-def summarise(runs: list[dict]) -> dict:
+def summarise(runs: list[dict], variants: tuple[str, ...]) -> dict:
     """Per variant: median and range over seeds of every checkpoint's loss and the times."""
     summary = {}
-    for variant in VARIANTS:
+    for variant in variants:
         entries = [run["variants"][variant] for run in runs]
         row = {"loss": {}, "preserves_function": entries[0].get("preserves_function")}
         for step in entries[0]["curve"]:
@@ -245,9 +339,9 @@ def summarise(runs: list[dict]) -> dict:
     return summary
 
 
-def table(summary: dict, runs: list[dict], floor: float, args) -> str:
-    """The plain-text table of `summary` (median [min, max] over seeds)."""
-    steps = list(summary[VARIANTS[0]]["loss"])
+def table(summary: dict, runs: list[dict], floor: float, args, family: Family) -> str:
+    """The plain-text table of `summary` (median [min, max] over seeds) and its notes."""
+    steps = list(summary[family.variants[0]]["loss"])
     many = len(runs) > 1
     width = 24 if many else 10
     head = f"| {'variant':<22} |" + "".join(f" {'step ' + s:<{width}} |" for s in steps)
@@ -261,34 +355,62 @@ def table(summary: dict, runs: list[dict], floor: float, args) -> str:
             cells.append(f" {text:<{width}} |")
         lines.append(f"| {variant:<22} |" + "".join(cells)
                      + f" {row['surgery_s']:>9.2f} | {row['train_s']:>7.1f} |")
-    checks = [r["variants"]["zero-pad"]["step0_check"] for r in runs]
     old = statistics.median(r["old_loss_at_growth"] for r in runs)
     lines += ["", f"old model after {args.pre_steps} steps: loss {old:.4f}; chain's floor "
               f"{floor:.4f}; uniform {np.log(VOCAB):.4f}; {len(runs)} seed(s), "
-              f"K = {args.steps} steps after growth",
-              "zero-pad step 0: |loss - old loss| up to "
-              f"{max(abs(c['loss_diff']) for c in checks):.2e} (float32 bound "
-              f"{min(c['loss_float32_bound'] for c in checks):.2e}: within it in "
-              f"{sum(c['loss_within_float32'] for c in checks)}/{len(checks)} seeds); max "
-              f"|logits - old logits| {max(c['max_logit_diff_to_old'] for c in checks):.2e} "
-              "(the epsilon term), max |logits - epsilon oracle| "
-              f"{max(c['max_logit_diff_to_epsilon_oracle'] for c in checks):.2e} <= float32 "
-              f"bound {min(c['float32_bound'] for c in checks):.2e}"]
+              f"K = {args.steps} steps after growth"]
+    notes = gpt2_notes if family.name == "gpt2" else llama_notes
+    return "\n".join(lines + notes(runs))
+
+
+def llama_notes(runs: list[dict]) -> list[str]:
+    """The Llama table's step-0 lines: the exact zero-padding's checks, net2net's distance."""
+    checks = [r["variants"]["zero-pad"]["step0_check"] for r in runs]
+    lines = ["zero-pad step 0: |loss - old loss| up to "
+             f"{max(abs(c['loss_diff']) for c in checks):.2e} (float32 bound "
+             f"{min(c['loss_float32_bound'] for c in checks):.2e}: within it in "
+             f"{sum(c['loss_within_float32'] for c in checks)}/{len(checks)} seeds); max "
+             f"|logits - old logits| {max(c['max_logit_diff_to_old'] for c in checks):.2e} "
+             "(the epsilon term), max |logits - epsilon oracle| "
+             f"{max(c['max_logit_diff_to_epsilon_oracle'] for c in checks):.2e} <= float32 "
+             f"bound {min(c['float32_bound'] for c in checks):.2e}"]
     dup = [r["variants"]["net2net"] for r in runs]
     lines.append(f"net2net step 0: preserves_function={dup[0]['preserves_function']}, max |logits "
                  f"- old logits| up to {max(d['step0_max_logit_diff'] for d in dup):.3f} "
                  f"(old logits up to {max(c['logit_scale'] for c in checks):.2f})")
-    return "\n".join(lines)
+    return lines
+
+
+def gpt2_notes(runs: list[dict]) -> list[str]:
+    """The GPT-2 table's step-0 lines: the duplication's checks, zero-padding's distance."""
+    checks = [r["variants"]["duplicate"]["step0_check"] for r in runs]
+    lines = ["duplicate step 0: |loss - old loss| up to "
+             f"{max(abs(c['loss_diff']) for c in checks):.2e} (float32 bound "
+             f"{min(c['loss_float32_bound'] for c in checks):.2e}: within it in "
+             f"{sum(c['loss_within_float32'] for c in checks)}/{len(checks)} seeds); max "
+             f"|logits - old logits| {max(c['max_logit_diff_to_old'] for c in checks):.2e} "
+             f"<= float32 bound {min(c['float32_bound'] for c in checks):.2e}"]
+    pads = [r["variants"]["zero-pad"] for r in runs]
+    moved = [p["curve"]["0"] - r["old_loss_at_growth"] for p, r in zip(pads, runs)]
+    lines.append(f"zero-pad step 0: preserves_function="
+                 f"{[p['preserves_function'] for p in pads]}, loss - old loss "
+                 f"{', '.join(f'{m:+.4f}' for m in moved)}; max |logits - old logits| up to "
+                 f"{max(p['step0_max_logit_diff'] for p in pads):.3f} (old logits up to "
+                 f"{max(c['logit_scale'] for c in checks):.2f})")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="llama",
+                        help="the keras-hub model grown (llama: RMS norms; gpt2: LayerNorms)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 40 + 20 steps")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pre-steps", type=int, default=250, help="N: old model's steps")
     parser.add_argument("--steps", type=int, default=250, help="K: steps after growth")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--epsilon", type=float, default=1e-6, help="the RMS norms' epsilon")
+    parser.add_argument("--epsilon", type=float, default=1e-6,
+                        help="the RMS norms' epsilon (llama; GPT-2's LayerNorms use 1e-5)")
     parser.add_argument("--task-seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results to this file")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -306,17 +428,19 @@ def main() -> None:
     task = MarkovTask(args.task_seed)
     eval_tokens = task.sample(np.random.default_rng(10_000 + args.task_seed),
                               EVAL_SEQS if not args.quick else 64)
-    runs = [run_seed(seed, task, eval_tokens, args) for seed in range(args.seeds)]
-    summary = summarise(runs)
+    family = FAMILIES[args.family]
+    runs = [run_seed(seed, task, eval_tokens, args, family) for seed in range(args.seeds)]
+    summary = summarise(runs, family.variants)
     floor = task.floor(eval_tokens)
     total = time.perf_counter() - start
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"config": {**vars(args), "old": OLD, "grown": GROWN, "vocabulary": VOCAB,
-                                  "sequence": SEQ, "batch": BATCH, "eval_sequences":
-                                  len(eval_tokens), "chain_floor": floor, "total_s": total},
+            json.dump({"config": {**vars(args), "old": family.old, "grown": family.grown,
+                                  "vocabulary": VOCAB, "sequence": SEQ, "batch": BATCH,
+                                  "eval_sequences": len(eval_tokens), "chain_floor": floor,
+                                  "total_s": total},
                        "summary": summary, "runs": runs}, f, indent=1)
-    print(table(summary, runs, floor, args) + f"\n({total:.0f} s in all)")
+    print(table(summary, runs, floor, args, family) + f"\n({total:.0f} s in all)")
 
 
 if __name__ == "__main__":
