@@ -340,9 +340,8 @@ def tensorflow_unprobed() -> Iterator[None]:
     lazy._available = False
     try:
         yield
-    finally:
-        if "tensorflow" not in sys.modules:
-            lazy._available = None
+    finally:  # unanswered again, even if something imported TensorFlow meanwhile
+        lazy._available = None
 
 
 def _config_error(layer: Any) -> str | None:
