@@ -24,7 +24,14 @@ import pytest
 
 import keras_surgery as ks
 from keras_surgery.report import operator_lines
-from tests.util import assert_input_sensitive, max_diff, predict, preservation_bound, randomize
+from tests.util import (
+    adam_slots,
+    assert_input_sensitive,
+    max_diff,
+    predict,
+    preservation_bound,
+    randomize,
+)
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -239,13 +246,6 @@ def test_tied_logits_are_kept_by_dividing_the_final_norm():
                "copies of each column" in line for line in lines) == 2, lines
 
 
-def _slots(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    opt = model.optimizer
-    return {v.path: tuple(keras.ops.convert_to_numpy(s[opt._get_variable_index(v)])
-                          for s in (opt._momentums, opt._velocities))
-            for v in model.trainable_variables}
-
-
 def _train(model, seeds) -> None:
     for seed in seeds:
         batch = _batch(seed)
@@ -291,7 +291,7 @@ def test_adam_slots_are_shared_by_the_copies():
     assert max_diff(old_y, predict(new, batch)) <= preservation_bound(old_y, ulps=32)
 
     for when in ("migrated", "one more step"):
-        before, after = _slots(old), _slots(new)
+        before, after = adam_slots(old), adam_slots(new)
         for tail, axes, c in SLOTS:
             (m0, v0), (m1, v1) = _one(before, tail), _one(after, tail)
             assert np.abs(m0).max() > 0 and np.abs(v0).max() > 0, tail

@@ -28,7 +28,7 @@ from tests.test_hub_decoders import (  # noqa: F401  (_llama_config: an autouse 
     _llama_config,
     _old,
 )
-from tests.util import assert_input_sensitive, max_diff, predict, preservation_bound
+from tests.util import adam_slots, assert_input_sensitive, max_diff, predict, preservation_bound
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -277,13 +277,6 @@ def _compiled(model):
     return model
 
 
-def _slots(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    opt = model.optimizer
-    return {v.path: tuple(keras.ops.convert_to_numpy(s[opt._get_variable_index(v)])
-                          for s in (opt._momentums, opt._velocities))
-            for v in model.trainable_variables}
-
-
 def _train(model, seeds) -> None:
     for seed in seeds:
         batch = _batch(seed)
@@ -302,7 +295,7 @@ def test_adam_slots_follow_the_gain_rescale():
     new = _compiled(_causal_lm("llama", 2, **GROWN))
     report = ks.migrate_weights(old, new)
     assert report.preserves_function, report.warnings
-    before, after = _slots(old), _slots(new)
+    before, after = adam_slots(old), adam_slots(new)
     gains = [p for p in after if p.endswith("/scale")]
     assert len(gains) == 5
     for path in gains:
@@ -317,7 +310,7 @@ def test_adam_slots_follow_the_gain_rescale():
 
     _train(old, (10,))
     _train(new, (10,))
-    before, after = _slots(old), _slots(new)
+    before, after = adam_slots(old), adam_slots(new)
     for path in gains:
         (m0, v0), (m1, v1) = before[path], after[path]
         np.testing.assert_allclose(m1[:32], m0 / C, rtol=1e-4, atol=1e-4 * np.abs(m0).max())

@@ -203,3 +203,13 @@ def _max_abs(a) -> float:
     if isinstance(a, (list, tuple)):
         return max(_max_abs(v) for v in a)
     return float(np.max(np.abs(to_numpy(a))))
+
+
+def adam_slots(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per trainable variable path, Adam's (m, v) of a compiled model that has trained."""
+    import keras
+
+    opt = model.optimizer
+    return {v.path: tuple(keras.ops.convert_to_numpy(s[opt._get_variable_index(v)])
+                          for s in (opt._momentums, opt._velocities))
+            for v in model.trainable_variables}
