@@ -18,7 +18,7 @@ Policy "duplicate" (Staged Training, Shen et al. 2022) is the same mechanism mad
 when a role grows by an integer factor k, new unit j copies old unit j mod d_old (the grown
 axis is [x, x, ...]) and every copy of a unit gets the share 1/k. Every old unit then has
 exactly k copies, so a LayerNormalization over the grown axis sees the same mean and
-variance (`planner.accept_duplicate_growths`). A role that grows by a factor that is not an
+variance (`operators.accept_duplicate_growths`). A role that grows by a factor that is not an
 integer is not split, and the report names it.
 """
 

@@ -111,6 +111,61 @@ def _plain(value: Any) -> Any:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
+        return repr((value.get("config") or {}).get("value"))  # a constant, by its value
     if isinstance(value, dict) and "class_name" in value:
         return str(value["class_name"])
     return repr(value)
+
+
+# Operations whose rule reads their non-tensor arguments to label the output (a GetItem's key
+# follows the features it selects): a change there is the labels' business.
+_ARGUMENTS_READ_BY_RULE = frozenset({"GetItem"})
+
+
+def changed_call_warning(
+    name: str, node: LayerNode, old_node: LayerNode, *, constants_elsewhere: bool = False
+) -> str | None:
+    """The warning for a matched layer or operation called with other non-tensor arguments than
+    in the old model (an operation's constant, `x * 2.0` -> `x * 3.0`; a keyword argument of
+    a call), or None: such a call computes something else even with every weight in place.
+
+    Args:
+        name: the layer's name in the new model, for the message.
+        node: the layer in the new model.
+        old_node: the layer it was matched to.
+        constants_elsewhere: the planner decides the layer's constant itself (a multiplication
+            by a scalar, `operators.compensate_constants`).
+
+    Returns:
+        "layer 'multiply' (Multiply) is called with other arguments: argument 1: 2.0 -> 3.0;
+        ..." or None.
+    """
+    if constants_elsewhere or node.class_name in _ARGUMENTS_READ_BY_RULE:
+        return None
+    changes = []
+    for k, (call, old_call) in enumerate(zip(node.calls, old_node.calls)):
+        where = f"call {k} " if len(node.calls) > 1 else ""
+        if len(call.args) == len(old_call.args):
+            for i, (a, b) in enumerate(zip(call.args, old_call.args)):
+                if not (_holds_tensor(a) or _holds_tensor(b)) and _plain(a) != _plain(b):
+                    changes.append(f"{where}argument {i}: {_show(b)} -> {_show(a)}")
+        for key in sorted(call.kwargs.keys() & old_call.kwargs.keys()):
+            if _plain(call.kwargs[key]) != _plain(old_call.kwargs[key]):
+                changes.append(f"{where}{key}: {_show(old_call.kwargs[key])} -> "
+                               f"{_show(call.kwargs[key])}")
+    if not changes:
+        return None
+    return (f"layer '{name}' ({node.class_name}) is called with other arguments than in the "
+            f"old model ({'; '.join(changes)}); the weights were carried over, but the old "
+            "outputs change.")
+
+
+def _holds_tensor(value: Any) -> bool:
+    """Whether a serialized argument is or contains a symbolic tensor (`__keras_tensor__`)."""
+    if isinstance(value, dict):
+        return value.get("class_name") == "__keras_tensor__" or any(
+            _holds_tensor(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v) for v in value)
+    return False

@@ -127,15 +127,105 @@ def test_hidden_growth_without_heads_moves_the_rotary_frequencies():
                for w in report.warnings), report.warnings
 
 
-def test_gemma_hidden_growth_is_reported():
+def _gemma_stream_ms(old, batch) -> float:
+    """The smallest mean square of the residual streams Gemma's norms read: the embeddings
+    after their sqrt(hidden_dim) scaling (the first decoder block's input) and each block's
+    output."""
+    backbone = old.backbone
+    blocks = backbone.transformer_layers
+    probe = keras.Model(backbone.inputs, [blocks[0].input[0] if isinstance(
+        blocks[0].input, (list, tuple)) else blocks[0].input] + [b.output for b in blocks])
+    return min(float(np.min(np.mean(np.square(keras.ops.convert_to_numpy(s)), axis=-1)))
+               for s in probe(batch))
+
+
+@pytest.mark.slow_on_other_backends
+def test_gemma_hidden_growth_keeps_old_logits():
     """Gemma's backbone multiplies the embeddings by sqrt(hidden_dim), a constant of the graph
-    that grows with hidden_dim: not a weight, so the planner cannot start the new dims at 0
-    after it, and says so by name rather than claiming the norms' growth."""
+    that grows with hidden_dim (32 -> 48). The table's copied columns take the ratio back
+    (x sqrt(32/48)), its new columns start at 0, every norm's 1 + scale is multiplied by
+    sqrt(32/48), and the final norm, which feeds the tied logits (they read the scaled table
+    back), is multiplied by sqrt(48/32) as well: left as it was. The logits are kept and the
+    verifier agrees."""
     old = _old(_causal_lm, "gemma", 1, **_sizes("gemma", **OLD))
     new = _causal_lm("gemma", 2, **_sizes("gemma", **GROWN))
+    report = ks.migrate_weights(old, new, verify=True)
+
+    assert report.preserves_function, report.warnings
+    assert report.verification.ok, report.verification.summary()
+    assert any("multiplies by the constant 6.9282 where the old model multiplied by 5.65685"
+               in w and "old outputs are kept" in w for w in report.warnings), report.warnings
+    batch = _batch(3)
+    old_y, new_y = predict(old, batch), predict(new, batch)
+    ms = _gemma_stream_ms(old, batch)
+    epsilon = 1e-6  # GemmaBackbone's layer_norm_epsilon
+    bound = preservation_bound(old_y, ulps=32) + (
+        5 * 0.5 * epsilon / (ms / 2.0) * float(np.max(np.abs(old_y))))
+    assert max_diff(old_y, new_y) <= bound, (max_diff(old_y, new_y), bound)
+
+    before, after = _variables(old), _variables(new)
+    table = _path(after, "token_embedding/embeddings")
+    np.testing.assert_allclose(after[table][:, :32], before[table] * C, rtol=2 * EPS32)
+    assert np.all(after[table][:, 32:] == 0)
+    final = _path(after, "final_normalization/scale")
+    np.testing.assert_allclose(after[final][:32], before[final], rtol=4 * EPS32,
+                               atol=4 * EPS32)
+    assert np.abs(before[final]).max() > 0
+    for path in after:  # the decoder blocks' norms: 1 + s_new = C * (1 + s_old)
+        if path.endswith("norm/scale") and "final" not in path:
+            np.testing.assert_allclose(1 + after[path][:32], C * (1 + before[path]),
+                                       rtol=4 * EPS32, atol=4 * EPS32)
+
+
+def test_gemma_backbone_hidden_growth_keeps_old_outputs():
+    """The backbone alone: its output is the final norm's, which then gets the usual
+    sqrt(32/48) (no tied logits read the table back); the old dims of the sequence output are
+    kept and the new ones are 0."""
+    from tests.test_hub_decoders import _backbone
+
+    old = _old(_backbone, "gemma", 1, **_sizes("gemma", **OLD))
+    new = _backbone("gemma", 2, **_sizes("gemma", **GROWN))
     report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    batch = _batch(3)
+    old_y, new_y = predict(old, batch), predict(new, batch)
+    assert max_diff(old_y, new_y[..., :32]) <= preservation_bound(old_y, ulps=32) + (
+        5 * 0.5 * 1e-6 / 0.05 * float(np.max(np.abs(old_y))))
+    assert np.all(new_y[..., 32:] == 0)
+
+
+def test_changed_constant_without_a_table_is_reported():
+    """`x * 2.0` becoming `x * 3.0` behind a Dense changes what the model computes, with every
+    weight in place: the report names the constant and does not claim the old outputs."""
+
+    def model(c: float, seed: int):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((4,), name="x")
+        h = keras.layers.Dense(3, name="d")(x) * c
+        return keras.Model(x, keras.layers.Dense(2, name="o")(h))
+
+    same = ks.migrate_weights(model(2.0, 1), model(2.0, 2))
+    assert same.preserves_function, same.warnings
+    report = ks.migrate_weights(model(2.0, 1), model(3.0, 2))
     assert not report.preserves_function
-    assert any("multiply" in w and "not written by a weight" in w
+    assert any("multiplies by the constant 3 where the old model multiplied by 2" in w
+               and "not the output of an embedding lookup" in w for w in report.warnings)
+
+
+def test_changed_operation_argument_is_reported():
+    """An operation's other constants (`ops.power(x, 2)` -> `ops.power(x, 3)`) are compared
+    too: the call is named with the argument that changed."""
+
+    def model(p: float, seed: int):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((4,), name="x")
+        h = keras.ops.power(keras.layers.Dense(3, name="d")(x), p)
+        return keras.Model(x, keras.layers.Dense(2, name="o")(h))
+
+    assert ks.migrate_weights(model(2.0, 1), model(2.0, 2)).preserves_function
+    report = ks.migrate_weights(model(2.0, 1), model(3.0, 2))
+    assert not report.preserves_function
+    assert any("called with other arguments" in w and "argument 1: 2.0 -> 3.0" in w
                for w in report.warnings), report.warnings
 
 
@@ -319,6 +409,29 @@ def test_adam_slots_follow_the_gain_rescale():
 
 
 @pytest.mark.slow_on_other_backends
+def test_adam_slots_follow_gemmas_table_rescale():
+    """Gemma 32 -> 48: the token table's copied columns are stored x C (for the changed
+    sqrt(hidden_dim) constant), so their m is the old m / C and v the old v / C ** 2; the
+    final norm's gain is left as it was (x C, then x 1 / C), and so are its slots."""
+    old = _compiled(_old(_causal_lm, "gemma", 1, **_sizes("gemma", **OLD)))
+    _train(old, (7, 8))
+    new = _compiled(_causal_lm("gemma", 2, **_sizes("gemma", **GROWN)))
+    report = ks.migrate_weights(old, new)
+    assert report.preserves_function, report.warnings
+    before, after = adam_slots(old), adam_slots(new)
+    table = _path(after, "token_embedding/embeddings")
+    (m0, v0), (m1, v1) = before[table], after[table]
+    assert np.abs(m0).max() > 0 and np.abs(v0).max() > 0
+    np.testing.assert_allclose(m1[:, :32], m0 / C, rtol=2 * EPS32, atol=0)
+    np.testing.assert_allclose(v1[:, :32], v0 / C**2, rtol=2 * EPS32, atol=0)
+    final = _path(after, "final_normalization/scale")
+    (m0, v0), (m1, v1) = before[final], after[final]
+    assert np.abs(m0).max() > 0
+    np.testing.assert_allclose(m1[:32], m0, rtol=4 * EPS32, atol=0)
+    np.testing.assert_allclose(v1[:32], v0, rtol=4 * EPS32, atol=0)
+
+
+@pytest.mark.slow_on_other_backends
 def test_new_residual_dims_can_learn():
     """hidden 32 -> 48 alone (Qwen3 takes head_dim: 4 heads of 8 kept). The writers of the new
     dims start at 0, so their readers (query/key/value, gate/up) keep fresh rows there: the old
@@ -343,3 +456,71 @@ def test_new_residual_dims_can_learn():
     assert np.all(after[table][:, 32:] == 0)
     _train(new, (10,))
     assert np.abs(_variables(new)[table][:, 32:]).max() > 0  # a gradient reached them
+
+
+# -- policy "duplicate" through the RMS norms ---------------------------------------------------
+
+WIDE = dict(hidden_dim=64, num_query_heads=8, num_key_value_heads=4, intermediate_dim=128)
+
+
+@pytest.mark.slow_on_other_backends
+@pytest.mark.parametrize("family", ["llama", "qwen", "gemma"])
+def test_duplication_through_rms_norms_keeps_old_logits(family):
+    """Policy "duplicate", hidden 32 -> 64 with 4 -> 8 heads over 2 -> 4 key/value heads
+    (head_dim 8 kept, so the rotary frequencies too) and intermediate 64 -> 128: the mean of
+    squares over [x, x] is x's, so the norms' gains are duplicated unscaled (epsilon
+    included: no epsilon term), readers give each copy 1/2. Untied Llama, tied Qwen (the final
+    norm / 2), tied Gemma (the table also x sqrt(32/64) for its sqrt(hidden_dim) constant,
+    the final norm x 1/2 / sqrt(32/64))."""
+    old = _old(_causal_lm, family, 1, **_sizes(family, **OLD))
+    new = _causal_lm(family, 2, **_sizes(family, **WIDE))
+    report = ks.migrate_weights(old, new, policy="duplicate", verify=True)
+
+    assert report.preserves_function, report.warnings
+    assert report.verification.ok, report.verification.summary()
+    assert sum("by duplicating every index 2 times, so its mean of squares is unchanged" in w
+               for w in report.warnings) == 5, report.warnings
+    batch = _batch(3)
+    old_y, new_y = predict(old, batch), predict(new, batch)
+    assert max_diff(old_y, new_y) <= preservation_bound(old_y, ulps=32), max_diff(old_y, new_y)
+
+    before, after = _variables(old), _variables(new)
+    r = (32 / 64) ** 0.5 if family == "gemma" else 1.0
+    table = _path(after, "token_embedding/embeddings")
+    np.testing.assert_allclose(after[table][:, :32], before[table] * r, rtol=2 * EPS32)
+    np.testing.assert_array_equal(after[table][:, 32:], after[table][:, :32])
+    tied = family != "llama"
+    for path in after:
+        if not path.endswith("/scale") or after[path].shape != (64,):
+            continue
+        final = "final_normalization" in path or "sequence_output_layernorm" in path
+        m = (0.5 / r if final and tied else 1.0)
+        if family == "gemma":  # 1 + scale
+            np.testing.assert_allclose(1 + after[path][:32], m * (1 + before[path]),
+                                       rtol=4 * EPS32, atol=4 * EPS32)
+        else:
+            np.testing.assert_allclose(after[path][:32], m * before[path], rtol=2 * EPS32)
+        np.testing.assert_array_equal(after[path][32:], after[path][:32])
+    down = _path(after, "_0/" + ("ffw_linear/kernel" if family == "gemma"
+                                 else "feedforward_output_dense/kernel"))
+    units = before[down].shape[0]  # intermediate units (Gemma: intermediate_dim / 2)
+    np.testing.assert_allclose(after[down][:units, :32], before[down] / 2, rtol=2 * EPS32)
+    np.testing.assert_array_equal(after[down][units:, :32], after[down][:units, :32])
+    lines = operator_lines(report.plan)
+    assert any("ffw_linear" in line or "feedforward_output_dense" in line for line in lines
+               if "duplication: axis 0 duplicated" in line and "each copy x1/2" in line), lines
+
+
+def test_duplication_growing_head_dim_moves_the_rotary_frequencies():
+    """Llama derives head_dim = hidden_dim / num_query_heads: doubling hidden_dim at 4 heads
+    duplicates each head's dims (8 -> 16), which moves the rotary frequencies; the report says
+    so, and a factor that is not a whole number (32 -> 48) is refused by name."""
+    old = _old(_causal_lm, "llama", 1, **OLD)
+    report = ks.migrate_weights(old, _causal_lm("llama", 2, **dict(OLD, hidden_dim=64)),
+                                policy="duplicate")
+    assert not report.preserves_function
+    assert any("rotary" in w and "head_dim" in w for w in report.warnings), report.warnings
+    report = ks.migrate_weights(old, _causal_lm("llama", 2, **_sizes("llama", **GROWN)),
+                                policy="duplicate")
+    assert not report.preserves_function
+    assert any("48 is not a multiple of 32" in w for w in report.warnings), report.warnings

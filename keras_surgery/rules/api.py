@@ -171,6 +171,11 @@ class RuleResult:
     # the value each starts at so that the layer keeps its old function (None: its fresh
     # value); the rule has labelled the layer's outputs as if those sublayers were so set.
     added: dict[str, Init | None] = field(default_factory=dict)
+    # The layer multiplies its one tensor input by this constant of the graph (a scalar
+    # argument, not a weight: `x * sqrt(hidden_dim)`): 0 stays 0 through it, and when the
+    # constant differs between the models the planner makes up for it where it can
+    # (`operators.compensate_constants`); None: not such a layer.
+    scales_by: float | None = None
 
 
 @dataclass

@@ -174,7 +174,9 @@ def merge_rule(call: RuleCall, *, sums: bool = False) -> RuleResult:
     """
     if len(call.inputs) == 1:
         x = call.inputs[0]
-        return RuleResult([x[:-1] + (call.derived(x[-1]),)], check_weights(call, []))
+        scales_by = scalar_factor(call) if call.layer.class_name == "Multiply" else None
+        return RuleResult([x[:-1] + (call.derived(x[-1]),)], check_weights(call, []),
+                          scales_by=scales_by)
     ranks = {len(x) for x in call.inputs}
     if len(ranks) != 1:
         raise ValueError(f"{call.describe()}: inputs of different ranks {sorted(ranks)}")
@@ -182,6 +184,22 @@ def merge_rule(call: RuleCall, *, sums: bool = False) -> RuleResult:
     out = tuple(_merge_axes(call, [x[a] for x in call.inputs], sums) for a in range(rank))
     nonnegative = sums and all(call.nonnegative_input(i) for i in range(len(call.inputs)))
     return RuleResult([out], check_weights(call, []), nonnegative=[nonnegative], sums=sums)
+
+
+def scalar_factor(call: RuleCall) -> float | None:
+    """The non-zero scalar constant a one-tensor multiplication multiplies by (`x * 2.0`, or a
+    scalar `__tensor__` / `__numpy__` argument as Keras serializes it), or None."""
+    constants = [a for a in call.call_args
+                 if not (isinstance(a, dict) and a.get("class_name") == "__keras_tensor__")]
+    if len(constants) != 1 or len(call.call_args) != 2:
+        return None
+    value = constants[0]
+    if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
+        value = (value.get("config") or {}).get("value")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if value != 0.0 and np.isfinite(value) else None
 
 
 def add_rule(call: RuleCall) -> RuleResult:

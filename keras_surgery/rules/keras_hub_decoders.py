@@ -14,7 +14,7 @@ nothing below.) What each weight axis means:
   norm mixes it, and a grown hidden_dim keeps the old function exactly (up to epsilon) when
   the new dims start at 0 wherever they are written: the planner then zeroes those writers'
   new columns and each norm's gain is rescaled by sqrt(d_old / d_new) (see
-  `rules.normalization.rms_normalization_rule` and `planner.accept_zero_growths`). Llama,
+  `rules.normalization.rms_normalization_rule` and `operators.accept_zero_growths`). Llama,
   Mistral (without head_dim) and Qwen derive head_dim = hidden_dim / num_query_heads, so
   hidden_dim must grow with the heads in proportion; else head_dim grows (below);
 * query heads are units labelled (key/value head, rank in its group): keras-hub repeats each
@@ -27,8 +27,22 @@ nothing below.) What each weight axis means:
   and read by the down projection's rows: a grown `intermediate_dim` gets fresh gate/up
   columns and zero down rows, which keeps the old function exactly.
 
+Under policy "duplicate" a growth of hidden_dim by a whole factor k is exact instead (epsilon
+included): every residual dim, query and key/value head and intermediate unit is copied k
+times, the norms' mean of squares over [x, x] is x's, so their gains are duplicated unscaled,
+and every weight reading a duplicated axis gives each copy 1/k (`net2net`,
+`operators.accept_duplicate_growths`); head_dim must stay (grow the heads with hidden_dim), or
+the rotary frequencies move and the report says so.
+
+Gemma's backbone multiplies the embeddings by sqrt(hidden_dim), a constant of the graph: when
+it changes, the token table's copied columns are multiplied by sqrt(d_old / d_new) and the
+final norm, which feeds the tied logits that read the table back, by the inverse
+(`operators.compensate_constants`), so a grown Gemma keeps its logits.
+
 A new decoder layer starts as the identity: the attention output projection and the down
-projection start at 0, so both residual branches add 0.
+projection start at 0, so both residual branches add 0. (Duplicating a layer in place with
+both copies' residual branches halved is not offered: it does not keep the old function,
+because the second copy reads the first one's output.)
 """
 
 from __future__ import annotations

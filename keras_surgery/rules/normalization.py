@@ -74,7 +74,7 @@ def layer_normalization_rule(call: RuleCall) -> RuleResult:
     "duplicate"): over [x, x] (every index k times) the mean and variance are x's, so each
     copy normalises to the old value and duplicated gamma and beta give [LN(x), LN(x)]. The
     mixing says so (`grows_by_duplication`); the planner accepts the growth only when every
-    old index is copied exactly k times (`planner.accept_duplicate_growths`). Zero padding is
+    old index is copied exactly k times (`operators.accept_duplicate_growths`). Zero padding is
     not exact (the zeros move the mean) and is reported.
     """
     x = single_input(call)
@@ -113,6 +113,10 @@ def rms_normalization_rule(call: RuleCall, gain_offset: float | None = None) -> 
     a gain of 0, so a new one can end a residual branch. RMS normalisation maps 0 to 0, which
     lets a decoder's post-norm branch start at 0 behind a zero projection.
 
+    Under policy "duplicate" a growth by duplication (every index k times) is exact, epsilon
+    included: the mean of squares over [x, x] is x's, so the duplicated gain keeps its old
+    values (`operators.accept_duplicate_growths` takes the rescale back).
+
     Args:
         call: the layer's call.
         gain_offset: the constant added to `scale` (None: the config's `gain_offset`, or 0).
@@ -129,7 +133,8 @@ def rms_normalization_rule(call: RuleCall, gain_offset: float | None = None) -> 
                             offset=offset)] if call.weights else []
     mixing = Mixing(tuple(x[a] for a in axes),
                     "RMS normalisation divides by the root mean square over this axis",
-                    grows_with_zeros=rescale is not None, zero_through=call.identity)
+                    grows_with_zeros=rescale is not None, zero_through=call.identity,
+                    grows_by_duplication=True)
     zero_out = tuple(call.zeros(a.length or 0) if i in axes else a for i, a in enumerate(x))
     starts = {
         "identity": Start("identity", refused=(
