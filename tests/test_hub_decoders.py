@@ -142,9 +142,10 @@ def test_added_final_layer_starts_as_identity_and_wider_mlp_is_exact(family, ext
     optional post-norms sit behind the zero projections, and RMS normalisation keeps 0 at 0."""
     old = _old(_backbone, family, 1, **extra)
     new = _backbone(family, 2, num_layers=3, intermediate_dim=48, **extra)
-    report = ks.migrate_weights(old, new)
+    report = ks.migrate_weights(old, new, verify=True)
 
     assert report.preserves_function, report.warnings
+    assert report.verification.ok, report.verification.summary()
     assert report.plan.starts == {_layer(new, family, 2).name: "identity"}
     batch = _batch(3)
     old_y = predict(old, batch)

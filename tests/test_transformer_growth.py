@@ -342,8 +342,9 @@ def test_heads_growth_keeps_old_logits(family, old_sizes, new_sizes):
     (g, r) reads key/value head g in both models)."""
     old = _old(_causal_lm, family, 1, **old_sizes)
     new = _causal_lm(family, 2, **new_sizes)
-    report = ks.migrate_weights(old, new)
+    report = ks.migrate_weights(old, new, verify=True)
     assert report.preserves_function, report.warnings
+    assert report.verification.ok, report.verification.summary()
     batch = _batch(4)
     old_y = predict(old, batch)
     assert max_diff(old_y, predict(new, batch)) <= preservation_bound(old_y, ulps=32)
