@@ -65,7 +65,8 @@ def split_units(
     """
     space = new.space
     old_ids = _all_labels(old)
-    source, refused = _unit_sources(space, old_ids, new, weights, duplicate)
+    held = _held_at_zero(new, weights)
+    source, refused = _unit_sources(space, old_ids, new, weights, duplicate, held)
     resolve = _Resolver(space, old_ids, source)
     if not source:
         return Splits(resolve, refused)
@@ -131,11 +132,30 @@ def _all_labels(graph: GraphLabels) -> set[int]:
     return ids
 
 
+def _held_at_zero(new: GraphLabels, weights: list) -> set[int]:
+    """The new labels that a tied table must write as 0 (`AxisMap.zero_new` on the output-side
+    axis of a weight that a later call of its layer reads back, with no norm found to take a
+    duplication back, `operators.tied_duplications`): their units cannot be split, or their
+    readers would share an old unit's weights with a copy that is 0."""
+    held: set[int] = set()
+    for wp, new_w, _ in weights:
+        rec = new.records.get(wp.layer)
+        if rec is None or not any(w.role == new_w.role for later in rec.later_calls
+                                  for w in later.weights):
+            continue
+        for amap, axis in zip(wp.axes, new_w.axes):
+            if amap.zero_new and axis.kind == "out" and axis.labels.ids is not None:
+                held.update(axis.labels.ids[amap.index < 0].tolist())
+    return held
+
+
 def _unit_sources(
-    space: LabelSpace, old_ids: set[int], new: GraphLabels, weights: list, duplicate: bool
+    space: LabelSpace, old_ids: set[int], new: GraphLabels, weights: list, duplicate: bool,
+    held: set[int],
 ) -> tuple[dict[int, int], list[str]]:
     """new unit label -> the old unit label of the same layer and role it copies, and the
-    roles refused by policy "duplicate" (a growth by a factor that is not an integer)."""
+    roles refused: by policy "duplicate", a growth by a factor that is not an integer; by
+    both policies, units a weight must write as 0 (`_held_at_zero`)."""
     outputs = {new.records[ref[0]].identity for ref in new.graph.outputs
                if ref[0] in new.records}
     if duplicate:  # only the units on the outputs themselves: a tied table's columns split
@@ -166,6 +186,13 @@ def _unit_sources(
         if not olds:
             continue
         items_sorted = sorted(items)
+        if any(label in held for _, label in items_sorted):
+            refused.append(
+                f"{repr(group[1]) + ' ' if group[1] else ''}units of layer '{group[0]}' start "
+                "at 0 in a weight that must keep them 0 (a tied table read back without a norm "
+                "that could take a copy back), so they are not split and keep the 'preserve' "
+                "fill")
+            continue
         if duplicate:
             if len(items_sorted) % len(olds):
                 n_new = len(olds) + len(items_sorted)

@@ -39,6 +39,7 @@ class Verdict:
         self.breaks = self.breaks or breaks
 
     def unique_warnings(self) -> list[str]:
+        """The warnings in order, each once."""
         return list(dict.fromkeys(self.warnings))
 
 
@@ -46,9 +47,10 @@ class Verdict:
 
 
 @dataclass
-class ZeroGrowth:
-    """A mixing axis that gained indices and may grow by zeros (an RMS norm's): the layer,
-    the mixing's reason, the old length and the gained labels."""
+class MixingGrowth:
+    """A mixing axis that gained indices and may still keep the old outputs, by zeros (an RMS
+    norm's) or by duplication (a LayerNorm's; an RMS norm's under policy "duplicate"): the
+    layer, the mixing's reason, the old length and the gained labels."""
 
     layer: str
     class_name: str
@@ -115,7 +117,7 @@ def _axis_states(wp: WeightPlan, axis: int, policy: str) -> np.ndarray:
 
 
 def _zero_writers(
-    growth: ZeroGrowth, space: LabelSpace, writers: dict[int, list[tuple[str, int, int]]],
+    growth: MixingGrowth, space: LabelSpace, writers: dict[int, list[tuple[str, int, int]]],
     by_path: dict[str, WeightPlan], policy: str, zero_through: set[str],
 ) -> tuple[list[tuple[WeightPlan, int]], str | None]:
     """The writer axes to mark `zero_new` so that every gained index starts at 0, or why it
@@ -143,7 +145,7 @@ def _zero_writers(
 
 
 def accept_zero_growths(
-    growths: list[ZeroGrowth], new: GraphLabels, weights: list[WeightPlan], policy: str,
+    growths: list[MixingGrowth], new: GraphLabels, weights: list[WeightPlan], policy: str,
     verdict: Verdict,
 ) -> None:
     """Decides each growth of an axis that may grow by zeros: when every weight that writes a
@@ -228,7 +230,7 @@ def split(
     return splits
 
 
-def duplication_factor(growth: ZeroGrowth, splits: Splits | None) -> tuple[int, str | None]:
+def duplication_factor(growth: MixingGrowth, splits: Splits | None) -> tuple[int, str | None]:
     """The factor k by which every old index of a growing mixing axis is duplicated, or why
     the growth is not a duplication (a new index copying nothing, old indices copied unequally
     often: a growth by a factor that is not an integer).
@@ -262,25 +264,34 @@ def duplication_factor(growth: ZeroGrowth, splits: Splits | None) -> tuple[int, 
 
 
 def accept_duplicate_growths(
-    growths: list[ZeroGrowth], splits: Splits | None, weights: list[WeightPlan],
-    verdict: Verdict,
-) -> None:
+    growths: list[MixingGrowth], splits: Splits | None, new: GraphLabels,
+    weights: list[WeightPlan], verdict: Verdict,
+) -> list[MixingGrowth]:
     """Decides each growth of a mixing axis that may grow by duplication (a LayerNorm's; an
     RMS norm's under policy "duplicate"): when the new axis holds every old index exactly k
     times, the mean and variance (or the mean of squares) over it are the old ones, each copy
     normalises to the old value and its duplicated gain (and bias) give the old output, so
     the growth keeps the old outputs (an RMS norm's gain then keeps its old values: the
     rescale its rule declares for a growth by zeros is taken back); otherwise the report
-    gives the mixing's warning, and why it is not a duplication."""
+    gives the mixing's warning, and why it is not a duplication.
+
+    Returns:
+        The growths that are not duplications but may still grow by zeros (an RMS norm's
+        under a factor that is not a whole number), for `accept_zero_growths`.
+    """
+    by_zeros: list[MixingGrowth] = []
     for growth in growths:
         k, why = duplication_factor(growth, splits)
         n_new = growth.old_length + len(growth.gained)
+        if not k and growth.rescaled:
+            verdict.warn(f"{growth.describe()}; that axis grew {growth.old_length} -> {n_new}, "
+                         f"which is not a duplication ({why or 'nothing was split'}), so it "
+                         "may only grow by zeros.", breaks=False)
+            by_zeros.append(growth)
+            continue
         if k:
             if growth.rescaled:
-                for wp in weights:
-                    if wp.layer == growth.layer and (wp.scale != 1.0 or wp.shift):
-                        wp.scale, wp.shift = 1.0, 0.0
-                        wp.operator = duplication_operator(wp) if wp.axes else ""
+                _unscale_gains(growth, new, {wp.path: wp for wp in weights})
             stats = "mean of squares is" if growth.rescaled else "mean and variance are"
             verdict.warn(
                 f"{growth.describe()}; that axis grew {growth.old_length} -> {n_new} by "
@@ -289,6 +300,21 @@ def accept_duplicate_growths(
         else:
             verdict.warn(growth.changed if why is None else
                          f"{growth.changed[:-1]}: duplication is not exact there: {why}.")
+    return by_zeros
+
+
+def _unscale_gains(growth: MixingGrowth, new: GraphLabels, by_path: dict[str, WeightPlan]) -> None:
+    """Takes back the growth-by-zeros rescale (`WeightLabels.rescale`) of the gains over the
+    grown axis of `growth`'s layer (only those: a decoder layer's other weights keep theirs)."""
+    rec = new.records[growth.layer]
+    for w, spec in zip(rec.result.weights, rec.node.weights):
+        wp = by_path.get(spec.path)
+        if wp is None or w.rescale is None or not all(a.kind == "diag" for a in w.axes) or not (
+                any(a.labels.ids is not None and np.isin(a.labels.ids, growth.gained).any()
+                    for a in w.axes)):
+            continue
+        wp.scale, wp.shift = 1.0, 0.0
+        wp.operator = duplication_operator(wp) if wp.axes else ""
 
 
 @dataclass
@@ -300,6 +326,30 @@ class TiedDuplication:
     table: WeightPlan
     axis: int
     norm: str  # the new layer name of the norm
+
+
+def tied_norm(new: GraphLabels, table_layer: str, call: int, labels: AxisLabels) -> str | None:
+    """The norm whose output call `call` of `table_layer` reads back (tied logits), when
+    scaling the norm's gain (and bias) scales exactly what that call reads: a LayerNormalization
+    or an RMS norm with a gain (`_scales_linearly`) whose derived outputs are `labels`, whose
+    output is that call's input itself (nothing between them, such as an activation) and is
+    read by nothing else (another reader, or a model output, would see the scaled values).
+
+    Args:
+        new: the new model's labels.
+        table_layer: the layer of the table (its new name).
+        call: the index of the later call among the layer's calls (1 for the second).
+        labels: the labels the later call reads on the table's hidden axis.
+
+    Returns:
+        The norm's layer name, or None.
+    """
+    norm = _norm_reading(new, labels)
+    calls = new.graph.layers[table_layer].calls
+    refs = calls[call].inputs if call < len(calls) else []
+    if norm is None or not refs or tuple(refs[0])[0] != norm:
+        return None
+    return norm if consumers(new, tuple(refs[0])) == 1 else None
 
 
 def _norm_reading(new: GraphLabels, labels: AxisLabels) -> str | None:
@@ -360,16 +410,16 @@ def tied_duplications(new: GraphLabels, weights: list[WeightPlan]) -> list[TiedD
     """
     by_path = {wp.path: wp for wp in weights}
     found: list[TiedDuplication] = []
-    for rec in new.records.values():
-        for later in rec.later_calls:
+    for name, rec in new.records.items():
+        for k, later in enumerate(rec.later_calls, start=1):
             second_of = {w.role: w for w in later.weights}
             for first, spec in zip(rec.result.weights, rec.node.weights):
                 wp, second = by_path.get(spec.path), second_of.get(first.role)
                 if wp is None or wp.axes is None or second is None:
                     continue
                 for a, (fa, sa) in enumerate(zip(first.axes, second.axes)):
-                    norm = _norm_reading(new, sa.labels) if fa.kind == "out" and sa.kind == (
-                        "in") and wp.axes[a].zero_new else None
+                    norm = tied_norm(new, name, k, sa.labels) if fa.kind == "out" and (
+                        sa.kind == "in") and wp.axes[a].zero_new else None
                     if norm is not None:
                         wp.axes[a].zero_new = False
                         found.append(TiedDuplication(wp, a, norm))
@@ -394,17 +444,22 @@ def scale_tied_readers(
             t.table.count(policy)
             continue
         k = len(amap.index) / t.table.old_shape[t.axis]
-        offsets = _offsets(new, t.norm)
-        for wp in norm:  # the gain (and the bias)
-            scale_affine(wp, 1.0 / k, offsets.get(wp.role, 0.0))
-            wp.operator = (f"{wp.operator}; values x1/{k:g}: they feed the tied "
-                           f"'{t.table.layer}' read back over {k:g} copies of each column")
+        scale_norm(norm, new, 1.0 / k, f"values x1/{k:g}: they feed the tied "
+                   f"'{t.table.layer}' read back over {k:g} copies of each column")
+        for wp in norm:
             wp.count(policy)
 
 
-def _offsets(new: GraphLabels, layer: str) -> dict[str, float]:
-    """The constant each weight of `layer` is used with (`WeightLabels.offset`), by role."""
-    return {w.role: w.offset for w in new.records[layer].result.weights}
+def scale_norm(norm: list[WeightPlan], new: GraphLabels, m: float, why: str) -> None:
+    """Multiplies what a norm's weights (`norm`: its gain and bias, all of one layer) compute
+    by `m`, each with the constant its layer adds to it (`WeightLabels.offset`), and says why
+    in their operator."""
+    if not norm:
+        return
+    offsets = {w.role: w.offset for w in new.records[norm[0].layer].result.weights}
+    for wp in norm:
+        scale_affine(wp, m, offsets.get(wp.role, 0.0))
+        wp.operator = "; ".join(t for t in (wp.operator, why) if t)
 
 
 def zero_keeping(new: GraphLabels) -> set[str]:
@@ -417,8 +472,6 @@ def zero_keeping(new: GraphLabels) -> set[str]:
 
 
 # -- constants of the graph that changed with a size ---------------------------------------------
-
-LOOKUP_CLASSES = ("Embedding", "ReversibleEmbedding")
 
 
 def compensate_constants(
@@ -446,11 +499,8 @@ def compensate_constants(
             continue
         what = (f"layer '{name}' ({rec.node.class_name}) multiplies by the constant "
                 f"{c_new:.6g} where the old model multiplied by {c_old:.6g}")
-        if c_new == 0 or not np.isfinite(c_old / c_new):
-            verdict.warn(f"{what}, so the old outputs change.")
-            continue
-        r = c_old / c_new
-        why = _compensate(name, rec, r, new, weights)
+        r = c_old / c_new  # both non-zero and finite (`rules.elementwise.scalar_factor`)
+        why = _compensate(name, rec, r, new, {wp.path: wp for wp in weights})
         if why is not None:
             verdict.warn(f"{what}; {why}, so the old outputs change.")
         else:
@@ -459,14 +509,15 @@ def compensate_constants(
                          "kept.", breaks=False)
 
 
-def _consumers(new: GraphLabels, ref: tuple) -> int:
+def consumers(new: GraphLabels, ref: tuple) -> int:
+    """How many calls of the new graph read tensor `ref`, and how many model outputs it is."""
     found = sum(1 for node in new.graph.layers.values() for call in node.calls
                 for r in call.inputs if tuple(r) == tuple(ref))
     return found + sum(1 for r in new.graph.outputs if tuple(r) == tuple(ref))
 
 
 def _compensate(
-    name: str, rec: Any, r: float, new: GraphLabels, weights: list[WeightPlan]
+    name: str, rec: Any, r: float, new: GraphLabels, by_path: dict[str, WeightPlan]
 ) -> str | None:
     """Multiplies the table behind the constant multiplication `name` by `r` (and the norm of
     each later call that reads the table back by 1 / r), or says why it cannot."""
@@ -475,15 +526,15 @@ def _compensate(
         return "its input is not a single tensor"
     ref = tuple(refs[0])
     producer = new.records.get(ref[0])
-    if producer is None or producer.node.class_name not in LOOKUP_CLASSES or ref[1] != 0:
+    tables = [] if producer is None or ref[1] != 0 else [
+        (w, by_path.get(spec.path)) for w, spec in zip(producer.result.weights,
+                                                       producer.node.weights)
+        if any(a.kind == "out" for a in w.axes) and any(a.kind == "lookup" for a in w.axes)]
+    if len(tables) != 1:
         return "what it multiplies is not the output of an embedding lookup"
-    if _consumers(new, ref) != 1:
+    if consumers(new, ref) != 1:
         return f"the output of '{ref[0]}' is also read elsewhere"
-    tables = [(w, wp) for w, wp in zip(producer.result.weights,
-                                       [_plan_of(weights, spec.path)
-                                        for spec in producer.node.weights])
-              if any(a.kind == "out" for a in w.axes) and any(a.kind == "lookup" for a in w.axes)]
-    if len(tables) != 1 or tables[0][1] is None or tables[0][1].axes is None:
+    if tables[0][1] is None or tables[0][1].axes is None:
         return f"'{ref[0]}' has no table copied from the old model"
     role, table = tables[0][0].role, tables[0][1]
     readers = []
@@ -492,35 +543,25 @@ def _compensate(
         if w is None:
             continue  # a later call that does not read the table (untied reverse embeddings)
         hidden = [a for a in w.axes if a.kind == "in"]
-        norm = _norm_reading(new, hidden[0].labels) if len(hidden) == 1 else None
+        norm = tied_norm(new, ref[0], k, hidden[0].labels) if len(hidden) == 1 else None
         if norm is None:
-            return (f"call {k} of '{ref[0]}' reads the table too, and no norm whose gain "
-                    "could take the ratio back computes what it reads")
+            return (f"call {k} of '{ref[0]}' reads the table too, and what it reads is not "
+                    "the output of a norm, read by nothing else, whose gain could take the "
+                    "ratio back")
         readers.append(norm)
     table.scale *= r
     table.operator = "; ".join(t for t in (table.operator, (
         f"values x{r:.4g}: layer '{name}' multiplies them by a constant that changed")) if t)
     for norm in dict.fromkeys(readers):
-        offsets = _offsets(new, norm)
-        for wp in weights:
-            if wp.layer == norm and wp.axes is not None:
-                scale_affine(wp, 1.0 / r, offsets.get(wp.role, 0.0))
-                wp.operator = "; ".join(t for t in (wp.operator, (
-                    f"values x1/{r:.4g}: they feed '{ref[0]}' read back, whose table was "
-                    f"multiplied by {r:.4g} for layer '{name}'")) if t)
-    return None
-
-
-def _plan_of(weights: list[WeightPlan], path: str) -> WeightPlan | None:
-    for wp in weights:
-        if wp.path == path:
-            return wp
+        scale_norm([wp for wp in by_path.values() if wp.layer == norm and wp.axes is not None],
+                   new, 1.0 / r, f"values x1/{r:.4g}: they feed '{ref[0]}' read back, whose "
+                   f"table was multiplied by {r:.4g} for layer '{name}'")
     return None
 
 
 def grow(
     old: GraphLabels, new: GraphLabels, weights: list[WeightPlan], splittable: list,
-    growths: list[ZeroGrowth], policy: str, verdict: Verdict,
+    growths: list[MixingGrowth], policy: str, verdict: Verdict,
 ) -> None:
     """Applies the growth operators once every weight is planned, each composing its rescale
     with the ones before it: units split (policies "net2net", "duplicate"), growths by
@@ -540,11 +581,11 @@ def grow(
     tied = tied_duplications(new, weights) if policy == "duplicate" else []
     splits = split(old, new, splittable, policy, verdict)
     duplicated = [g for g in growths if g.by_duplication]
+    zero = [g for g in growths if not g.by_duplication]
     if duplicated:
-        accept_duplicate_growths(duplicated, splits, weights, verdict)
+        zero += accept_duplicate_growths(duplicated, splits, new, weights, verdict)
     if tied:
         scale_tied_readers(tied, new, weights, policy)
     compensate_constants(old, new, weights, verdict)
-    zero = [g for g in growths if not g.by_duplication]
     if zero:
         accept_zero_growths(zero, new, weights, policy, verdict)

@@ -19,8 +19,8 @@ from keras_surgery.labels import AxisLabels, LabelSpace
 from keras_surgery.match import index_map
 from keras_surgery.operators import (
     INPUT_SIDE_KINDS,
+    MixingGrowth,
     Verdict,
-    ZeroGrowth,
     grow,
 )
 from keras_surgery.plan import POLICIES, PRESERVING_POLICIES, AxisMap, SurgeryPlan, WeightPlan
@@ -64,7 +64,7 @@ def build_plan(
     matches: dict[str, str] = {}
     new_layers: list[str] = []
     continued_old: set[str] = set()
-    zero_growths: list[ZeroGrowth] = []
+    zero_growths: list[MixingGrowth] = []
 
     for name, rec in new.records.items():
         old_rec = old.records.get(rec.identity)
@@ -141,12 +141,12 @@ def _new_layer_weights(name: str, rec: LayerRecord, policy: str) -> list[WeightP
 
 def _check_mixing(
     name: str, rec: LayerRecord, old_rec: LayerRecord, verdict: Verdict, policy: str
-) -> list[ZeroGrowth]:
+) -> list[MixingGrowth]:
     """Mixing axes (a LayerNorm's, a softmax's) must keep their labels, or the old outputs
     change. A growth of an axis that may grow by zeros (an RMS norm's) or by duplication (a
     LayerNorm's; an RMS norm's under policy "duplicate") is returned instead, for
     `operators.grow` to decide once every weight is planned."""
-    pending: list[ZeroGrowth] = []
+    pending: list[MixingGrowth] = []
     for new_mix, old_mix in zip(rec.result.mixing, old_rec.result.mixing):
         for new_axis, old_axis in zip(new_mix.labels, old_mix.labels):
             if new_axis.ids is None or old_axis.ids is None:
@@ -170,7 +170,7 @@ def _check_mixing(
             by_duplication = bool(single and new_mix.grows_by_duplication and (
                 policy == "duplicate" or not new_mix.grows_with_zeros))
             if single and (new_mix.grows_with_zeros or by_duplication):
-                pending.append(ZeroGrowth(name, rec.node.class_name, new_mix.reason,
+                pending.append(MixingGrowth(name, rec.node.class_name, new_mix.reason,
                                           len(old_axis.ids), np.setdiff1d(new_axis.ids,
                                                                           old_axis.ids),
                                           by_duplication, old_axis.ids, changed,

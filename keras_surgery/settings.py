@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from keras_surgery import rules as _rules  # noqa: F401 - registers the built-in rules' keys
@@ -150,15 +151,45 @@ def changed_call_warning(
             for i, (a, b) in enumerate(zip(call.args, old_call.args)):
                 if not (_holds_tensor(a) or _holds_tensor(b)) and _plain(a) != _plain(b):
                     changes.append(f"{where}argument {i}: {_show(b)} -> {_show(a)}")
-        for key in sorted(call.kwargs.keys() & old_call.kwargs.keys()):
-            if _plain(call.kwargs[key]) != _plain(old_call.kwargs[key]):
-                changes.append(f"{where}{key}: {_show(old_call.kwargs[key])} -> "
-                               f"{_show(call.kwargs[key])}")
+        defaults = _call_defaults(node.cls)
+        for key in sorted((call.kwargs.keys() | old_call.kwargs.keys()) - _MODE_KEYWORDS):
+            before, after = (c.kwargs.get(key, defaults.get(key, _NOT_GIVEN))
+                             for c in (old_call, call))
+            if _plain(before) != _plain(after):
+                changes.append(f"{where}{key}: {_show(before)} -> {_show(after)}")
     if not changes:
         return None
     return (f"layer '{name}' ({node.class_name}) is called with other arguments than in the "
             f"old model ({'; '.join(changes)}); the weights were carried over, but the old "
             "outputs change.")
+
+
+# `training` is the mode Keras calls a layer in: fit, evaluate and predict pass their own value
+# to every node (`Functional`'s `operation_fn`), so a node's recorded value is not what it does.
+_MODE_KEYWORDS = frozenset({"training"})
+
+
+class _NotGiven:
+    """A keyword a call did not pass and whose default is unknown."""
+
+    def __repr__(self) -> str:
+        return "(not given)"
+
+
+_NOT_GIVEN = _NotGiven()
+
+
+def _call_defaults(cls: type | None) -> dict[str, Any]:
+    """The defaults of the keyword parameters of `cls.call` (what a call that does not pass a
+    keyword gets), or {} when the class or its signature is unknown."""
+    call = getattr(cls, "call", None)
+    if call is None:
+        return {}
+    try:
+        parameters = inspect.signature(call).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def _holds_tensor(value: Any) -> bool:

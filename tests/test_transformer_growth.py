@@ -515,13 +515,138 @@ def test_duplication_through_rms_norms_keeps_old_logits(family):
 def test_duplication_growing_head_dim_moves_the_rotary_frequencies():
     """Llama derives head_dim = hidden_dim / num_query_heads: doubling hidden_dim at 4 heads
     duplicates each head's dims (8 -> 16), which moves the rotary frequencies; the report says
-    so, and a factor that is not a whole number (32 -> 48) is refused by name."""
+    so. A factor that is not a whole number (32 -> 48) is no duplication, said by name, and the
+    RMS norms then grow by zeros (exact up to epsilon), as under policy "preserve"."""
     old = _old(_causal_lm, "llama", 1, **OLD)
     report = ks.migrate_weights(old, _causal_lm("llama", 2, **dict(OLD, hidden_dim=64)),
                                 policy="duplicate")
     assert not report.preserves_function
     assert any("rotary" in w and "head_dim" in w for w in report.warnings), report.warnings
-    report = ks.migrate_weights(old, _causal_lm("llama", 2, **_sizes("llama", **GROWN)),
-                                policy="duplicate")
+
+    # 32 -> 48 is no duplication: the norms grow by zeros instead, which is exact up to epsilon
+    grown = _causal_lm("llama", 2, **_sizes("llama", **GROWN))
+    report = ks.migrate_weights(old, grown, policy="duplicate")
+    assert report.preserves_function, report.warnings
+    assert sum("48 is not a multiple of 32" in w and "may only grow by zeros" in w
+               for w in report.warnings) == 5, report.warnings
+    batch = _batch(3)
+    old_y = predict(old, batch)
+    epsilon = float(old.backbone.transformer_layers[0].layer_norm_epsilon)
+    bound = preservation_bound(old_y, ulps=32) + _epsilon_term(old, batch, 5, epsilon, 1.5)
+    assert max_diff(old_y, predict(grown, batch)) <= bound
+
+
+# -- tables read back (tied logits) whose reader is not a norm's sole output -------------------
+
+
+def _tied(seed: int, width: int, c: float, tail: str):
+    """ReversibleEmbedding (tied) -> x * c -> Dense -> tail -> the table read back; `tail`:
+    "" (the Dense's output read back), "rms", "ln", "rms-tanh" (a tanh behind the norm)."""
+    from keras_hub.layers import ReversibleEmbedding
+
+    keras.utils.set_random_seed(seed)
+    t = keras.Input((5,), dtype="int32", name="t")
+    emb = ReversibleEmbedding(20, width, tie_weights=True, name="emb")
+    h = keras.layers.Dense(width, name="d")(emb(t) * c)
+    if tail.startswith("rms"):
+        h = keras.layers.RMSNormalization(name="n")(h)
+    elif tail == "ln":
+        h = keras.layers.LayerNormalization(name="n")(h)
+    if tail.endswith("tanh"):
+        h = keras.layers.Activation("tanh", name="act")(h)
+    model = keras.Model(t, emb(h, reverse=True))
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        neutral = 1.0 if v.path.endswith(("scale", "gamma")) else 0.0
+        v.assign(rng.normal(neutral, 0.7, v.shape).astype("float32"))
+    return model
+
+
+TOKENS = np.random.default_rng(0).integers(0, 20, (4, 5)).astype("int32")
+
+
+@pytest.mark.parametrize("tail", ["", "ln"])
+def test_a_tied_table_is_duplicated_only_through_its_norm(tail):
+    """Policy "duplicate", width 8 -> 16. Read back through a LayerNorm's own output ("ln"),
+    the table's columns are duplicated and the norm divided by 2. Read back from a Dense's
+    output (""), no norm can take the copies back: the table's new columns stay 0, so the
+    units they write are not split either (a reader giving each copy 1/2 would halve the old
+    sums). Both keep the old logits."""
+    old, new = _tied(1, 8, 2.0, tail), _tied(2, 16, 2.0, tail)
+    report = ks.migrate_weights(old, new, policy="duplicate")
+    old_y, new_y = predict(old, TOKENS), predict(new, TOKENS)
+    assert report.preserves_function, report.warnings
+    assert max_diff(old_y, new_y) <= preservation_bound(old_y, ulps=16)
+    before, table = _variables(old)["emb/embeddings"], _variables(new)["emb/embeddings"]
+    np.testing.assert_array_equal(table[:, :8], before)
+    held = any("units of layer 'emb' start at 0 in a weight that must keep them 0" in w
+               for w in report.warnings)
+    assert held == (tail == ""), report.warnings
+    if tail:
+        np.testing.assert_array_equal(table[:, 8:], before)
+        np.testing.assert_allclose(_variables(new)["n/gamma"][:8],
+                                   _variables(old)["n/gamma"] / 2, rtol=2 * EPS32)
+    else:
+        assert np.all(table[:, 8:] == 0)
+
+
+@pytest.mark.parametrize("policy", ["preserve", "duplicate"])
+def test_a_norm_behind_a_nonlinear_layer_is_not_scaled(policy):
+    """The table is read back through a tanh behind the norm: scaling the norm's gain would not
+    scale what the table reads (tanh(y / r) is not tanh(y) / r). A changed constant (2 -> 3)
+    is then reported and the old outputs are not claimed; under policy "duplicate" (8 -> 16)
+    the tied columns are not duplicated, which keeps the old outputs."""
+    grown = policy == "duplicate"
+    old, new = _tied(1, 8, 2.0, "rms-tanh"), _tied(2, 16 if grown else 8, 2.0 if grown else 3.0,
+                                                    "rms-tanh")
+    report = ks.migrate_weights(old, new, policy=policy)
+    old_y, new_y = predict(old, TOKENS), predict(new, TOKENS)
+    if grown:
+        assert report.preserves_function, report.warnings
+        assert max_diff(old_y, new_y) <= preservation_bound(old_y, ulps=16)
+        assert np.all(_variables(new)["emb/embeddings"][:, 8:] == 0)
+    else:
+        assert max_diff(old_y, new_y) > 1e-3  # it does change
+        assert not report.preserves_function
+        assert any("is not the output of a norm, read by nothing else" in w
+                   for w in report.warnings), report.warnings
+
+
+def test_a_final_norm_that_is_also_an_output_is_not_scaled():
+    """GPT-2 whose model returns the final LayerNorm's hidden states beside the tied logits:
+    dividing that norm by k for the logits would halve the hidden-state output, so the
+    duplication of the tied table is not claimed."""
+    def model(seed, hidden, heads):
+        keras.utils.set_random_seed(seed)
+        backbone = keras_hub.models.GPT2Backbone(
+            vocabulary_size=50, num_layers=1, num_heads=heads, hidden_dim=hidden,
+            intermediate_dim=2 * hidden, max_sequence_length=16, name="backbone")
+        inputs = {"token_ids": keras.Input((None,), dtype="int32", name="token_ids"),
+                  "padding_mask": keras.Input((None,), dtype="int32", name="padding_mask")}
+        h = backbone(inputs)
+        return keras.Model(inputs, {"hidden": h,
+                                    "logits": backbone.token_embedding(h, reverse=True)})
+
+    old = model(1, 8, 2)
+    _calibrate(old)
+    new = model(2, 16, 4)
+    report = ks.migrate_weights(old, new, policy="duplicate")
+    old_y, new_y = predict(old, _batch(3)), predict(new, _batch(3))
+    assert max_diff(old_y["hidden"], new_y["hidden"][..., :8]) > 1e-3
+    assert not report.preserves_function, report.warnings
+
+
+def test_a_call_keyword_given_on_one_side_only_is_compared_with_its_default():
+    """`use_causal_mask=True` in the new model's call and not given in the old one (default
+    False) changes the attention: reported, naming the keyword and both values."""
+
+    def model(seed: int, **kw):
+        keras.utils.set_random_seed(seed)
+        x = keras.Input((5, 8), name="x")
+        h = keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x, **kw)
+        return keras.Model(x, h)
+
+    assert ks.migrate_weights(model(1), model(2, use_causal_mask=False)).preserves_function
+    report = ks.migrate_weights(model(1), model(2, use_causal_mask=True))
     assert not report.preserves_function
-    assert any("48 is not a multiple of 32" in w for w in report.warnings), report.warnings
+    assert any("use_causal_mask: False -> True" in w for w in report.warnings), report.warnings
