@@ -138,6 +138,8 @@ class TokenValues:
 
 
 ZERO_SAFE_KINDS = frozenset({"feature"})
+# Kinds whose zero safety or kind depends on the labels they are made of (`LabelSpace._add`).
+_COMPOSITE_KINDS = frozenset({"occurrence", "set", "tuple"})
 
 
 class LabelBudgetError(SurgeryFileError):
@@ -241,6 +243,7 @@ class LabelSpace:
         self._ids: dict[Hashable, int] = {}
         self._keys: list[Hashable] = []
         self._zero_safe: list[bool] = []
+        self._kinds: list[str | None] = []  # `kind` of each label, kept as it is interned
         self._zero_safe_table = np.zeros(0, dtype=bool)  # `_zero_safe` as an array, so far
 
     def __len__(self) -> int:
@@ -262,26 +265,44 @@ class LabelSpace:
         """
         budget = _BUDGET.get()
         if budget is None:
-            return np.fromiter((self._intern(k) for k in keys), dtype=np.int64)
+            return self._ids_of(keys)
         if isinstance(keys, Sized):
             budget.charge(len(keys))
-            return np.fromiter((self._intern(k) for k in keys), dtype=np.int64, count=len(keys))
+            return self._ids_of(keys)
         parts = []
         iterator = iter(keys)
         while chunk := list(itertools.islice(iterator, _CHARGE_CHUNK)):
             budget.charge(len(chunk))
-            parts.append(np.fromiter((self._intern(k) for k in chunk), dtype=np.int64,
-                                     count=len(chunk)))
+            parts.append(self._ids_of(chunk))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _ids_of(self, keys: Iterable[Hashable]) -> np.ndarray:
+        # One dict lookup per key, inlined, and a new key added without a second one: an
+        # EfficientNetB0 migration interns 95,000 labels, and the calls per key were most of it.
+        get, add = self._ids.get, self._add
+        ids = []
+        for key in keys:
+            found = get(key)
+            ids.append(add(key) if found is None else found)
+        return np.array(ids, dtype=np.int64)
 
     def _intern(self, key: Hashable) -> int:
         found = self._ids.get(key)
-        if found is not None:
-            return found
+        return self._add(key) if found is None else found
+
+    def _add(self, key: Hashable) -> int:
+        """Interns a key not interned yet."""
         new_id = len(self._keys)
         self._ids[key] = new_id
         self._keys.append(key)
-        self._zero_safe.append(self._compute_zero_safe(key))
+        head = key[0] if type(key) is tuple and key else None
+        if head is not None and head not in _COMPOSITE_KINDS:
+            # `_compute_zero_safe` and `_compute_kind` of a plain key, inlined (most keys)
+            self._zero_safe.append(head in ZERO_SAFE_KINDS)
+            self._kinds.append(head)
+        else:
+            self._zero_safe.append(self._compute_zero_safe(key))
+            self._kinds.append(self._compute_kind(key))
         return new_id
 
     def key(self, label_id: int) -> Hashable:
@@ -296,7 +317,16 @@ class LabelSpace:
         """The kind of a label ("unit", "feature", "set", ...), the first entry of its key; a
         copy (`occurrence_key`) has the kind of what it copies (a copy of a position is a
         position that every model has)."""
-        key = self._keys[self._occurrence(int(label_id))[0]]
+        return self._kinds[int(label_id)]
+
+    def kinds(self, ids: Iterable[int]) -> list[str | None]:
+        """`kind` of each label of `ids`, in one pass (for a whole graph's labels at once)."""
+        kinds = self._kinds
+        return [kinds[i] for i in np.asarray(ids, dtype=np.int64).tolist()]
+
+    def _compute_kind(self, key: Hashable) -> str | None:
+        if isinstance(key, tuple) and key and key[0] == "occurrence":
+            key = self._keys[key[2]]
         return key[0] if isinstance(key, tuple) and key else None
 
     def describe(self, label_id: int) -> str:
@@ -337,7 +367,8 @@ class LabelSpace:
             else:
                 members.add(int(i))
         if sums:
-            nonzero = {m for m in members if self._keys[self._occurrence(m)[0]][0] != "zero"}
+            kinds = self._kinds
+            nonzero = {m for m in members if kinds[m] != "zero"}
             members = nonzero or members
         if len(members) == 1:
             return next(iter(members))

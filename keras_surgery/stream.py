@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.graph import finalize_layers
+from keras_surgery.graph import finalize_layers, variable_view
 
 logger = logging.getLogger("keras_surgery")
 
@@ -133,10 +133,9 @@ def current_value(var: Any, *, copy: bool) -> tuple[np.ndarray, bool]:
     values it had (TensorFlow copies a shared buffer on write; JAX arrays never change).
     Elsewhere, and with `copy=True`, a copy.
     """
-    import keras
-
-    if not copy and keras.backend.backend() in ("tensorflow", "jax"):
-        return np.asarray(keras.ops.reshape(var, tuple(var.shape))), False
+    view = None if copy else variable_view(var)
+    if view is not None:
+        return view, False
     value = np.asarray(var.numpy())
     return value, value.flags.writeable
 
