@@ -19,6 +19,7 @@ import keras_surgery as ks
 from keras_surgery import keras_file
 from keras_surgery.graph import live_variables
 from keras_surgery.keras_file import WEIGHTS_MEMBER, KerasFile
+from tests.util import edit_weights
 
 SKIPLIST = "saving_attr_skiplist_"
 
@@ -104,19 +105,6 @@ def saved_chain(tmp_path, depth: int, **kwargs):
     path = tmp_path / "chain.keras"
     model.save(path)
     return path
-
-
-def edit_weights(src, dst, edit):
-    with zipfile.ZipFile(src) as archive:
-        contents = {info.filename: archive.read(info) for info in archive.infolist()}
-    buffer = io.BytesIO(contents[WEIGHTS_MEMBER])
-    with h5py.File(buffer, "a") as h5:
-        edit(h5)
-    contents[WEIGHTS_MEMBER] = buffer.getvalue()
-    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in contents.items():
-            archive.writestr(name, data)
-    return dst
 
 
 def counting_layouts(monkeypatch) -> list[str]:

@@ -20,7 +20,7 @@ from keras_surgery.keras_file import WEIGHTS_MEMBER, KerasFile
 from keras_surgery.labels import LabelSpace, occurrence_key
 from keras_surgery.match import FEATURE_COSTS
 from keras_surgery.stream import current_value
-from tests.util import normal, to_numpy
+from tests.util import edit_weights, normal, to_numpy
 
 # The weights groups Keras names after the layers' classes
 GROUPS = {"bn": "batch_normalization", "dw": "depthwise_conv2d", "head": "dense"}
@@ -59,20 +59,6 @@ def python_walk(h5: h5py.File) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
     visit(h5, "")
     return found
-
-
-def rewrite_weights(src, dst, edit):
-    """`src` with its weights member edited by `edit(h5)` (stored, uncompressed)."""
-    with zipfile.ZipFile(src) as archive:
-        contents = {info.filename: archive.read(info) for info in archive.infolist()}
-    buffer = io.BytesIO(contents[WEIGHTS_MEMBER])
-    with h5py.File(buffer, "a") as h5:
-        edit(h5)
-    contents[WEIGHTS_MEMBER] = buffer.getvalue()
-    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as archive:
-        for name, data in contents.items():
-            archive.writestr(name, data)
-    return dst
 
 
 def stored(path) -> dict[str, np.ndarray]:
@@ -120,7 +106,7 @@ def test_chunked_compressed_and_linked_datasets_are_read_as_before(saved, tmp_pa
         h5.create_dataset(kernel_path, data=kernel, chunks=(2, 5), compression="gzip")
         h5["layers/extra_name_for_the_bias"] = h5["layers/dense/vars/1"]  # a second hard link
 
-    path = rewrite_weights(saved, tmp_path / "chunked.keras", edit)
+    path = edit_weights(saved, tmp_path / "chunked.keras", edit)
     with KerasFile(path) as f:
         listed = f.paths()
         assert "layers/extra_name_for_the_bias" in listed
@@ -152,7 +138,7 @@ def test_a_soft_link_is_still_refused_by_name(saved, tmp_path):
         del h5["layers/dense/vars/1"]
         h5["layers/dense/vars/1"] = h5py.SoftLink("/layers/conv/vars/1")
 
-    path = rewrite_weights(saved, tmp_path / "soft.keras", edit)
+    path = edit_weights(saved, tmp_path / "soft.keras", edit)
     with pytest.raises(ks.SurgeryFileError,
                        match=r"entry 'layers/dense/vars/1' is a SoftLink; only plain datasets"):
         KerasFile(path).graph()
@@ -176,7 +162,7 @@ def test_layouts_are_rebuilt_once_per_process_and_still_checked(saved, tmp_path,
         del h5["layers/dense/vars/0"]
         h5["layers/dense/vars"].create_dataset("0", data=np.ones((6, 7), "float32"))
 
-    bad = rewrite_weights(saved, tmp_path / "bad.keras", widen)
+    bad = edit_weights(saved, tmp_path / "bad.keras", widen)
     with pytest.raises(ks.SurgeryFileError,
                        match=r"'layers/dense/vars/0' has shape \(6, 7\), expected \(6, 5\)"):
         KerasFile(bad).graph()

@@ -213,3 +213,25 @@ def adam_slots(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {v.path: tuple(keras.ops.convert_to_numpy(s[opt._get_variable_index(v)])
                           for s in (opt._momentums, opt._velocities))
             for v in model.trainable_variables}
+
+
+def edit_weights(src, dst, edit):
+    """A copy of the `.keras` file `src` at `dst` with its weights member edited by
+    `edit(h5)` (an h5py File opened for appending), every member stored uncompressed."""
+    import io
+    import zipfile
+
+    import h5py
+
+    from keras_surgery.keras_file import WEIGHTS_MEMBER
+
+    with zipfile.ZipFile(src) as archive:
+        contents = {info.filename: archive.read(info) for info in archive.infolist()}
+    buffer = io.BytesIO(contents[WEIGHTS_MEMBER])
+    with h5py.File(buffer, "a") as h5:
+        edit(h5)
+    contents[WEIGHTS_MEMBER] = buffer.getvalue()
+    with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in contents.items():
+            archive.writestr(name, data)
+    return dst
