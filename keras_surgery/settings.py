@@ -8,6 +8,7 @@ from typing import Any
 from keras_surgery import rules as _rules  # noqa: F401 - registers the built-in rules' keys
 from keras_surgery.graph import LayerNode, resolve_keras_class
 from keras_surgery.registry import find_registration
+from keras_surgery.rules.elementwise import serialized_constant
 
 # Layers of Keras and keras-hub that have no rule are opaque, and an opaque layer whose inputs
 # did not change still gets its weights copied, so its settings must still be compared. For
@@ -113,7 +114,7 @@ def _plain(value: Any) -> Any:
 
 def _show(value: Any) -> str:
     if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
-        return repr((value.get("config") or {}).get("value"))  # a constant, by its value
+        return repr(serialized_constant(value))  # a constant, by its value
     if isinstance(value, dict) and "class_name" in value:
         return str(value["class_name"])
     return repr(value)

@@ -3,7 +3,9 @@ concatenation."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -174,9 +176,7 @@ def merge_rule(call: RuleCall, *, sums: bool = False) -> RuleResult:
     """
     if len(call.inputs) == 1:
         x = call.inputs[0]
-        scales_by = scalar_factor(call) if call.layer.class_name == "Multiply" else None
-        return RuleResult([x[:-1] + (call.derived(x[-1]),)], check_weights(call, []),
-                          scales_by=scales_by)
+        return RuleResult([x[:-1] + (call.derived(x[-1]),)], check_weights(call, []))
     ranks = {len(x) for x in call.inputs}
     if len(ranks) != 1:
         raise ValueError(f"{call.describe()}: inputs of different ranks {sorted(ranks)}")
@@ -186,6 +186,14 @@ def merge_rule(call: RuleCall, *, sums: bool = False) -> RuleResult:
     return RuleResult([out], check_weights(call, []), nonnegative=[nonnegative], sums=sums)
 
 
+def serialized_constant(value: Any) -> Any:
+    """A call argument as Keras serializes it, with a `__tensor__` / `__numpy__` constant given
+    by its value (a number or nested lists); anything else as it is."""
+    if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
+        return (value.get("config") or {}).get("value")
+    return value
+
+
 def scalar_factor(call: RuleCall) -> float | None:
     """The non-zero scalar constant a one-tensor multiplication multiplies by (`x * 2.0`, or a
     scalar `__tensor__` / `__numpy__` argument as Keras serializes it), or None."""
@@ -193,13 +201,20 @@ def scalar_factor(call: RuleCall) -> float | None:
                  if not (isinstance(a, dict) and a.get("class_name") == "__keras_tensor__")]
     if len(constants) != 1 or len(call.call_args) != 2:
         return None
-    value = constants[0]
-    if isinstance(value, dict) and value.get("class_name") in ("__tensor__", "__numpy__"):
-        value = (value.get("config") or {}).get("value")
+    value = serialized_constant(constants[0])
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if value != 0.0 and np.isfinite(value) else None
+
+
+def multiply_rule(call: RuleCall) -> RuleResult:
+    """Multiply (layer or keras.ops): a merge; one tensor times a scalar constant keeps its
+    labels' meaning and 0 at 0, and says which constant (`RuleResult.scales_by`)."""
+    result = merge_rule(call)
+    if len(call.inputs) != 1:
+        return result
+    return dataclasses.replace(result, scales_by=scalar_factor(call))
 
 
 def add_rule(call: RuleCall) -> RuleResult:
@@ -280,7 +295,7 @@ def _register_ops() -> None:
     for name in ("Add", "Subtract", "Multiply", "Maximum", "Minimum"):
         op = getattr(knp, name, None)
         if op is not None:
-            register_rule(op, add_rule if name == "Add" else merge_rule)
+            register_rule(op, {"Add": add_rule, "Multiply": multiply_rule}.get(name, merge_rule))
     if getattr(knp, "Concatenate", None) is not None:
         register_rule(knp.Concatenate, concatenate_rule, function_keys=("axis",))
 
