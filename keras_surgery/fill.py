@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from keras_surgery import filemap
 from keras_surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
@@ -41,6 +42,44 @@ PRESERVING_POLICIES = ("preserve", "net2net", "duplicate")
 COPY_BLOCK_BYTES = 32 << 20
 """A copy from an old weight larger than this goes in row blocks of about this size, the old
 file's pages released after each, so a large weight is never resident twice over."""
+
+BUFFER_ALIGNMENT = 64
+"""New values start on a boundary of this many bytes (TensorFlow's and XLA's CPU alignment)."""
+
+
+def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """An uninitialised array whose data starts on a `BUFFER_ALIGNMENT`-byte boundary.
+
+    TensorFlow and JAX (on CPU) take such an array as a variable's new buffer without copying
+    it; numpy's own allocation of a large array starts 16 bytes past a page boundary, and both
+    then copy it into memory newly taken from the system (0.6-1.2 s per 256 MB measured on the
+    project's machine, against 0.02-0.04 s when shared).
+
+    Example:
+        >>> aligned_empty((3, 4), np.float32).ctypes.data % BUFFER_ALIGNMENT
+        0
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + BUFFER_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % BUFFER_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
+
+
+def aligned_copy(value: Any) -> np.ndarray:
+    """A copy of `value` in an `aligned_empty` array."""
+    value = np.asarray(value)
+    out = aligned_empty(value.shape, value.dtype)
+    np.copyto(out, value)
+    return out
+
+
+def aligned_full(shape: Sequence[int], fill_value: Any, dtype: Any) -> np.ndarray:
+    """`np.full` in an `aligned_empty` array."""
+    out = aligned_empty(shape, dtype)
+    out[...] = fill_value
+    return out
+
 
 def fill_rule(wp: WeightPlan, policy: str) -> str:
     """The fill rule a weight actually gets under the plan's `policy`: "net2net" fills by the
@@ -121,11 +160,11 @@ def init_value(init: Init, shape: tuple[int, ...], dtype: Any = np.float32) -> n
     """The value of a start's `Init` for a weight of `shape`: a constant, or the identity over
     the last two axes at the centre of the leading (kernel tap) axes."""
     if init.kind == "constant":
-        return np.full(shape, init.value, dtype=dtype)
+        return aligned_full(shape, init.value, dtype)
     if len(shape) < 2 or shape[-1] != shape[-2] or any(k % 2 == 0 for k in shape[:-2]):
         raise SurgeryError(f"An identity start needs a square last pair of axes and odd kernel "
                            f"axes before them. Received: shape={shape}")
-    value = np.zeros(shape, dtype=dtype)
+    value = aligned_full(shape, 0, dtype)
     value[tuple(k // 2 for k in shape[:-2])] = np.eye(shape[-1], dtype=dtype)
     return value
 
@@ -208,9 +247,9 @@ def fill(
     if in_place and isinstance(fresh, np.ndarray) and fresh.flags.writeable:
         value = fresh
     elif needs_fresh(wp, policy):
-        value = np.array(fresh, copy=True)
+        value = aligned_copy(fresh)
     else:  # every index is copied or zeroed below
-        value = np.empty(fresh.shape, np.asarray(fresh).dtype)
+        value = aligned_empty(fresh.shape, np.asarray(fresh).dtype)
     if wp.axes is None:
         return value
     if not wp.axes:  # a weight without axes (a scalar such as a count): one value to copy
@@ -250,6 +289,8 @@ def _copy_block(
     wp: WeightPlan, value: np.ndarray, old: np.ndarray, new_idx: list, old_idx: list
 ) -> None:
     """value[new_idx] = old[old_idx] (outer products of per-axis indices), scaled and shared."""
+    if _copy_bytes(wp, value, old, new_idx, old_idx):
+        return
     copied = old[index_tuple(old_idx, old.shape)]
     if wp.scale != 1.0 or wp.shift:
         with np.errstate(over="ignore"):  # an overflow is counted below
@@ -276,6 +317,34 @@ def _copy_block(
                                        np.dtype(old.dtype).name, np.dtype(value.dtype).name,
                                        lost))
     value[target] = cast
+
+
+def _copy_bytes(
+    wp: WeightPlan, value: np.ndarray, old: np.ndarray, new_idx: list, old_idx: list
+) -> bool:
+    """The copy of `_copy_block` as bytes, when it is one: same dtype, unscaled, unshared, and
+    both blocks views (contiguous index ranges) whose last axis is contiguous. Returns whether
+    it was done.
+
+    A weight in a file lies wherever the file put it, often at an odd address (the `.keras`
+    member's data starts where the zip entry does), and numpy copies float data that is not
+    aligned to its item size element by element: 2.4 s per GiB measured on the project's
+    machine, against 0.4 s for the same bytes copied as bytes.
+    """
+    if (old.dtype != value.dtype or wp.scale != 1.0 or wp.shift or not old.ndim
+            or any(a.share is not None for a in wp.axes or [])):
+        return False
+    source = index_tuple(old_idx, old.shape)
+    target = index_tuple(new_idx, value.shape)
+    if not (isinstance(source[0], slice) and isinstance(target[0], slice)):
+        return False
+    src, dst = old[source], value[target]
+    itemsize = old.dtype.itemsize
+    if src.shape != dst.shape or src.strides[-1] != itemsize or dst.strides[-1] != itemsize:
+        return False
+    if not filemap.read_into(dst, src):
+        dst.view(np.uint8)[...] = src.view(np.uint8)
+    return True
 
 
 def _new_lookup_rows_from_mean(

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_surgery import filemap
 from keras_surgery.budgets import check_config_values, check_layer_entry
 from keras_surgery.errors import SurgeryFileError
 from keras_surgery.graph import (
@@ -384,6 +385,7 @@ class H5Weights(WeightSource):
         """The whole file, memory-mapped once (read-only)."""
         if self._mmap is None:
             self._mmap = mmap.mmap(self._raw.fileno(), 0, access=mmap.ACCESS_READ)
+            filemap.register(self._mmap, self._raw, self.path)
         return self._mmap
 
     def integrity_check(self) -> IntegrityCheck:
@@ -462,6 +464,7 @@ class H5Weights(WeightSource):
             self._reader.close()
             self._reader = None
         if self._mmap is not None:
+            filemap.forget(self._mmap)
             try:
                 self._mmap.close()
             except BufferError:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.fill import checked_cast, fill
+from keras_surgery.fill import aligned_full, checked_cast, fill
 from keras_surgery.graph import ModelGraph, WeightSource, live_variables, strategy_scope
 from keras_surgery.propagate import propagate
 from keras_surgery.stream import Write
@@ -146,9 +146,10 @@ class SlotFill:
 
     def value(self, read: Callable[[str], np.ndarray], current: np.ndarray) -> np.ndarray:
         """The slot's new value, shaped like `current`; `read(path)` gives an old variable."""
+        zeros = aligned_full(np.shape(current), 0, np.asarray(current).dtype)
         if self.old_path is None:
-            return np.zeros_like(current)
-        return fill(self.plan, read(self.old_path), np.zeros_like(current), "preserve",
+            return zeros
+        return fill(self.plan, read(self.old_path), zeros, "preserve",
                     in_place=True, new_rows_mean=False)
 
 

@@ -1,0 +1,145 @@
+"""New values are allocated so that the backend can keep them as its buffers, and old weights
+lying in a memory-mapped file are copied with `preadv` (or as bytes) exactly as numpy would
+copy them; a file that shrinks under the read is an error, not garbage or a crash."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_surgery as ks
+from keras_surgery import filemap
+from keras_surgery.errors import SurgeryFileError
+from keras_surgery.fill import BUFFER_ALIGNMENT, aligned_copy, aligned_empty, aligned_full
+from keras_surgery.graph import variable_view
+from keras_surgery.stream import handed_over
+
+
+@pytest.mark.parametrize("shape,dtype", [((), np.float32), ((5,), np.int64),
+                                         ((3, 7, 2), np.float16), ((0, 4), np.float32)])
+def test_aligned_arrays_start_on_the_boundary_and_hold_what_was_asked(shape, dtype):
+    for _ in range(5):
+        empty = aligned_empty(shape, dtype)
+        assert empty.shape == shape and empty.dtype == dtype
+        assert empty.flags.c_contiguous
+        assert not empty.size or empty.ctypes.data % BUFFER_ALIGNMENT == 0
+        assert empty.flags.writeable
+    full = aligned_full(shape, 3, dtype)
+    np.testing.assert_array_equal(full, np.full(shape, 3, dtype))
+    source = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+    copy = aligned_copy(source)
+    np.testing.assert_array_equal(copy, source)
+    assert not copy.size or copy.ctypes.data % BUFFER_ALIGNMENT == 0
+    copy[...] = 0
+    np.testing.assert_array_equal(source, np.arange(source.size, dtype=dtype).reshape(shape))
+
+
+def test_a_migrated_variable_holds_the_value_it_was_given_without_a_copy_where_shared():
+    """TensorFlow and JAX take an aligned value as the variable's buffer (no second copy of
+    a large weight); on every backend the values are the ones filled."""
+    layer = keras.layers.Dense(64)
+    layer.build((None, 256))
+    value = aligned_empty((256, 64), np.float32)
+    value[...] = np.random.default_rng(0).standard_normal((256, 64))
+    expected = value.copy()
+    layer.kernel.assign(handed_over(value))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel), expected)
+    view = variable_view(layer.kernel)
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        assert view is not None and view.ctypes.data == value.ctypes.data
+
+
+def _mapped_file(tmp_path, data: bytes):
+    path = tmp_path / "data.bin"
+    path.write_bytes(data)
+    raw = open(path, "rb")
+    whole = mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_READ)
+    filemap.register(whole, raw, str(path))
+    return path, raw, whole
+
+
+def test_read_into_copies_the_bytes_of_a_view_of_a_registered_map(tmp_path):
+    data = np.random.default_rng(1).standard_normal(10_000).astype(np.float32)
+    path, raw, whole = _mapped_file(tmp_path, b"xyz" + data.tobytes())  # at an odd offset
+    try:
+        view = np.frombuffer(whole, np.float32, 10_000, 3).reshape(100, 100)
+        assert not view.flags.aligned
+        target = aligned_empty((40, 100), np.float32)
+        assert filemap.read_into(target, view[10:50])
+        np.testing.assert_array_equal(target, data.reshape(100, 100)[10:50])
+        # Not C-contiguous, other sizes, or memory that is no map: not done, target untouched
+        target[...] = 7
+        assert not filemap.read_into(target, view[10:50, :50].reshape(40, 50)[:, :25].T.T)
+        assert not filemap.read_into(aligned_empty((39, 100), np.float32), view[10:50])
+        assert not filemap.read_into(target, data.reshape(100, 100)[10:50].copy())
+        np.testing.assert_array_equal(target, 7)
+        del view
+    finally:
+        filemap.forget(whole)
+        whole.close()
+        raw.close()
+
+
+def test_read_into_says_the_file_was_truncated_while_it_was_read(tmp_path):
+    data = np.arange(4096, dtype=np.float64)
+    path, raw, whole = _mapped_file(tmp_path, data.tobytes())
+    try:
+        view = np.frombuffer(whole, np.float64)
+        os.truncate(path, 1000)  # touching the view now would kill the process (SIGBUS)
+        with pytest.raises(SurgeryFileError, match="changed while it was read"):
+            filemap.read_into(np.empty(4096, np.float64), view)
+        del view
+    finally:
+        filemap.forget(whole)
+        whole.close()
+        raw.close()
+
+
+def test_a_closed_map_never_answers_for_a_view_at_its_old_address(tmp_path):
+    path, raw, whole = _mapped_file(tmp_path, bytes(range(256)) * 64)
+    whole.close()  # closed without forget
+    raw.close()
+    other = np.arange(2048, dtype=np.uint8)
+    target = np.zeros(2048, np.uint8)
+    assert not filemap.read_into(target, other)
+    assert not any(base for base in filemap._MAPS if filemap._MAPS[base][0]() is whole)
+
+
+def test_a_migration_from_a_file_copies_unaligned_weights_exactly(tmp_path):
+    """Weights of a `.keras` file lie at odd offsets of the archive: the byte copy (preadv or
+    numpy's) gives exactly the old values, checked against an np.take oracle."""
+    def build(features: int) -> keras.Model:
+        x = inputs = keras.Input((features,), name="x")
+        x = keras.layers.Dense(96, name="d1")(x)
+        x = keras.layers.Dense(7, name="d2")(x)
+        return keras.Model(inputs, x)
+
+    old = build(6)
+    rng = np.random.default_rng(3)
+    for v in old.weights:
+        v.assign(rng.standard_normal(tuple(v.shape)).astype(np.float32))
+    path = str(tmp_path / "old.keras")
+    old.save(path)
+    new = build(7)
+    names = ["a", "b", "c", "d", "e", "f"]
+    report = ks.migrate_weights(path, new, old_features={"x": names},
+                                new_features={"x": ["a", "b", "new", "c", "d", "e", "f"]})
+    assert report.preserves_function
+    old_kernel = keras.ops.convert_to_numpy(old.get_layer("d1").kernel)
+    new_kernel = keras.ops.convert_to_numpy(new.get_layer("d1").kernel)
+    np.testing.assert_array_equal(np.delete(new_kernel, 2, axis=0), old_kernel)
+    np.testing.assert_array_equal(new_kernel[2], 0)
+    for name in ("d2",):
+        for a, b in zip(old.get_layer(name).weights, new.get_layer(name).weights):
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(a),
+                                          keras.ops.convert_to_numpy(b))
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    y_old = keras.ops.convert_to_numpy(old(x))
+    assert np.ptp(y_old, axis=0).max() > 0.1  # the outputs depend on the input
+    y_new = keras.ops.convert_to_numpy(new(np.insert(x, 2, 5.0, axis=1)))
+    scale = float(np.abs(y_old).max())
+    assert np.abs(y_new - y_old).max() <= 64 * np.finfo(np.float32).eps * scale
