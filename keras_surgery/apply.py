@@ -20,6 +20,7 @@ from keras_surgery.errors import SurgeryError
 from keras_surgery.fill import (
     COPY_BLOCK_BYTES,
     cast_warning,
+    copies_everything,
     fill,
     needs_fresh,
     nonfinite_warning,
@@ -76,26 +77,38 @@ def _weight_writes(
         if wp.init is None and wp.axes is None:
             continue
 
-        def compute(current: np.ndarray, owned: bool, wp: WeightPlan = wp,
-                    i: int = len(writes)):
+        def compute(current: np.ndarray, owned: bool, out: np.ndarray | None = None,
+                    wp: WeightPlan = wp, i: int = len(writes)):
             if wp.init is not None:
-                return fill(wp, None, current, plan.policy)
+                return fill(wp, None, current, plan.policy, out=out)
             old = old_weights.read(wp.old_path)
             if tuple(old.shape) != tuple(wp.old_shape):
                 raise SurgeryError(
                     f"Old weight '{wp.old_path}' of layer '{wp.old_layer}' has shape "
                     f"{tuple(old.shape)}; expected {wp.old_shape}."
                 )
-            note = _nonfinite_in_blocks(wp, old, release)
+            whole = _copies_whole(wp, old, current)
+            note = None if whole else _nonfinite_in_blocks(wp, old, release)
+            value = fill(wp, old, current, plan.policy, in_place=owned, release=release,
+                         out=out)
+            if whole:  # the value holds every old value: checked there, in memory
+                note = nonfinite_warning(wp, value)
             if note:
                 notes[(i, 0)] = note
-            return fill(wp, old, current, plan.policy, in_place=owned, release=release)
+            return value
 
         writes.append(Write(
             variables[wp.path], f"weight '{wp.path}' of layer '{wp.layer}'", compute,
-            reads_current=needs_fresh(wp, plan.policy),
+            reads_current=needs_fresh(wp, plan.policy), fills_into=True,
         ))
     return writes
+
+
+def _copies_whole(wp: WeightPlan, old: np.ndarray, current: np.ndarray) -> bool:
+    """Whether the new value is every old value, rearranged at most (same shape, every index
+    copied unscaled from one old index): then the NaN/Inf check reads the new value, in
+    memory, instead of the old file's pages a second time."""
+    return tuple(old.shape) == tuple(np.shape(current)) and copies_everything(wp)
 
 
 def _nonfinite_in_blocks(
@@ -125,9 +138,9 @@ def _cast_checked(
     preserving the function. A slot's warning names the slot as well as its variable."""
     compute = write.compute
 
-    def watched(current: np.ndarray, owned: bool) -> np.ndarray:
+    def watched(current: np.ndarray, owned: bool, *out: np.ndarray | None) -> np.ndarray:
         with watching_casts() as losses:
-            value = compute(current, owned)
+            value = compute(current, owned, *out)
         note = cast_warning(losses, write.what if slot else None)
         if note:
             notes[(position, 1)] = note

@@ -133,7 +133,8 @@ class Regions:
         return copy, zero
 
 
-def _copies_everything(wp: WeightPlan) -> bool:
+def copies_everything(wp: WeightPlan) -> bool:
+    """Whether every index of the weight is copied unscaled and unshared from one old index."""
     return wp.scale == 1.0 and not wp.shift and all(
         a.share is None and len(a.index) and bool(a.matched.all()) for a in wp.axes or []
     )
@@ -144,7 +145,7 @@ def regions_of(wp: WeightPlan, policy: str) -> Regions:
     axes = wp.axes or []
     copy_new = [np.nonzero(a.matched)[0] for a in axes]
     copy_old = [a.old_index[a.matched] for a in axes]
-    everything = _copies_everything(wp)
+    everything = copies_everything(wp)
     zero: list[np.ndarray | slice] | None = None
     if fill_rule(wp, policy) == "preserve" and not everything and all(
         len(a.index) for a in axes
@@ -217,6 +218,7 @@ def fill(
     in_place: bool = False,
     new_rows_mean: bool = True,
     release: Callable[[], None] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The new value of one weight, by its regions (see the module docstring); a new layer's
     start value when it has one (`old` is then not read and may be None).
@@ -237,15 +239,25 @@ def fill(
         release: called after each block of at most `COPY_BLOCK_BYTES` copied from `old`
             (a memory-mapped file drops the block's pages), so a large weight is never
             resident twice over.
+        out: a buffer of the value's shape and dtype to compute the value into, instead of
+            a new array (`in_place` takes precedence); `fresh` must not overlap it.
 
     Returns:
-        An array this call allocated (or `fresh` itself, with `in_place`), never a view of
-        `old`: the caller may hand it to the backend to keep.
+        An array this call allocated (or `fresh` itself, with `in_place`, or `out`), never
+        a view of `old`: the caller may hand it to the backend to keep.
     """
     if wp.init is not None:
-        return init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
+        value = init_value(wp.init, tuple(fresh.shape), np.asarray(fresh).dtype)
+        if out is None:
+            return value
+        np.copyto(out, value)
+        return out
     if in_place and isinstance(fresh, np.ndarray) and fresh.flags.writeable:
         value = fresh
+    elif out is not None:
+        value = out
+        if needs_fresh(wp, policy):
+            np.copyto(value, fresh)
     elif needs_fresh(wp, policy):
         value = aligned_copy(fresh)
     else:  # every index is copied or zeroed below

@@ -1001,10 +1001,18 @@ def signature_positions(data: Any, signature: bytes, start: int, end: int) -> It
     k = len(signature)
     sig = np.frombuffer(signature, np.uint8)
     end = min(end, len(data))  # as `find` does, should the file have shrunk meanwhile
+    buffer = None
     for chunk_start in range(start, max(start, end - k + 1), SCAN_CHUNK_BYTES):
         # The chunk holds every signature beginning in it, even one running past its end.
         chunk_end = min(end, chunk_start + SCAN_CHUNK_BYTES + k - 1)
         chunk = np.frombuffer(data, np.uint8, chunk_end - chunk_start, chunk_start)
+        if isinstance(data, mmap.mmap):
+            # Read with preadv into one reused buffer where the map is registered: the map's
+            # pages are then never touched (faulting them in cost 4x as much during a run)
+            if buffer is None:
+                buffer = np.empty(SCAN_CHUNK_BYTES + k - 1, np.uint8)
+            if filemap.read_into(buffer[:len(chunk)], chunk):
+                chunk = buffer[:len(chunk)]
         found = np.flatnonzero(chunk[:len(chunk) - k + 1] == sig[0])
         for i in range(1, k):
             found = found[chunk[found + i] == sig[i]]

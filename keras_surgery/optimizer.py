@@ -144,9 +144,15 @@ class SlotFill:
     old_path: str | None = None
     plan: Any = None
 
-    def value(self, read: Callable[[str], np.ndarray], current: np.ndarray) -> np.ndarray:
-        """The slot's new value, shaped like `current`; `read(path)` gives an old variable."""
-        zeros = aligned_full(np.shape(current), 0, np.asarray(current).dtype)
+    def value(self, read: Callable[[str], np.ndarray], current: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+        """The slot's new value, shaped like `current`; `read(path)` gives an old variable;
+        computed into `out` when given (a buffer of that shape and dtype)."""
+        if out is None:
+            zeros = aligned_full(np.shape(current), 0, np.asarray(current).dtype)
+        else:
+            zeros = out
+            zeros[...] = 0
         if self.old_path is None:
             return zeros
         return fill(self.plan, read(self.old_path), zeros, "preserve",
@@ -369,8 +375,9 @@ def optimizer_writes(
     for slot in fills:
         writes.append(Write(
             opt_vars[slot.position], slot.what,
-            lambda current, owned, slot=slot: slot.value(old_weights.read, current),
-            reads_current=False,
+            lambda current, owned, out=None, slot=slot: slot.value(old_weights.read, current,
+                                                                    out),
+            reads_current=False, fills_into=True,
         ))
     return writes, []
 

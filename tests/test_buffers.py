@@ -143,3 +143,95 @@ def test_a_migration_from_a_file_copies_unaligned_weights_exactly(tmp_path):
     y_new = keras.ops.convert_to_numpy(new(np.insert(x, 2, 5.0, axis=1)))
     scale = float(np.abs(y_old).max())
     assert np.abs(y_new - y_old).max() <= 64 * np.finfo(np.float32).eps * scale
+
+
+def _wide(features: int, seed: int) -> keras.Model:
+    x = inputs = keras.Input((features,), name="x")
+    x = keras.layers.Dense(48, name="d1")(x)
+    x = keras.layers.Dense(32, name="d2")(x)
+    x = keras.layers.Dense(3, name="out")(x)
+    model = keras.Model(inputs, x)
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        v.assign(rng.standard_normal(tuple(v.shape)).astype(np.float32))
+    return model
+
+
+def _values(model: keras.Model) -> list[np.ndarray]:
+    return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
+
+
+def test_values_computed_in_place_are_exact_and_keep_the_variables_buffers(monkeypatch):
+    """With every value computed in the variable's own buffer where the backend allows it
+    (PyTorch), the migration gives the np.take/np.delete oracle's values; on PyTorch every
+    variable keeps its buffer."""
+    from keras_surgery import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "IN_PLACE_MIN_BYTES", 0)
+    old, new = _wide(5, 0), _wide(6, 1)
+    fresh = _values(new)
+    pointers = [stream_module.writable_view(v) for v in new.weights]
+    pointers = [None if p is None else p.ctypes.data for p in pointers]
+    names = ["a", "b", "c", "d", "e"]
+    report = ks.migrate_weights(old, new, old_features={"x": names},
+                                new_features={"x": ["a", "b", "c", "new", "d", "e"]})
+    assert report.preserves_function
+    got = _values(new)
+    want = _values(old)
+    np.testing.assert_array_equal(np.delete(got[0], 3, axis=0), want[0])
+    np.testing.assert_array_equal(got[0][3], 0)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(g, w)
+    assert not np.array_equal(got[0], fresh[0])
+    if keras.backend.backend() == "torch":
+        assert all(p is not None for p in pointers)
+        after = [stream_module.writable_view(v).ctypes.data for v in new.weights]
+        assert after == pointers
+
+
+def test_a_failed_in_place_migration_restores_every_variable_exactly(monkeypatch):
+    """Values computed in place go into the variables' own buffers: the journal must hold
+    copies, not views of them, for the undo to give back the values they had, and the last
+    write, which fails here, needs its own entry."""
+    from keras_surgery import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "IN_PLACE_MIN_BYTES", 0)
+    old, new = _wide(5, 0), _wide(6, 1)
+    before = _values(new)
+    from keras_surgery import apply as apply_module
+
+    real_fill = apply_module.fill
+
+    def failing(wp, *args, **kwargs):
+        value = real_fill(wp, *args, **kwargs)
+        if wp.layer == "d1" and wp.role == "kernel":  # the largest: written last
+            value[...] = 99.0  # halfway through the variable's buffer when in place
+            raise RuntimeError("disk on fire")
+        return value
+
+    monkeypatch.setattr(apply_module, "fill", failing)
+    names = ["a", "b", "c", "d", "e"]
+    with pytest.raises(ks.SurgeryError, match="disk on fire"):
+        ks.migrate_weights(old, new, old_features={"x": names},
+                           new_features={"x": ["a", "b", "c", "new", "d", "e"]})
+    for got, want in zip(_values(new), before):
+        np.testing.assert_array_equal(got, want)
+    # with the journal spilling to its file too
+    from keras_surgery import plan as plan_module
+
+    real_apply, spilled = plan_module.apply_plan, []
+    real_save = stream_module.Journal.save
+
+    def save(self, *args, **kwargs):
+        spilled.append(real_save(self, *args, **kwargs))
+        return spilled[-1]
+
+    monkeypatch.setattr(plan_module, "apply_plan",
+                        lambda *a, **k: real_apply(*a, **{**k, "spill_bytes": 0}))
+    monkeypatch.setattr(stream_module.Journal, "save", save)
+    with pytest.raises(ks.SurgeryError, match="disk on fire"):
+        ks.migrate_weights(old, new, old_features={"x": names},
+                           new_features={"x": ["a", "b", "c", "new", "d", "e"]})
+    assert spilled and all(spilled)  # every undo value went to the file
+    for got, want in zip(_values(new), before):
+        np.testing.assert_array_equal(got, want)
