@@ -70,7 +70,7 @@ SHARD_GB = {"dense": {"full": 1.0, "small": 0.1}, "llama": {"full": 1.0, "small"
 # The measures of one backend, in this order: (child, route); route "sharded" reads the
 # sharded .weights.json, and its figures carry the prefix "sharded_".
 MEASURES = (("migrate", "keras"), ("keras", "keras"), ("migrate", "sharded"),
-            ("keras", "sharded"), ("floor", "keras"))
+            ("keras", "sharded"), ("floor", "keras"), ("migrate", "noundo"))
 
 
 def status_mb() -> dict[str, float]:
@@ -283,7 +283,9 @@ def new_probe(x):
 
 
 def prefix(route: str) -> str:
-    return "sharded_" if route == "sharded" else ""
+    """Result keys of a route: the `.keras` file (no prefix), the sharded checkpoint, or the
+    `.keras` file migrated with `undo=False` (no undo journal)."""
+    return {"sharded": "sharded_", "noundo": "noundo_"}.get(route, "")
 
 
 def child_migrate(spec: Spec, route: str, profile: bool) -> dict:
@@ -306,7 +308,8 @@ def child_migrate(spec: Spec, route: str, profile: bool) -> dict:
         profiler.enable()
     with PeakMemory() as memory:
         t = time.perf_counter()
-        report = ks.migrate_weights(old, new, old_weights=weights, **spec.migrate_kwargs())
+        report = ks.migrate_weights(old, new, old_weights=weights, undo=route != "noundo",
+                                    **spec.migrate_kwargs())
         seconds = time.perf_counter() - t
     if profiler is not None:
         import pstats
@@ -443,6 +446,8 @@ def summarise(runs: dict[str, list]) -> dict:
               "sharded_migrate_over_sharded_keras": ("sharded_migrate_s", "sharded_keras_s"),
               "sharded_migrate_over_floor": ("sharded_migrate_s", "floor_s"),
               "sharded_migrate_over_migrate": ("sharded_migrate_s", "migrate_s"),
+              "noundo_migrate_over_floor": ("noundo_migrate_s", "floor_s"),
+              "noundo_migrate_over_sharded_keras": ("noundo_migrate_s", "sharded_keras_s"),
               "sharded_keras_over_keras": ("sharded_keras_s", "keras_s")}
     for name, (top, bottom) in ratios.items():
         if top in out and bottom in out:
@@ -498,6 +503,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--measures", default=None,
                         help="comma-separated subset of migrate,keras,sharded_migrate,"
+                        "noundo_migrate,"
                              "sharded_keras,floor (default: all)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the migration (printed to stderr)")
@@ -528,6 +534,10 @@ ROWS = (("migrate_weights(.keras) s", "migrate_s"), ("load_weights(.keras) s", "
         ("migrate_weights(sharded .weights.json) s", "sharded_migrate_s"),
         ("load_weights(sharded .weights.json) s", "sharded_keras_s"),
         ("floor s (read + copy)", "floor_s"),
+        ("migrate_weights(.keras, undo=False) s", "noundo_migrate_s"),
+        ("undo=False: migrate / floor, / load_weights (sharded)",
+         ("noundo_migrate_over_floor", "noundo_migrate_over_sharded_keras")),
+        ("undo=False: extra anon / file MB", ("noundo_extra_anon_mb", "noundo_extra_file_mb")),
         ("migrate / load_weights (.keras)", "migrate_over_keras"),
         ("migrate / load_weights (sharded)", "sharded_migrate_over_sharded_keras"),
         ("migrate sharded / migrate .keras", "sharded_migrate_over_migrate"),

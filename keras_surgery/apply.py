@@ -157,6 +157,7 @@ def apply_plan(
     optimizer: bool = True,
     verbose: bool = False,
     spill_bytes: int = SPILL_BYTES,
+    undo: bool = True,
 ) -> SurgeryReport:
     """Writes the plan into `model`, reading old values from `old_weights`; all or nothing.
 
@@ -167,12 +168,16 @@ def apply_plan(
     is checked before the first write; if anything fails after that (a damaged dataset, an
     interrupt), every variable written so far is restored from the journal.
 
+    Args:
+        undo: keep the rollback journal (see `migrate_weights`); False skips it.
+
     Returns:
         The SurgeryReport.
 
     Raises:
         SurgeryError: the plan does not fit `model` or the old weights, or writing failed;
-            the model is then as it was.
+            the model is then as it was (with `undo=False`: partly written, and the error
+            says so).
     """
     variables = live_variables(model)
     warnings = list(plan.warnings)
@@ -195,6 +200,7 @@ def apply_plan(
     try:
         stream(writes, model, release=getattr(old_weights, "release", None),
                progress=progress_bar(len(writes), verbose), spill_bytes=spill_bytes,
+               undo=undo,
                before_last=None if check is None else check.wait)
         if check is not None:
             check.wait()  # also when there was nothing to write

@@ -44,39 +44,49 @@ COPY_BLOCK_BYTES = 32 << 20
 file's pages released after each, so a large weight is never resident twice over."""
 
 BUFFER_ALIGNMENT = 64
-"""New values start on a boundary of this many bytes (TensorFlow's and XLA's CPU alignment)."""
+"""Large new values start on a boundary of this many bytes (TensorFlow's and XLA's CPU
+alignment)."""
+SHARED_MIN_BYTES = 32 << 20
+"""New values at least this large are aligned for the backend to keep (see
+`shareable_empty`); glibc serves blocks of this size and up by their own memory map."""
 
 
-def aligned_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
-    """An uninitialised array whose data starts on a `BUFFER_ALIGNMENT`-byte boundary.
+def shareable_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
+    """An uninitialised array for a new value; from `SHARED_MIN_BYTES` up its data starts on
+    a `BUFFER_ALIGNMENT`-byte boundary.
 
-    TensorFlow and JAX (on CPU) take such an array as a variable's new buffer without copying
-    it; numpy's own allocation of a large array starts 16 bytes past a page boundary, and both
-    then copy it into memory newly taken from the system (0.6-1.2 s per 256 MB measured on the
-    project's machine, against 0.02-0.04 s when shared).
+    TensorFlow and JAX (on CPU) take an aligned array as a variable's new buffer without
+    copying it; numpy's own allocation of a large array starts 16 bytes past a page boundary,
+    and both then copy it into memory newly taken from the system (0.6-1.2 s per 256 MB
+    measured on the project's machine, against 0.02-0.04 s when shared). Smaller values stay
+    plain numpy arrays, which the backend copies into memory its allocator already holds: the
+    buffers it frees are then reused, where giving it ours left them stranded in the malloc
+    arenas of its threads (852M-parameter Llama on TensorFlow: 765 -> 938 MB extra).
 
     Example:
-        >>> aligned_empty((3, 4), np.float32).ctypes.data % BUFFER_ALIGNMENT
+        >>> shareable_empty((4096, 4096), np.float32).ctypes.data % BUFFER_ALIGNMENT
         0
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < SHARED_MIN_BYTES:
+        return np.empty(tuple(shape), dtype)
     raw = np.empty(nbytes + BUFFER_ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % BUFFER_ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
 
 
-def aligned_copy(value: Any) -> np.ndarray:
-    """A copy of `value` in an `aligned_empty` array."""
+def shareable_copy(value: Any) -> np.ndarray:
+    """A copy of `value` in a `shareable_empty` array."""
     value = np.asarray(value)
-    out = aligned_empty(value.shape, value.dtype)
+    out = shareable_empty(value.shape, value.dtype)
     np.copyto(out, value)
     return out
 
 
-def aligned_full(shape: Sequence[int], fill_value: Any, dtype: Any) -> np.ndarray:
-    """`np.full` in an `aligned_empty` array."""
-    out = aligned_empty(shape, dtype)
+def shareable_full(shape: Sequence[int], fill_value: Any, dtype: Any) -> np.ndarray:
+    """`np.full` in a `shareable_empty` array."""
+    out = shareable_empty(shape, dtype)
     out[...] = fill_value
     return out
 
@@ -161,11 +171,11 @@ def init_value(init: Init, shape: tuple[int, ...], dtype: Any = np.float32) -> n
     """The value of a start's `Init` for a weight of `shape`: a constant, or the identity over
     the last two axes at the centre of the leading (kernel tap) axes."""
     if init.kind == "constant":
-        return aligned_full(shape, init.value, dtype)
+        return shareable_full(shape, init.value, dtype)
     if len(shape) < 2 or shape[-1] != shape[-2] or any(k % 2 == 0 for k in shape[:-2]):
         raise SurgeryError(f"An identity start needs a square last pair of axes and odd kernel "
                            f"axes before them. Received: shape={shape}")
-    value = aligned_full(shape, 0, dtype)
+    value = shareable_full(shape, 0, dtype)
     value[tuple(k // 2 for k in shape[:-2])] = np.eye(shape[-1], dtype=dtype)
     return value
 
@@ -259,9 +269,9 @@ def fill(
         if needs_fresh(wp, policy):
             np.copyto(value, fresh)
     elif needs_fresh(wp, policy):
-        value = aligned_copy(fresh)
+        value = shareable_copy(fresh)
     else:  # every index is copied or zeroed below
-        value = aligned_empty(fresh.shape, np.asarray(fresh).dtype)
+        value = shareable_empty(fresh.shape, np.asarray(fresh).dtype)
     if wp.axes is None:
         return value
     if not wp.axes:  # a weight without axes (a scalar such as a count): one value to copy

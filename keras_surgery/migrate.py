@@ -35,6 +35,7 @@ def migrate_weights(
     strict: bool = False,
     verify: bool | str = False,
     allow_unrelated: bool = False,
+    undo: bool = True,
 ) -> SurgeryReport:
     """Moves the weights of `old` into the modified `new_model`, in place.
 
@@ -93,6 +94,12 @@ def migrate_weights(
             or an input none of whose old features is among the new ones. By default both
             raise, as they almost always mean the wrong old model or a feature spec given for
             one side only.
+        undo: keep an undo journal while writing (default), so that a migration that fails
+            or is interrupted after its first write leaves `new_model` as it was: each
+            variable's current value is copied out first (in memory up to 64 MB, then to an
+            anonymous temporary file), which costs about as much as the copies themselves on
+            a large model. False skips it, for a model built only to be migrated into: a
+            failure then leaves it partly written, and the error says so.
 
     Returns:
         SurgeryReport with `preserves_function`, `warnings`, `summary()` and `to_dict()`.
@@ -123,13 +130,14 @@ def migrate_weights(
         return _migrate(side, new_model, mode, old_features=old_features,
                         new_features=new_features, old_outputs=old_outputs,
                         new_outputs=new_outputs, policy=policy, optimizer=optimizer,
-                        strict=strict, allow_unrelated=allow_unrelated, unit_maps=unit_maps)
+                        strict=strict, allow_unrelated=allow_unrelated, unit_maps=unit_maps,
+                        undo=undo)
 
 
 def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
              new_features: Any, old_outputs: Any, new_outputs: Any, policy: str,
              optimizer: bool, strict: bool, allow_unrelated: bool,
-             unit_maps: Any) -> SurgeryReport:
+             unit_maps: Any, undo: bool = True) -> SurgeryReport:
     """`migrate_weights` on the opened old side (the file is read through it, once)."""
     mapping = None
     if mode is not None:
@@ -144,7 +152,7 @@ def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
         allow_unrelated=allow_unrelated, unit_maps=unit_maps,
     )
     restore = snapshot(new_model) if mode == "raise" and not side.is_file else None
-    report = plan.apply(new_model, optimizer=optimizer)
+    report = plan.apply(new_model, optimizer=optimizer, undo=undo)
     if mode is not None:
         verify_surgery(side.model, new_model, plan, report, mapping, mode, restore)
     return report

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.fill import aligned_full, checked_cast, fill
+from keras_surgery.fill import shareable_full, checked_cast, fill
 from keras_surgery.graph import ModelGraph, WeightSource, live_variables, strategy_scope
 from keras_surgery.propagate import propagate
 from keras_surgery.stream import Write
@@ -149,7 +149,7 @@ class SlotFill:
         """The slot's new value, shaped like `current`; `read(path)` gives an old variable;
         computed into `out` when given (a buffer of that shape and dtype)."""
         if out is None:
-            zeros = aligned_full(np.shape(current), 0, np.asarray(current).dtype)
+            zeros = shareable_full(np.shape(current), 0, np.asarray(current).dtype)
         else:
             zeros = out
             zeros[...] = 0

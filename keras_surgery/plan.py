@@ -220,7 +220,7 @@ class SurgeryPlan:
     )
 
     def apply(
-        self, model: Any, *, optimizer: bool = True, verbose: bool = False
+        self, model: Any, *, optimizer: bool = True, verbose: bool = False, undo: bool = True
     ) -> SurgeryReport:
         """Writes the planned values into `model`'s variables, all or nothing.
 
@@ -229,10 +229,13 @@ class SurgeryPlan:
             optimizer: also carry the optimizer state (slots through the same index maps,
                 `iterations` copied) when both sides have one; the new model must be compiled.
             verbose: show a progress bar over the weights.
+            undo: keep an undo journal so that a failure leaves `model` unchanged (see
+                `migrate_weights`).
 
         Raises:
             SurgeryError: the plan does not fit `model`, or the old weights cannot be read;
-                the model is then unchanged.
+                the model is then unchanged (with `undo=False`, once writing has begun, it is
+                partly written and the error says so).
         """
         if self.old_source is None:
             raise SurgeryError(
@@ -240,7 +243,7 @@ class SurgeryPlan:
                 "make it with ModelMigrator to apply it."
             )
         return apply_plan(self, model, self.old_source.weights, optimizer=optimizer,
-                          verbose=verbose)
+                          verbose=verbose, undo=undo)
 
     def apply_file(
         self, src: Any, out: Any, *, template: Any, verbose: bool = False

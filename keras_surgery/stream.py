@@ -227,9 +227,9 @@ def handed_over(value: Any) -> Any:
 def stream(
     writes: list[Write], model: Any, *, release: Callable[[], None] | None = None,
     progress: Callable[[int], None] | None = None, spill_bytes: int = SPILL_BYTES,
-    before_last: Callable[[], None] | None = None,
+    before_last: Callable[[], None] | None = None, undo: bool = True,
 ) -> None:
-    """Runs `writes` into `model`'s variables, all or nothing.
+    """Runs `writes` into `model`'s variables, all or nothing (with `undo`).
 
     Args:
         writes: the variables to write and how to compute their values.
@@ -239,10 +239,14 @@ def stream(
         spill_bytes: rollback values kept in memory, in bytes; the rest go to a file.
         before_last: called before the last write, the only one without an undo entry (the
             check that the old values read were sound): if it raises, every write is undone.
+        undo: keep the journal. False: no variable's previous value is kept (no copy of the
+            model's current values is written anywhere), and a failure leaves the variables
+            written so far with their new values; the error says so.
 
     Raises:
         SurgeryError: a write failed; every variable written before is restored (or the
-            error names those that could not be).
+            error names those that could not be, or, with `undo=False`, says how many were
+            written and not restored).
     """
     release = release or (lambda: None)
     progress = progress or (lambda i: None)
@@ -266,7 +270,7 @@ def stream(
                 current, owned = view, True
             else:
                 current, owned = current_value(var, copy=write.reads_current)
-            if count < len(writes) or view is not None:
+            if undo and (count < len(writes) or view is not None):
                 # A value computed in place has an undo entry even when it is the last: its
                 # computation can fail halfway through the variable's own buffer.
                 owned = journal.save(var, current, copy=view is not None) and owned
@@ -300,6 +304,9 @@ def stream(
         if stage == "finish" and len(written) == len(writes) and not isinstance(exc, Exception):
             _finish_interrupted(exc, model, written, journal)
             raise
+        if not undo:
+            _close_quietly(journal)
+            _not_undone(exc, what, written, in_place and stage == "compute")
         try:
             if stage == "compute" and journaled and not in_place:
                 journal.forget_last()  # never written: nothing to undo
@@ -327,6 +334,23 @@ def stream(
             f"Writing the new weights failed at {what} and was undone: {exc}"
         ) from exc
     _close_finished(journal)
+
+
+def _not_undone(exc: BaseException, what: str, written: list[Any], halfway: bool) -> None:
+    """Raises for a failed write without an undo journal (`undo=False`): nothing is
+    restored, and the error says what the model now holds."""
+    detail = (f"the {len(written)} variables written before it keep their new values, the "
+              "others their previous ones")
+    if halfway:
+        detail += ", and the one being computed in place holds part of its new value"
+    if not isinstance(exc, Exception):
+        _say(exc, f"the migration was interrupted at {what} and not undone (undo=False): "
+                  f"{detail}.")
+        raise exc
+    raise SurgeryError(
+        f"Writing the new weights failed at {what} ({exc}) and was not undone (undo=False): "
+        f"{detail}."
+    ) from exc
 
 
 def _say(exc: BaseException, text: str) -> None:

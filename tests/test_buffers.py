@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 
 import keras
 import numpy as np
@@ -14,37 +15,46 @@ import pytest
 import keras_surgery as ks
 from keras_surgery import filemap
 from keras_surgery.errors import SurgeryFileError
-from keras_surgery.fill import BUFFER_ALIGNMENT, aligned_copy, aligned_empty, aligned_full
+from keras_surgery.fill import (
+    BUFFER_ALIGNMENT,
+    SHARED_MIN_BYTES,
+    shareable_copy,
+    shareable_empty,
+    shareable_full,
+)
 from keras_surgery.graph import variable_view
 from keras_surgery.stream import handed_over
 
 
 @pytest.mark.parametrize("shape,dtype", [((), np.float32), ((5,), np.int64),
-                                         ((3, 7, 2), np.float16), ((0, 4), np.float32)])
-def test_aligned_arrays_start_on_the_boundary_and_hold_what_was_asked(shape, dtype):
-    for _ in range(5):
-        empty = aligned_empty(shape, dtype)
+                                         ((3, 7, 2), np.float16), ((0, 4), np.float32),
+                                         ((SHARED_MIN_BYTES // 8 + 3,), np.float64),
+                                         ((4096, 2049), np.float32)])
+def test_new_value_arrays_hold_what_was_asked_and_large_ones_are_aligned(shape, dtype):
+    large = int(np.prod(shape)) * np.dtype(dtype).itemsize >= SHARED_MIN_BYTES
+    for _ in range(3):
+        empty = shareable_empty(shape, dtype)
         assert empty.shape == shape and empty.dtype == dtype
-        assert empty.flags.c_contiguous
-        assert not empty.size or empty.ctypes.data % BUFFER_ALIGNMENT == 0
-        assert empty.flags.writeable
-    full = aligned_full(shape, 3, dtype)
+        assert empty.flags.c_contiguous and empty.flags.writeable
+        if large:
+            assert empty.ctypes.data % BUFFER_ALIGNMENT == 0
+    full = shareable_full(shape, 3, dtype)
     np.testing.assert_array_equal(full, np.full(shape, 3, dtype))
     source = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
-    copy = aligned_copy(source)
+    copy = shareable_copy(source)
     np.testing.assert_array_equal(copy, source)
-    assert not copy.size or copy.ctypes.data % BUFFER_ALIGNMENT == 0
+    assert not large or copy.ctypes.data % BUFFER_ALIGNMENT == 0
     copy[...] = 0
     np.testing.assert_array_equal(source, np.arange(source.size, dtype=dtype).reshape(shape))
 
 
-def test_a_migrated_variable_holds_the_value_it_was_given_without_a_copy_where_shared():
-    """TensorFlow and JAX take an aligned value as the variable's buffer (no second copy of
-    a large weight); on every backend the values are the ones filled."""
-    layer = keras.layers.Dense(64)
-    layer.build((None, 256))
-    value = aligned_empty((256, 64), np.float32)
-    value[...] = np.random.default_rng(0).standard_normal((256, 64))
+def test_a_large_value_becomes_the_variables_buffer_without_a_copy_where_shared():
+    """TensorFlow and JAX take a large aligned value as the variable's buffer (no second
+    copy of a large weight); on every backend the values are the ones filled."""
+    layer = keras.layers.Dense(2048)
+    layer.build((None, 4096))
+    value = shareable_empty((4096, 2048), np.float32)
+    value[...] = np.random.default_rng(0).standard_normal((4096, 2048), dtype=np.float32)
     expected = value.copy()
     layer.kernel.assign(handed_over(value))
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.kernel), expected)
@@ -68,13 +78,13 @@ def test_read_into_copies_the_bytes_of_a_view_of_a_registered_map(tmp_path):
     try:
         view = np.frombuffer(whole, np.float32, 10_000, 3).reshape(100, 100)
         assert not view.flags.aligned
-        target = aligned_empty((40, 100), np.float32)
+        target = np.empty((40, 100), np.float32)
         assert filemap.read_into(target, view[10:50])
         np.testing.assert_array_equal(target, data.reshape(100, 100)[10:50])
         # Not C-contiguous, other sizes, or memory that is no map: not done, target untouched
         target[...] = 7
         assert not filemap.read_into(target, view[10:50, :50].reshape(40, 50)[:, :25].T.T)
-        assert not filemap.read_into(aligned_empty((39, 100), np.float32), view[10:50])
+        assert not filemap.read_into(np.empty((39, 100), np.float32), view[10:50])
         assert not filemap.read_into(target, data.reshape(100, 100)[10:50].copy())
         np.testing.assert_array_equal(target, 7)
         del view
@@ -235,3 +245,49 @@ def test_a_failed_in_place_migration_restores_every_variable_exactly(monkeypatch
     assert spilled and all(spilled)  # every undo value went to the file
     for got, want in zip(_values(new), before):
         np.testing.assert_array_equal(got, want)
+
+
+def test_undo_false_gives_the_same_values_without_a_journal(monkeypatch):
+    from keras_surgery import stream as stream_module
+
+    saved = []
+    real_save = stream_module.Journal.save
+    monkeypatch.setattr(stream_module.Journal, "save",
+                        lambda self, *a, **k: saved.append(1) or real_save(self, *a, **k))
+    names = ["a", "b", "c", "d", "e"]
+    spec = {"old_features": {"x": names},
+            "new_features": {"x": ["a", "b", "c", "new", "d", "e"]}}
+    old = _wide(5, 0)
+    with_undo, without = _wide(6, 1), _wide(6, 1)
+    assert ks.migrate_weights(old, with_undo, **spec).preserves_function
+    assert saved
+    saved.clear()
+    assert ks.migrate_weights(old, without, undo=False, **spec).preserves_function
+    assert not saved
+    for a, b in zip(_values(with_undo), _values(without)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_undo_false_failure_says_the_model_is_partly_written(monkeypatch):
+    from keras_surgery import apply as apply_module
+
+    real_fill = apply_module.fill
+
+    def failing(wp, *args, **kwargs):
+        if wp.layer == "d1" and wp.role == "kernel":  # the largest: written last
+            raise RuntimeError("disk on fire")
+        return real_fill(wp, *args, **kwargs)
+
+    monkeypatch.setattr(apply_module, "fill", failing)
+    old, new = _wide(5, 0), _wide(6, 1)
+    before = _values(new)
+    names = ["a", "b", "c", "d", "e"]
+    with pytest.raises(ks.SurgeryError, match=r"not undone \(undo=False\): the \d+ variables "
+                                              r"written before it keep their new values") as e:
+        ks.migrate_weights(old, new, undo=False, old_features={"x": names},
+                           new_features={"x": ["a", "b", "c", "new", "d", "e"]})
+    written = int(re.search(r"the (\d+) variables written", str(e.value)).group(1))
+    after = _values(new)
+    assert np.array_equal(after[0], before[0])  # d1's kernel: never written
+    changed = sum(not np.array_equal(a, b) for a, b in zip(after, before))
+    assert changed == written and 0 < written < len(before) - 1  # smaller ones first
