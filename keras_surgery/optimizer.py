@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
-from keras_surgery.fill import shareable_full, checked_cast, fill
+from keras_surgery.fill import checked_cast, fill, shareable_full
 from keras_surgery.graph import ModelGraph, WeightSource, live_variables, strategy_scope
 from keras_surgery.propagate import propagate
 from keras_surgery.stream import Write
