@@ -508,7 +508,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the migration (printed to stderr)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
-    parser.add_argument("--route", choices=("keras", "sharded"), default="keras",
+    parser.add_argument("--route", choices=("keras", "sharded", "noundo"), default="keras",
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     size = "small" if args.small else "full"
