@@ -160,26 +160,43 @@ def test_a_bias_stored_for_a_bias_free_twin_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("row", [0, 37, 63])
-def test_nonfinite_check_in_blocks_finds_a_nan_in_any_block(tmp_path, monkeypatch, row):
+@pytest.mark.parametrize("whole", [True, False])
+def test_nonfinite_check_in_blocks_finds_a_nan_in_any_block(tmp_path, monkeypatch, row, whole):
     # The NaN / Inf check of an old weight reads it in row blocks, the file's pages released
-    # after each: a NaN in the first, a middle or the last block is still reported.
+    # after each: a NaN in the first, a middle or the last block is still reported. A weight
+    # copied whole is checked in its new value instead (in memory: the file is not read again).
     from keras_surgery import apply as apply_module
 
-    old = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, name="hidden")])
+    names = [f"f{i}" for i in range(64)]
+    old = keras.Sequential([keras.Input((64,), name="x"), keras.layers.Dense(32, name="hidden")])
     kernel = np.random.default_rng(0).standard_normal((64, 32)).astype("float32")
     kernel[row, 5] = np.nan
     old.get_layer("hidden").kernel.assign(kernel)
     old.save(tmp_path / "nan.keras")
     monkeypatch.setattr(apply_module, "COPY_BLOCK_BYTES", 8 * 32 * 4)  # 8 rows per block
-    released = []
+    released, checked = [], []
     release = KerasFile.release
     monkeypatch.setattr(KerasFile, "release", lambda self: (released.append(1), release(self)))
-    new = keras.Sequential([keras.Input((64,)), keras.layers.Dense(32, name="hidden")])
-    report = ks.migrate_weights(tmp_path / "nan.keras", new)
+    real_check = apply_module.nonfinite_warning
+    def check(wp, values):
+        checked.append(values.shape)
+        return real_check(wp, values)
+
+    monkeypatch.setattr(apply_module, "nonfinite_warning", check)
+    new_names = names if whole else names[:10] + ["added"] + names[10:]
+    new = keras.Sequential([keras.Input((len(new_names),), name="x"),
+                            keras.layers.Dense(32, name="hidden")])
+    report = ks.migrate_weights(tmp_path / "nan.keras", new, old_features={"x": names},
+                                new_features={"x": new_names})
     assert "layer 'hidden': old weight 'kernel' holds NaN or Inf values; they were copied as " \
         "they are." in report.warnings
-    np.testing.assert_array_equal(new.get_layer("hidden").kernel.numpy(), kernel)
-    assert len(released) >= 64 // 8  # at least once per block of the kernel
+    got = new.get_layer("hidden").kernel.numpy()
+    np.testing.assert_array_equal(got if whole else np.delete(got, 10, axis=0), kernel)
+    if whole:
+        assert (64, 32) in checked  # the new value, once
+    else:
+        assert (8, 32) in checked  # the old weight, a block at a time
+        assert len(released) >= 64 // 8  # at least once per block of the kernel
 
 
 UNPROBED = """
