@@ -164,8 +164,10 @@ def writable_view(var: Any) -> np.ndarray | None:
     """
     import keras
     from keras.src.backend.common.stateless_scope import in_stateless_scope
+    from keras.src.backend.common.variables import get_autocast_scope
 
-    if keras.backend.backend() != "torch" or not len(var.shape) or in_stateless_scope():
+    if (keras.backend.backend() != "torch" or not len(var.shape) or in_stateless_scope()
+            or get_autocast_scope() is not None):  # `var.value` would be a cast copy
         return None
     try:
         value = var.value
@@ -174,7 +176,10 @@ def writable_view(var: Any) -> np.ndarray | None:
         view = value.detach().numpy()
     except (TypeError, RuntimeError, AttributeError):
         return None  # bfloat16 has no numpy view
-    return view if view.flags.writeable and view.nbytes >= IN_PLACE_MIN_BYTES else None
+    if (not view.flags.writeable or not view.flags.c_contiguous
+            or tuple(view.shape) != tuple(var.shape) or view.nbytes < IN_PLACE_MIN_BYTES):
+        return None
+    return view
 
 
 class _HandedOver:

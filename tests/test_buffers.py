@@ -291,3 +291,21 @@ def test_undo_false_failure_says_the_model_is_partly_written(monkeypatch):
     assert np.array_equal(after[0], before[0])  # d1's kernel: never written
     changed = sum(not np.array_equal(a, b) for a, b in zip(after, before))
     assert changed == written and 0 < written < len(before) - 1  # smaller ones first
+
+
+def test_no_in_place_view_inside_an_autocast_scope_or_a_stateless_scope(monkeypatch):
+    """`var.value` is a cast copy inside an autocast scope, and a stateless scope records
+    values instead of writing them: a value computed in such a view would be lost."""
+    from keras.src.backend.common.variables import AutocastScope
+
+    from keras_surgery import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "IN_PLACE_MIN_BYTES", 0)
+    layer = keras.layers.Dense(4)
+    layer.build((None, 3))
+    with AutocastScope("float16"):
+        assert stream_module.writable_view(layer.kernel) is None
+    with keras.StatelessScope():
+        assert stream_module.writable_view(layer.kernel) is None
+    view = stream_module.writable_view(layer.kernel)
+    assert (view is not None) == (keras.backend.backend() == "torch")
