@@ -105,10 +105,12 @@ def _weight_writes(
 
 
 def _copies_whole(wp: WeightPlan, old: np.ndarray, current: np.ndarray) -> bool:
-    """Whether the new value is every old value, rearranged at most (same shape, every index
-    copied unscaled from one old index): then the NaN/Inf check reads the new value, in
-    memory, instead of the old file's pages a second time."""
-    return tuple(old.shape) == tuple(np.shape(current)) and copies_everything(wp)
+    """Whether the new value is every old value, rearranged at most (same shape and dtype,
+    every index copied unscaled from one old index): then the NaN/Inf check reads the new
+    value, in memory, instead of the old file's pages a second time. (A cast value could
+    overflow to Inf, or lose a NaN to an integer dtype.)"""
+    return (tuple(old.shape) == tuple(np.shape(current))
+            and np.dtype(old.dtype) == np.asarray(current).dtype and copies_everything(wp))
 
 
 def _nonfinite_in_blocks(

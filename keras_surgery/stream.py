@@ -291,6 +291,7 @@ def stream(
                 # the journal's copy back.
                 del value, view
                 written.append(var)
+                stage = "written"
                 release()
                 progress(count)
                 continue
@@ -301,24 +302,27 @@ def stream(
             var.assign(handed_over(value))
             del value
             written.append(var)
+            stage = "written"  # an interrupt in what follows comes after this write
             release()
             progress(count)
         what, stage = "finishing", "finish"
         finalize_layers(model, written)
     except BaseException as exc:
-        if stage == "finish" and len(written) == len(writes) and not isinstance(exc, Exception):
+        after_last = stage in ("finish", "written") and len(written) == len(writes)
+        if after_last and not isinstance(exc, Exception):
             _finish_interrupted(exc, model, written, journal)
             raise
         if not undo:
             _close_quietly(journal)
-            _not_undone(exc, what, written, in_place and stage == "compute")
+            _not_undone(exc, what, written, var,
+                        in_place and stage == "compute" and not any(v is var for v in written))
         try:
             if stage == "compute" and journaled and not in_place:
                 journal.forget_last()  # never written: nothing to undo
             restored, failed = journal.restore(unsure=var if stage == "assign" else None)
             finalize_layers(model, restored)
-            if stage == "finish" and written and not journaled:
-                # Only finishing can fail after the last (unjournaled) write: say so.
+            if stage in ("finish", "written") and written and not journaled:
+                # Only what follows the last (unjournaled) write can fail after it: say so.
                 failed.append((written[-1], SurgeryError("the last write keeps no undo entry")))
         finally:
             journal.close()
@@ -341,13 +345,17 @@ def stream(
     _close_finished(journal)
 
 
-def _not_undone(exc: BaseException, what: str, written: list[Any], halfway: bool) -> None:
+def _not_undone(exc: BaseException, what: str, written: list[Any], var: Any,
+                halfway: bool) -> None:
     """Raises for a failed write without an undo journal (`undo=False`): nothing is
     restored, and the error says what the model now holds."""
-    detail = (f"the {len(written)} variables written before it keep their new values, the "
-              "others their previous ones")
-    if halfway:
-        detail += ", and the one being computed in place holds part of its new value"
+    before = sum(1 for v in written if v is not var)
+    detail = (f"the variables written before it ({before}) keep their new values, the others "
+              "their previous ones")
+    if var is not None and any(v is var for v in written):
+        detail += "; its own variable holds its new value"
+    elif halfway:
+        detail += "; its own variable, computed in place, may hold part of its new value"
     if not isinstance(exc, Exception):
         _say(exc, f"the migration was interrupted at {what} and not undone (undo=False): "
                   f"{detail}.")

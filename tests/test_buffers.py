@@ -282,11 +282,12 @@ def test_undo_false_failure_says_the_model_is_partly_written(monkeypatch):
     old, new = _wide(5, 0), _wide(6, 1)
     before = _values(new)
     names = ["a", "b", "c", "d", "e"]
-    with pytest.raises(ks.SurgeryError, match=r"not undone \(undo=False\): the \d+ variables "
-                                              r"written before it keep their new values") as e:
+    with pytest.raises(ks.SurgeryError, match=r"not undone \(undo=False\): the variables "
+                                              r"written before it \(\d+\) keep their new") as e:
         ks.migrate_weights(old, new, undo=False, old_features={"x": names},
                            new_features={"x": ["a", "b", "c", "new", "d", "e"]})
-    written = int(re.search(r"the (\d+) variables written", str(e.value)).group(1))
+    written = int(re.search(r"written before it \((\d+)\)", str(e.value)).group(1))
+    assert "its own variable" not in str(e.value)  # the failure came before any write to it
     after = _values(new)
     assert np.array_equal(after[0], before[0])  # d1's kernel: never written
     changed = sum(not np.array_equal(a, b) for a, b in zip(after, before))
@@ -309,3 +310,45 @@ def test_no_in_place_view_inside_an_autocast_scope_or_a_stateless_scope(monkeypa
         assert stream_module.writable_view(layer.kernel) is None
     view = stream_module.writable_view(layer.kernel)
     assert (view is not None) == (keras.backend.backend() == "torch")
+
+
+def test_an_interrupt_after_the_last_write_finishes_the_migration_and_says_so():
+    """A Ctrl-C in the progress update that follows the last (unjournaled) write: every
+    variable already holds its new value, so the migration is finished, not half undone."""
+    from keras_surgery import stream as stream_module
+
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(16, name="b")(
+        keras.layers.Dense(8, name="a")(inputs)))
+    variables = [model.get_layer("a").kernel, model.get_layer("b").kernel]
+
+    def compute(current, owned, out=None):
+        return np.full(current.shape, 5, current.dtype)
+
+    def progress(count):
+        if count == 2:
+            raise KeyboardInterrupt
+
+    writes = [stream_module.Write(v, name, compute) for v, name in zip(variables, "ab")]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        stream_module.stream(writes, model, progress=progress)
+    assert any("the interrupt came after the last write: the migration finished" in note
+               for note in caught.value.__notes__)
+    for v in variables:
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(v), 5)
+
+
+def test_a_weight_cast_to_a_narrower_dtype_is_not_said_to_hold_nan_in_the_old_model():
+    """The NaN/Inf check reads the new value only when it has the old dtype: a float32 1e5
+    that overflows float16 is a cast loss, not an old NaN."""
+    def build(dtype: str) -> keras.Model:
+        inputs = keras.Input((4,), name="x")
+        return keras.Model(inputs, keras.layers.Dense(3, name="d", dtype=dtype)(inputs))
+
+    old = build("float32")
+    old.get_layer("d").kernel.assign(np.full((4, 3), 1e5, np.float32))
+    new = build("float16")
+    report = ks.migrate_weights(old, new)
+    assert not report.preserves_function
+    assert not any("holds NaN or Inf" in w for w in report.warnings), report.warnings
+    assert any("float16" in w for w in report.warnings), report.warnings
