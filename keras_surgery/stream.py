@@ -286,21 +286,12 @@ def stream(
             else:
                 value = write.compute(current, owned)
             del current
-            if view is not None and value is view:
-                # Written in the variable's own buffer: nothing to assign. An undo assigns
-                # the journal's copy back.
-                del value, view
-                written.append(var)
-                stage = "written"
-                release()
-                progress(count)
-                continue
-            del view
-            if isinstance(value, np.ndarray) and value.flags.writeable:
-                release()  # the old values are copied out: drop their pages before assigning
-            stage = "assign"
-            var.assign(handed_over(value))
-            del value
+            if view is None or value is not view:  # else written in the variable's own buffer
+                if isinstance(value, np.ndarray) and value.flags.writeable:
+                    release()  # the old values are copied out: drop their pages first
+                stage = "assign"
+                var.assign(handed_over(value))
+            del value, view
             written.append(var)
             stage = "written"  # an interrupt in what follows comes after this write
             release()
