@@ -245,6 +245,7 @@ class LabelSpace:
         self._zero_safe: list[bool] = []
         self._kinds: list[str | None] = []  # `kind` of each label, kept as it is interned
         self._zero_safe_table = np.zeros(0, dtype=bool)  # `_zero_safe` as an array, so far
+        self._remembered: dict[Hashable, np.ndarray] = {}  # see `remembered`
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -304,6 +305,25 @@ class LabelSpace:
             self._zero_safe.append(self._compute_zero_safe(key))
             self._kinds.append(self._compute_kind(key))
         return new_id
+
+    def remembered(self, key: Hashable, count: int,
+                   make: Callable[[], np.ndarray]) -> np.ndarray:
+        """`make()`, the ids of `count` labels that depend only on `key`, made once per space
+        and read-only: the new model's layers that continue old ones make the old labels again
+        (their units, per-channel derived labels, residual sets), which was a third of
+        labelling EfficientNetB0. A call that finds them is charged to the label budget as if
+        it made them again, so a budget refuses the same files either way.
+        """
+        found = self._remembered.get(key)
+        if found is None:
+            found = make()
+            found.flags.writeable = False
+            self._remembered[key] = found
+        else:
+            budget = _BUDGET.get()
+            if budget is not None:
+                budget.charge(count)
+        return found
 
     def key(self, label_id: int) -> Hashable:
         """The key behind an id."""

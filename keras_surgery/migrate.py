@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from keras_surgery.features import FeatureSpec
+from keras_surgery.graph import reused_saving_walk
 from keras_surgery.migrator import ModelMigrator
 from keras_surgery.outputs import OutputSpec
 from keras_surgery.report import SurgeryReport
@@ -146,13 +147,14 @@ def _migrate(side: Side, new_model: Any, mode: str | None, *, old_features: Any,
             # Without the old model to run, the gradients are the only evidence: stop before
             # any weight is written.
             require_gradient_evidence(mapping)
-    plan = ModelMigrator(side, old_features=old_features, old_outputs=old_outputs,
-                         strict=strict).plan(
-        new_model, new_features=new_features, new_outputs=new_outputs, policy=policy,
-        allow_unrelated=allow_unrelated, unit_maps=unit_maps,
-    )
-    restore = snapshot(new_model) if mode == "raise" and not side.is_file else None
-    report = plan.apply(new_model, optimizer=optimizer, undo=undo)
+    with reused_saving_walk():  # nothing runs between planning and applying
+        plan = ModelMigrator(side, old_features=old_features, old_outputs=old_outputs,
+                             strict=strict).plan(
+            new_model, new_features=new_features, new_outputs=new_outputs, policy=policy,
+            allow_unrelated=allow_unrelated, unit_maps=unit_maps,
+        )
+        restore = snapshot(new_model) if mode == "raise" and not side.is_file else None
+        report = plan.apply(new_model, optimizer=optimizer, undo=undo)
     if mode is not None:
         verify_surgery(side.model, new_model, plan, report, mapping, mode, restore)
     return report

@@ -348,9 +348,10 @@ def _started(result: RuleResult, call: RuleCall, name: str, start: str) -> RuleR
         )
     # The identity passes on what is known of its input's sign.
     kept = start == "identity" and all(call.input_nonnegative)
+    outputs = chosen.labelled_outputs()
     nonnegative = [kept or (t < len(result.nonnegative) and result.nonnegative[t])
-                   for t in range(len(chosen.outputs))]
-    return dataclasses.replace(result, outputs=list(chosen.outputs), nonnegative=nonnegative)
+                   for t in range(len(outputs))]
+    return dataclasses.replace(result, outputs=outputs, nonnegative=nonnegative)
 
 
 def _output_facts(outputs: list[TensorLabels], result: RuleResult) -> list[TensorFacts]:

@@ -139,17 +139,24 @@ class Start:
     weights offers "zero" with no values when it maps 0 to 0 (a pass-through, a relu).
 
     `refused` says why the layer cannot start this way (the planner reports it when it needed
-    that start); `values` and `outputs` are then empty.
+    that start); `values` and `outputs` are then empty. `outputs` may be a function giving
+    them, called only for a layer that takes the start (`labelled_outputs`): a "zero" start's
+    `zero_key` labels were a third of all the labels interned for EfficientNetB0, nearly all
+    of them for old layers, which never start.
     """
 
     kind: str
     values: dict[str, Init] = field(default_factory=dict)
-    outputs: list[TensorLabels] = field(default_factory=list)
+    outputs: list[TensorLabels] | Callable[[], list[TensorLabels]] = field(default_factory=list)
     refused: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in START_KINDS:
             raise ValueError(f"Start kind must be one of {START_KINDS}. Received: {self.kind!r}")
+
+    def labelled_outputs(self) -> list[TensorLabels]:
+        """The labels of the layer's outputs when it takes this start."""
+        return list(self.outputs() if callable(self.outputs) else self.outputs)
 
 
 @dataclass
@@ -251,9 +258,13 @@ class RuleCall:
         if self.unit_map is not None and len(self.unit_map) == n and _applicable(self.unit_map):
             chosen = [unit_key(self.identity, role, int(e) if e >= 0 else ("new", j))
                       for j, e in enumerate(self.unit_map)]
+            ids = self.space.intern_many(chosen)
         else:
-            chosen = [unit_key(self.identity, role, j) for j in range(n)]
-        return AxisLabels(self.space.intern_many(chosen), np.full(n, dep, dtype=np.int64))
+            ids = self.space.remembered(
+                ("units", self.identity, role, n), n,
+                lambda: self.space.intern_many([unit_key(self.identity, role, j)
+                                                for j in range(n)]))
+        return AxisLabels(ids, np.full(n, dep, dtype=np.int64))
 
     def union(self, *axes: AxisLabels) -> int:
         """The dependency set of everything in `axes` (one id)."""
@@ -268,10 +279,12 @@ class RuleCall:
         """`axis` after a per-index affine map of this layer (same meaning, new zero)."""
         if axis.ids is None:
             return axis
-        return AxisLabels(
-            self.space.intern_many(derived_key(self.identity, int(i)) for i in axis.ids),
-            axis.deps,
-        )
+        source = np.asarray(axis.ids, dtype=np.int64)
+        ids = self.space.remembered(
+            ("derived", self.identity, source.tobytes()), len(source),
+            lambda: self.space.intern_many([derived_key(self.identity, i)
+                                            for i in source.tolist()]))
+        return AxisLabels(ids, axis.deps)
 
     def mixed(self, x: TensorLabels, axes: Sequence[int]) -> TensorLabels:
         """`x` after mixing every index of `axes` into each of them (a softmax, a
@@ -420,8 +433,8 @@ def linear_starts(
     n_in, n_out = x[axis].length, out[axis].length
     starts: dict[str, Start] = {}
     if act in ZERO_AT_ZERO and n_out is not None:
-        zero_out = out[:axis] + (call.zeros(n_out),) + out[axis + 1:]
-        starts["zero"] = Start("zero", dict.fromkeys(roles, ZEROS), [zero_out])
+        starts["zero"] = Start("zero", dict.fromkeys(roles, ZEROS),
+                               lambda: [out[:axis] + (call.zeros(n_out),) + out[axis + 1:]])
     else:
         starts["zero"] = Start("zero", refused=f"its activation '{act}' is not 0 at 0")
     reason = refuse_identity

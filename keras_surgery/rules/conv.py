@@ -382,10 +382,11 @@ def depthwise_channels(
 ) -> AxisLabels:
     """Output channel `c * multiplier + m` of a depthwise convolution, keyed by input channel
     c's label: a grown or reordered input keeps every output with its own input channel."""
-    keys = (
-        ("depthwise", call.identity, int(c), m) for c in channels.ids for m in range(multiplier)
-    )
-    ids = call.space.intern_many(keys)
+    source = np.asarray(channels.ids, dtype=np.int64)
+    ids = call.space.remembered(
+        ("depthwise", call.identity, multiplier, source.tobytes()), len(source) * multiplier,
+        lambda: call.space.intern_many([("depthwise", call.identity, c, m)
+                                        for c in source.tolist() for m in range(multiplier)]))
     per_channel = call.deps.union_elementwise(
         [channels.deps, np.full(len(channels.ids), extra_dep, dtype=np.int64)]
     )

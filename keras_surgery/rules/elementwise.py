@@ -10,7 +10,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_surgery.labels import AxisLabels, TensorLabels, concat_axes
+from keras_surgery.labels import AxisLabels, LabelSpace, TensorLabels, concat_axes
 from keras_surgery.registry import register_rule
 from keras_surgery.rules.api import (
     IDENTITY_ON_NONNEGATIVE,
@@ -128,7 +128,8 @@ def layer_scale_rule(call: RuleCall) -> RuleResult:
     and gamma follows its channel (diag)."""
     x = single_input(call)
     starts = {"identity": Start("identity", {"gamma": ONES}, [x]),
-              "zero": Start("zero", {"gamma": ZEROS}, [x[:-1] + (call.zeros(x[-1].length),)])}
+              "zero": Start("zero", {"gamma": ZEROS},
+                            lambda: [x[:-1] + (call.zeros(x[-1].length),)])}
     return RuleResult([x], check_weights(call, [weight("gamma", ("diag", x[-1]))]),
                       starts=starts)
 
@@ -158,14 +159,23 @@ def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels], sums: bool = False) 
     if all(np.array_equal(ids[0], other) for other in ids[1:]):
         merged_ids = ids[0]
     else:
-        rows, inverse = np.unique(np.stack(ids, axis=1), axis=0, return_inverse=True)
-        merged_ids = np.array([call.space.set_of(r, sums=sums) for r in rows], dtype=np.int64)[
-            inverse.reshape(-1)
-        ]
-        # Different rows can make the same set ({a_j, b_j} from (a_j, b_j) and (b_j, a_j)):
-        # each such index feeds its own weights downstream, so it keeps a label of its own.
-        merged_ids = call.space.distinct(merged_ids)
+        stacked = np.ascontiguousarray(np.stack(ids, axis=1), dtype=np.int64)
+        merged_ids = call.space.remembered(
+            ("merge", sums, stacked.shape, stacked.tobytes()), n,
+            lambda: _merged_labels(call.space, stacked, sums))
     return AxisLabels(merged_ids, call.deps.union_elementwise(deps))
+
+
+def _merged_labels(space: LabelSpace, stacked: np.ndarray, sums: bool) -> np.ndarray:
+    """The label of each row of `stacked` (an index's labels in the merged inputs): the set
+    of them, `LabelSpace.set_of`."""
+    rows, inverse = np.unique(stacked, axis=0, return_inverse=True)
+    merged = np.array([space.set_of(r, sums=sums) for r in rows], dtype=np.int64)[
+        inverse.reshape(-1)
+    ]
+    # Different rows can make the same set ({a_j, b_j} from (a_j, b_j) and (b_j, a_j)): each
+    # such index feeds its own weights downstream, so it keeps a label of its own.
+    return space.distinct(merged)
 
 
 def merge_rule(call: RuleCall, *, sums: bool = False) -> RuleResult:

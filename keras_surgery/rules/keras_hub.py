@@ -63,7 +63,8 @@ def position_embedding_rule(call: RuleCall) -> RuleResult:
     rows = _position_rows(call, int(call.config["sequence_length"]))
     dim = call.units(x[-1].length or 0, 0)
     out = (x[0], dim)
-    starts = {"zero": Start("zero", {"embeddings": ZEROS}, [(x[0], call.zeros(len(dim.ids)))])}
+    starts = {"zero": Start("zero", {"embeddings": ZEROS},
+                            lambda: [(x[0], call.zeros(len(dim.ids)))])}
     return RuleResult([out], check_weights(call, [weight("embeddings", ("lookup", rows),
                                                          ("out", dim))]), starts=starts)
 

@@ -59,9 +59,9 @@ def _batch_normalization_starts(
                 "moving_variance": Init("constant", 1.0 - epsilon)}
     starts = {"identity": Start("identity", {r: identity[r] for r in roles}, [x])}
     if "gamma" in roles:
-        zero_out = tuple(call.zeros(a.length) if i == axis else a for i, a in enumerate(x))
-        starts["zero"] = Start("zero", {r: ZEROS for r in roles if r in ("gamma", "beta")},
-                               [zero_out])
+        starts["zero"] = Start(
+            "zero", {r: ZEROS for r in roles if r in ("gamma", "beta")},
+            lambda: [tuple(call.zeros(a.length) if i == axis else a for i, a in enumerate(x))])
     else:
         starts["zero"] = Start("zero", refused="it has no scale (gamma) to set to 0")
     return starts
@@ -135,11 +135,14 @@ def rms_normalization_rule(call: RuleCall, gain_offset: float | None = None) -> 
                     "RMS normalisation divides by the root mean square over this axis",
                     grows_with_zeros=rescale is not None, zero_through=call.identity,
                     grows_by_duplication=True)
-    zero_out = tuple(call.zeros(a.length or 0) if i in axes else a for i, a in enumerate(x))
+
+    def zero_out() -> list[TensorLabels]:
+        return [tuple(call.zeros(a.length or 0) if i in axes else a for i, a in enumerate(x))]
+
     starts = {
         "identity": Start("identity", refused=(
             "it divides by the root mean square of its input, so it is not the identity")),
-        "zero": Start("zero", {"scale": Init("constant", -offset)}, [zero_out]) if weights
+        "zero": Start("zero", {"scale": Init("constant", -offset)}, zero_out) if weights
         else Start("zero", refused="it has no scale to set to 0"),
     }
     out = call.mixed(_derive(call, x, axes), axes)
