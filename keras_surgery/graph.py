@@ -30,6 +30,7 @@ from keras_surgery.trace import (
     is_subclassed_model,
     readable_configs,
     subclassed_file_error,
+    tensorflow_unprobed,
     traced,
 )
 
@@ -329,18 +330,7 @@ def graph_from_model(model: Any) -> ModelGraph:
         )
     if is_subclassed_model(model):
         return _traced_graph(model)
-    with readable_configs(model) as notes:
-        try:
-            config = {
-                "class_name": type(model).__name__ if isinstance(model, keras.Sequential)
-                else "Functional",
-                "config": _graph_config(model),
-            }
-        except Exception as exc:  # a third-party get_config that fails past its base classes
-            raise SurgeryError(
-                f"Model '{model.name}' cannot be described as a graph: get_config() failed "
-                f"({type(exc).__name__}: {exc})."
-            ) from exc
+    config, notes = _model_config(model)
     objects = _live_operations(model)
     graph = build_graph(
         config,
@@ -351,6 +341,35 @@ def graph_from_model(model: Any) -> ModelGraph:
     )
     graph.warnings.extend(f"{graph.description}: {note}" for note in notes)
     return graph
+
+
+def _model_config(model: Any) -> tuple[dict[str, Any], list[str]]:
+    """The config of a Functional or Sequential `model` for `build_graph`, and the notes of
+    `readable_configs` on it. Asked of the model as it is first: its layers are probed one by
+    one, and those whose `get_config` raises patched, only when that fails (the probe calls
+    every layer's `get_config` a second time)."""
+    import keras
+
+    def described() -> dict[str, Any]:
+        return {
+            "class_name": type(model).__name__ if isinstance(model, keras.Sequential)
+            else "Functional",
+            "config": _graph_config(model),
+        }
+
+    try:
+        with tensorflow_unprobed():
+            return described(), []
+    except Exception:  # noqa: S110 - asked again below, with the failing layers patched
+        pass
+    with readable_configs(model) as notes:
+        try:
+            return described(), notes
+        except Exception as exc:  # a third-party get_config that fails past its base classes
+            raise SurgeryError(
+                f"Model '{model.name}' cannot be described as a graph: get_config() failed "
+                f"({type(exc).__name__}: {exc})."
+            ) from exc
 
 
 def _traced_graph(model: Any) -> ModelGraph:

@@ -343,7 +343,17 @@ def test_subclassed_model_file_refusal_says_to_pass_the_live_model():
     assert isinstance(error, ks.SurgeryFileError)
     assert "'old.keras': ks_test_subclassed>SavedMLP is a subclassed keras.Model" in str(error)
     assert "Pass the live model instead" in str(error)
-    assert subclassed_file_error("keras_hub>GPT2Backbone", "f") is None
+    try:
+        import keras_hub
+    except ImportError:
+        keras_hub = None
+    if keras_hub is not None:
+        # Keras puts Functional into a backbone class's bases when its first instance is made
+        # (model_from_registered_config builds one to know); until then this test's answer
+        # depended on whether an earlier test had made one.
+        keras_hub.models.GPT2Backbone(vocabulary_size=8, num_layers=1, num_heads=1,
+                                      hidden_dim=4, intermediate_dim=8, max_sequence_length=4)
+        assert subclassed_file_error("keras_hub>GPT2Backbone", "f") is None
     assert subclassed_file_error("nobody>Registered", "f") is None
 
 
