@@ -1055,12 +1055,16 @@ def _string_attr(obj: Any, name: str) -> str | None:
         # Read as h5py's `attrs[name]` reads it, without its high-level lookups (half the cost
         # of reading each layer's name and each weight's dtype tag).
         if kind.is_variable_str():
-            out = np.empty((), dtype=h5py.string_dtype())
+            # Bytes, decoded as h5py decodes them (undecodable bytes surrogate-escaped).
+            out = np.empty((), dtype=h5py.vlen_dtype(bytes))
             attr.read(out)
+            value = bytes(out[()]).decode("utf-8", errors="surrogateescape")
         else:
             out = np.empty((), dtype=f"S{kind.get_size()}")
-            attr.read(out, mtype=h5py.h5t.py_create(out.dtype))
-        value = out[()]
+            memory = h5py.h5t.py_create(out.dtype).copy()
+            memory.set_cset(kind.get_cset())  # HDF5 converts no UTF-8 string to ASCII
+            attr.read(out, mtype=memory)
+            value = out[()]
     except Exception:
         return None
     value = value.decode(errors="replace") if isinstance(value, bytes) else value

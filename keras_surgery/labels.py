@@ -20,6 +20,7 @@ import contextvars
 import functools
 import gc
 import itertools
+import sys
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -245,7 +246,8 @@ class LabelSpace:
         self._zero_safe: list[bool] = []
         self._kinds: list[str | None] = []  # `kind` of each label, kept as it is interned
         self._zero_safe_table = np.zeros(0, dtype=bool)  # `_zero_safe` as an array, so far
-        self._remembered: dict[Hashable, np.ndarray] = {}  # see `remembered`
+        # `remembered`: key -> (ids, what making them was charged)
+        self._remembered: dict[Hashable, tuple[np.ndarray, int]] = {}
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -306,24 +308,32 @@ class LabelSpace:
             self._kinds.append(self._compute_kind(key))
         return new_id
 
-    def remembered(self, key: Hashable, count: int,
-                   make: Callable[[], np.ndarray]) -> np.ndarray:
-        """`make()`, the ids of `count` labels that depend only on `key`, made once per space
-        and read-only: the new model's layers that continue old ones make the old labels again
+    def remembered(self, key: Hashable, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """`make()`, the ids of labels that depend only on `key`, made once per space and
+        read-only: the new model's layers that continue old ones make the old labels again
         (their units, per-channel derived labels, residual sets), which was a third of
-        labelling EfficientNetB0. A call that finds them is charged to the label budget as if
-        it made them again, so a budget refuses the same files either way.
+        labelling EfficientNetB0. A call that finds them is charged to the label budget what
+        the make was charged (counted even when it ran outside a budget), so a budget refuses
+        the same files either way.
         """
         found = self._remembered.get(key)
-        if found is None:
-            found = make()
-            found.flags.writeable = False
-            self._remembered[key] = found
-        else:
+        if found is not None:
             budget = _BUDGET.get()
             if budget is not None:
-                budget.charge(count)
-        return found
+                budget.charge(found[1])
+            return found[0]
+        budget = _BUDGET.get()
+        counter = budget if budget is not None else LabelBudget(sys.maxsize, "")
+        before = counter.spent
+        token = _BUDGET.set(counter) if budget is None else None
+        try:
+            ids = make()
+        finally:
+            if token is not None:
+                _BUDGET.reset(token)
+        ids.flags.writeable = False
+        self._remembered[key] = (ids, counter.spent - before)
+        return ids
 
     def key(self, label_id: int) -> Hashable:
         """The key behind an id."""

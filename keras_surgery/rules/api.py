@@ -261,7 +261,7 @@ class RuleCall:
             ids = self.space.intern_many(chosen)
         else:
             ids = self.space.remembered(
-                ("units", self.identity, role, n), n,
+                ("units", self.identity, role, n),
                 lambda: self.space.intern_many([unit_key(self.identity, role, j)
                                                 for j in range(n)]))
         return AxisLabels(ids, np.full(n, dep, dtype=np.int64))
@@ -281,7 +281,7 @@ class RuleCall:
             return axis
         source = np.asarray(axis.ids, dtype=np.int64)
         ids = self.space.remembered(
-            ("derived", self.identity, source.tobytes()), len(source),
+            ("derived", self.identity, source.tobytes()),
             lambda: self.space.intern_many([derived_key(self.identity, i)
                                             for i in source.tolist()]))
         return AxisLabels(ids, axis.deps)

@@ -384,7 +384,7 @@ def depthwise_channels(
     c's label: a grown or reordered input keeps every output with its own input channel."""
     source = np.asarray(channels.ids, dtype=np.int64)
     ids = call.space.remembered(
-        ("depthwise", call.identity, multiplier, source.tobytes()), len(source) * multiplier,
+        ("depthwise", call.identity, multiplier, source.tobytes()),
         lambda: call.space.intern_many([("depthwise", call.identity, c, m)
                                         for c in source.tolist() for m in range(multiplier)]))
     per_channel = call.deps.union_elementwise(

@@ -127,6 +127,8 @@ def layer_scale_rule(call: RuleCall) -> RuleResult:
     """x * gamma with one gamma per index of the last axis (ConvNeXt's LayerScale): 0 stays 0,
     and gamma follows its channel (diag)."""
     x = single_input(call)
+    if x[-1].length is None:  # its zero start would label a channel axis of unknown length
+        raise ValueError(f"{call.describe()}: its channel axis has no known length")
     starts = {"identity": Start("identity", {"gamma": ONES}, [x]),
               "zero": Start("zero", {"gamma": ZEROS},
                             lambda: [x[:-1] + (call.zeros(x[-1].length),)])}
@@ -161,7 +163,7 @@ def _merge_axes(call: RuleCall, axes: Sequence[AxisLabels], sums: bool = False) 
     else:
         stacked = np.ascontiguousarray(np.stack(ids, axis=1), dtype=np.int64)
         merged_ids = call.space.remembered(
-            ("merge", sums, stacked.shape, stacked.tobytes()), n,
+            ("merge", sums, stacked.shape, stacked.tobytes()),
             lambda: _merged_labels(call.space, stacked, sums))
     return AxisLabels(merged_ids, call.deps.union_elementwise(deps))
 

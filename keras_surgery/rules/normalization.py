@@ -59,6 +59,8 @@ def _batch_normalization_starts(
                 "moving_variance": Init("constant", 1.0 - epsilon)}
     starts = {"identity": Start("identity", {r: identity[r] for r in roles}, [x])}
     if "gamma" in roles:
+        if x[axis].length is None:  # its zero start would label it (the rule cannot)
+            raise ValueError(f"{call.describe()}: its channel axis has no known length")
         starts["zero"] = Start(
             "zero", {r: ZEROS for r in roles if r in ("gamma", "beta")},
             lambda: [tuple(call.zeros(a.length) if i == axis else a for i, a in enumerate(x))])
