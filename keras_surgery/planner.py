@@ -251,13 +251,17 @@ def _axis_map(
     n_ids, o_ids = na.labels.ids, oa.labels.ids
     if n_ids is None or o_ids is None:
         raise SurgeryError(f"layer '{name}': weight '{role}' axis {axis} has no labels.")
-    amap = AxisMap(na.kind, index_map(o_ids, n_ids), na.zero_new)
-    if len(np.unique(n_ids)) < len(n_ids):
+    distinct = len(np.unique(n_ids)) == len(n_ids)
+    # Most axes of a layer that continues an old one hold the old labels as they were.
+    same = distinct and (n_ids is o_ids or np.array_equal(n_ids, o_ids))
+    amap = AxisMap(na.kind, np.arange(len(n_ids), dtype=np.int64) if same
+                   else index_map(o_ids, n_ids), na.zero_new)
+    if not distinct:
         verdict.warn(
             f"layer '{name}': weight '{role}' axis {axis} has indices with the same label, so "
             "where each came from is ambiguous; the old outputs may change."
         )
-    if na.kind not in INPUT_SIDE_KINDS:
+    if na.kind not in INPUT_SIDE_KINDS or same:
         return amap
     lost = np.setdiff1d(o_ids, n_ids)
     unsafe = lost[~space.zero_safe(lost)]
