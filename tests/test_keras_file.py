@@ -619,3 +619,55 @@ def test_declared_but_unwritten_datasets_have_a_total_limit(tmp_path):
             h5.create_dataset(f"layers/ghost/vars/{i}", shape=(8 << 20,), dtype="float32")
     with WeightsFile(path) as f, pytest.raises(SurgeryFileError, match="MAX_UNWRITTEN_BYTES"):
         f.paths()
+
+
+def test_listing_reads_every_storage_layout_as_h5py_does(tmp_path):
+    # The listing asks HDF5's low-level calls what h5py's Dataset properties would say: a
+    # contiguous, a chunked and compressed, a compact and a bfloat16-tagged weight must list
+    # with their shapes and dtypes and read back exactly, viewed in place only when contiguous.
+    import h5py
+
+    from keras_surgery.keras_file import H5Weights
+
+    rng = np.random.default_rng(3)
+    values = {
+        "layers/a/vars/0": rng.normal(size=(5, 7)).astype("float32"),
+        "layers/b/vars/0": rng.normal(size=(64, 3)).astype("float64"),
+        "layers/c/vars/0": np.arange(6, dtype="int32").reshape(2, 3),
+    }
+    bits = rng.integers(0, 2**16, size=(4,), dtype=np.uint16)
+    path = tmp_path / "w.weights.h5"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("layers/a/vars/0", data=values["layers/a/vars/0"])
+        h5.create_dataset("layers/b/vars/0", data=values["layers/b/vars/0"], chunks=(16, 3),
+                          compression="gzip")
+        space = h5py.h5s.create_simple((2, 3))
+        plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        plist.set_layout(h5py.h5d.COMPACT)
+        group = h5.require_group("layers/c/vars")
+        compact = h5py.h5d.create(group.id, b"0", h5py.h5t.STD_I32LE, space, dcpl=plist)
+        compact.write(h5py.h5s.ALL, h5py.h5s.ALL, values["layers/c/vars/0"])
+        tagged = h5.create_dataset("layers/d/vars/0", data=bits.view("V2"))
+        tagged.attrs["dtype"] = "bfloat16"
+        h5["layers/a/vars"].attrs["name"] = "dense_a"
+    with open(path, "rb") as raw:
+        tree = H5Weights(raw, "'w.weights.h5'", str(path))
+        try:
+            listed = dict(tree.paths())
+            assert listed == {
+                "layers/a/vars/0": ((5, 7), "float32"),
+                "layers/b/vars/0": ((64, 3), "float64"),
+                "layers/c/vars/0": ((2, 3), "int32"),
+                "layers/d/vars/0": ((4,), "bfloat16"),
+            }
+            for name, value in values.items():
+                np.testing.assert_array_equal(tree.read(name), value)
+            assert tree.read("layers/d/vars/0").view(np.uint16).tolist() == bits.tolist()
+            assert tree._placed["layers/a/vars/0"] is not None
+            assert tree._placed["layers/b/vars/0"] is None  # chunked: read through h5py
+            assert tree._placed["layers/c/vars/0"] is None  # compact: no offset in the file
+            assert tree.group_name("layers/a") == "dense_a"
+            assert tree.group_name("layers/b") is None  # no name stored
+            assert tree.group_name("layers/missing") is None
+        finally:
+            tree.close()
