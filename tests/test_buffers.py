@@ -352,3 +352,89 @@ def test_a_weight_cast_to_a_narrower_dtype_is_not_said_to_hold_nan_in_the_old_mo
     assert not report.preserves_function
     assert not any("holds NaN or Inf" in w for w in report.warnings), report.warnings
     assert any("float16" in w for w in report.warnings), report.warnings
+
+
+# -- the undo journal's file -----------------------------------------------------------------
+
+
+def _spill_values(rng):
+    """Values of sizes around the direct block and the reused buffer, several dtypes."""
+    from keras_surgery.stream import DIRECT_BLOCK, DIRECT_BUFFER_BYTES
+
+    sizes = [1, DIRECT_BLOCK // 4 - 1, DIRECT_BLOCK // 4, DIRECT_BUFFER_BYTES // 4 + 7, 3]
+    values = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    values.append(rng.integers(-9, 9, (5, 3, 7)).astype(np.int8))
+    values.append(rng.standard_normal((33, 65)).astype(np.float16))
+    return values
+
+
+def _written_and_read(spill, values):
+    offsets = [spill.write(np.ascontiguousarray(v)) for v in values]
+    back = []
+    for v, offset in zip(values, offsets):
+        out = np.empty_like(v)
+        spill.read_into(out, offset)
+        back.append(out)
+    return offsets, back
+
+
+def test_the_undo_file_gives_back_every_value_exactly_direct_or_buffered(tmp_path, monkeypatch):
+    from keras_surgery import stream as stream_module
+
+    rng = np.random.default_rng(3)
+    values = _spill_values(rng)
+    spill = stream_module.SpillFile(str(tmp_path))
+    try:
+        direct = spill.direct
+        offsets, back = _written_and_read(spill, values)
+    finally:
+        spill.close()
+    for got, want in zip(back, values):
+        np.testing.assert_array_equal(got, want)
+    if direct:  # each value starts on a block of its own
+        assert all(o % stream_module.DIRECT_BLOCK == 0 for o in offsets)
+    # buffered, as where the filesystem refuses O_DIRECT
+    monkeypatch.setattr(stream_module, "_set_direct", lambda fd, on: False)
+    spill = stream_module.SpillFile(str(tmp_path))
+    try:
+        assert not spill.direct
+        offsets, back = _written_and_read(spill, values)
+    finally:
+        spill.close()
+    assert offsets == list(np.cumsum([0] + [v.nbytes for v in values[:-1]]))
+    for got, want in zip(back, values):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_undo_file_writes_buffered_when_a_direct_write_is_refused(tmp_path, monkeypatch):
+    import errno
+
+    from keras_surgery import stream as stream_module
+
+    values = _spill_values(np.random.default_rng(4))
+
+    def refused(self, data, offset):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(stream_module.SpillFile, "_write_direct", refused)
+    spill = stream_module.SpillFile(str(tmp_path))
+    spill.direct = True  # as if the filesystem had taken the flag
+    try:
+        _, back = _written_and_read(spill, values)
+        assert not spill.direct
+    finally:
+        spill.close()
+    for got, want in zip(back, values):
+        np.testing.assert_array_equal(got, want)
+
+    def full(self, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream_module.SpillFile, "_write_direct", full)
+    spill = stream_module.SpillFile(str(tmp_path))
+    spill.direct = True
+    try:
+        with pytest.raises(OSError, match="No space"):
+            spill.write(values[0])  # any other error is the migration's failure, as before
+    finally:
+        spill.close()
