@@ -45,35 +45,50 @@ file's pages released after each, so a large weight is never resident twice over
 
 BUFFER_ALIGNMENT = 64
 """Large new values start on a boundary of this many bytes (TensorFlow's and XLA's CPU
-alignment)."""
+alignment), except on TensorFlow (see `shareable_empty`)."""
 SHARED_MIN_BYTES = 32 << 20
-"""New values at least this large are aligned for the backend to keep (see
-`shareable_empty`); glibc serves blocks of this size and up by their own memory map."""
+"""New values at least this large are placed for the backend (see `shareable_empty`); glibc
+serves blocks of this size and up by their own memory map."""
+COPIED_OFFSET = 16
+"""On TensorFlow, large new values start this many bytes past a `BUFFER_ALIGNMENT` boundary:
+TensorFlow then copies them into its own allocator's memory (see `shareable_empty`)."""
 
 
 def shareable_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
-    """An uninitialised array for a new value; from `SHARED_MIN_BYTES` up its data starts on
-    a `BUFFER_ALIGNMENT`-byte boundary.
+    """An uninitialised array for a new value, placed so that the backend's `assign` costs
+    least: from `SHARED_MIN_BYTES` up, on JAX (and PyTorch) its data starts on a
+    `BUFFER_ALIGNMENT`-byte boundary, on TensorFlow `COPIED_OFFSET` bytes past one.
 
-    TensorFlow and JAX (on CPU) take an aligned array as a variable's new buffer without
-    copying it; numpy's own allocation of a large array starts 16 bytes past a page boundary,
-    and both then copy it into memory newly taken from the system (0.6-1.2 s per 256 MB
-    measured on the project's machine, against 0.02-0.04 s when shared). Smaller values stay
-    plain numpy arrays, which the backend copies into memory its allocator already holds: the
-    buffers it frees are then reused, where giving it ours left them stranded in the malloc
-    arenas of its threads (852M-parameter Llama on TensorFlow: 765 -> 938 MB extra).
+    JAX on CPU takes an aligned array as a variable's new buffer without copying it. TensorFlow
+    does too, but then the buffer the variable had goes back to TensorFlow's allocator, which
+    keeps it where oneDNN is on (the default on x86 CPUs with AVX-512, such as the project's
+    machine): a 739M-parameter model migrated with every value shared kept 2.8 GB more
+    resident than before, the size of the model. A value TensorFlow cannot share it copies
+    into its allocator's memory, which reuses the buffers the variables give back: 8 kernels
+    of 256 MB assigned from numpy took 5.2-5.6 s shared and 1.2-2.3 s copied, with 2.3 GB
+    against 0.6 GB extra memory (oneDNN off: 4.2-4.6 s against 2.0-2.5 s, 0.3 GB either way).
+    Smaller values stay plain numpy arrays, which every backend copies into memory its
+    allocator already holds.
 
     Example:
-        >>> shareable_empty((4096, 4096), np.float32).ctypes.data % BUFFER_ALIGNMENT
-        0
+        >>> shareable_empty((4096, 4096), np.float32).shape                  # doctest: +SKIP
+        (4096, 4096)
     """
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < SHARED_MIN_BYTES:
         return np.empty(tuple(shape), dtype)
-    raw = np.empty(nbytes + BUFFER_ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % BUFFER_ALIGNMENT
+    offset = COPIED_OFFSET if _copied_by_backend() else 0
+    raw = np.empty(nbytes + 2 * BUFFER_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % BUFFER_ALIGNMENT + offset
     return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
+
+
+def _copied_by_backend() -> bool:
+    """Whether large new values are placed for the backend to copy (TensorFlow)."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
 
 
 def shareable_copy(value: Any) -> np.ndarray:

@@ -274,8 +274,10 @@ def writable_view(var: Any) -> np.ndarray | None:
     (its PyTorch `convert_to_tensor` copies every numpy array, then `copy_` copies it into
     the variable): memory the process touches for the first time costs far more than a copy
     into memory already touched (about 2 s against 0.4 s per GiB, measured on the project's
-    machine while a migration runs). TensorFlow and JAX have no writable view: there an
-    aligned new value becomes the variable's buffer without a copy (`_HandedOver`).
+    machine while a migration runs). TensorFlow and JAX have no writable view: on JAX an
+    aligned new value becomes the variable's buffer without a copy; TensorFlow copies a new
+    value into its own allocator's memory, which reuses the buffers variables give back
+    (`_HandedOver`, `keras_surgery.fill.shareable_empty`).
     """
     import keras
     from keras.src.backend.common.stateless_scope import in_stateless_scope
@@ -304,9 +306,11 @@ class _HandedOver:
     TensorFlow's Python layer copies every `np.ndarray` it converts, into memory newly taken
     from the system (slow to touch the first time: about 0.6 s per 256 MB measured on the
     project's machine), and then keeps that copy as the variable's buffer. An array-like goes
-    to its C++ conversion instead, which either shares the array's buffer or copies it into
-    memory TensorFlow's allocator already holds (such as the buffer the variable had): the
-    same values, without a second weight-sized copy.
+    to its C++ conversion instead, which either shares an aligned array's buffer or copies it
+    into memory TensorFlow's allocator already holds (such as the buffers variables gave
+    back): the same values, without a second weight-sized copy in fresh memory. Large new
+    values are placed so that it copies them (`keras_surgery.fill.shareable_empty`: with
+    oneDNN on, a buffer given back to TensorFlow's allocator stays in it).
     """
 
     __slots__ = ("array",)
