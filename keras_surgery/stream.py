@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import mmap
 import os
 import tempfile
 from collections.abc import Callable
@@ -55,7 +54,7 @@ class SpillFile:
         self.file = tempfile.TemporaryFile(prefix="keras-surgery-undo-", dir=directory,
                                            buffering=0)
         self.end = 0  # where the next value goes (a multiple of DIRECT_BLOCK when direct)
-        self._buffer: mmap.mmap | None = None
+        self._buffer: np.ndarray | None = None
         self.direct = _set_direct(self.file.fileno(), True)
 
     def write(self, value: np.ndarray) -> int:
@@ -70,32 +69,38 @@ class SpillFile:
                 if exc.errno != errno.EINVAL:
                     raise
                 # Refused after all (alignment stricter than DIRECT_BLOCK): buffered from here.
-                _set_direct(self.file.fileno(), False)
-                self.direct = False
+                self.direct = _set_direct(self.file.fileno(), False)
+                if self.direct:
+                    raise
         _write_all(self.file, data, offset)
         self.end = offset + len(data)
         return offset
 
     def _write_direct(self, data: memoryview, offset: int) -> int:
         if self._buffer is None:
-            self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned, reused
+            # A numpy array, not a memory map: a view of it kept alive by a traceback (a
+            # failed write) cannot make closing the journal fail.
+            raw = np.empty(DIRECT_BUFFER_BYTES + DIRECT_BLOCK, np.uint8)
+            start = -raw.ctypes.data % DIRECT_BLOCK
+            self._buffer = raw[start:start + DIRECT_BUFFER_BYTES]
         buffer = self._buffer
+        source = np.frombuffer(data, np.uint8)
         done = 0
         while done < len(data):
             size = min(len(buffer), len(data) - done)
-            buffer[:size] = data[done:done + size]
+            buffer[:size] = source[done:done + size]
             padded = -(-size // DIRECT_BLOCK) * DIRECT_BLOCK
-            buffer[size:padded] = bytes(padded - size)
-            with memoryview(buffer) as view:
-                _write_all(self.file, view[:padded], offset + done)
+            buffer[size:padded] = 0
+            _write_all(self.file, memoryview(buffer[:padded]), offset + done)
             done += size
         return -(-len(data) // DIRECT_BLOCK) * DIRECT_BLOCK
 
     def read_into(self, value: np.ndarray, offset: int) -> None:
         """Fills C-contiguous `value` with the bytes written at `offset`."""
         if self.direct:  # a read into an unaligned value is refused under O_DIRECT
-            _set_direct(self.file.fileno(), False)
-            self.direct = False
+            self.direct = _set_direct(self.file.fileno(), False)
+            if self.direct:
+                raise SurgeryError("the undo file could not be switched to buffered reads")
         target = memoryview(value.reshape(-1).view(np.uint8))
         done = 0
         while done < len(target):
@@ -109,12 +114,8 @@ class SpillFile:
             done += got
 
     def close(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            if self._buffer is not None:
-                self._buffer.close()
-                self._buffer = None
+        self._buffer = None
+        self.file.close()
 
 
 def _set_direct(fd: int, on: bool) -> bool:
@@ -126,9 +127,12 @@ def _set_direct(fd: int, on: bool) -> bool:
         import fcntl
 
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | flag) if on else (flags & ~flag))
     except (ImportError, OSError):
         return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | flag) if on else (flags & ~flag))
+    except OSError:
+        return bool(flags & flag)  # as it was
     return on
 
 
@@ -164,7 +168,7 @@ class Journal:
         no reference to `current` (it was written out), so the caller may overwrite it.
         `copy=True`: a value kept in memory is copied (`current` is a view of the variable's
         own buffer, which is about to be written in place)."""
-        current = np.ascontiguousarray(current)
+        current = np.asarray(current, order="C")  # `ascontiguousarray` makes a 0-d array 1-d
         if self.kept + current.nbytes <= self.spill_bytes:
             self.entries.append((var, np.array(current) if copy else current))
             self.kept += current.nbytes

@@ -447,3 +447,47 @@ def test_the_undo_file_writes_buffered_when_a_direct_write_is_refused(tmp_path, 
             spill.write(values[0])  # any other error is the migration's failure, as before
     finally:
         spill.close()
+
+
+def test_a_failed_write_to_the_undo_file_still_lets_the_journal_close(tmp_path, monkeypatch):
+    """An error from the disk while a value is written (the traceback keeping the write's
+    frames alive) is the migration's error, and closing the journal after it still works."""
+    import errno
+
+    from keras_surgery import stream as stream_module
+
+    value = np.random.default_rng(5).standard_normal(
+        stream_module.DIRECT_BUFFER_BYTES // 4 + 9).astype(np.float32)
+    spill = stream_module.SpillFile(str(tmp_path))
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space") as failed:
+        spill.write(value)
+    assert failed.value.__traceback__ is not None
+    spill.close()  # while the traceback is alive
+
+
+@pytest.mark.parametrize("spill_bytes", [0, 1 << 20])
+def test_the_journal_restores_a_scalar_as_a_scalar(spill_bytes, tmp_path):
+    from keras_surgery import stream as stream_module
+
+    class Var:
+        value = None
+
+        def assign(self, value):
+            self.value = np.asarray(value)
+
+    journal = stream_module.Journal(spill_bytes, directory=str(tmp_path))
+    scalar, vector = Var(), Var()
+    try:
+        journal.save(scalar, np.asarray(np.float32(2.5)))
+        journal.save(vector, np.arange(3, dtype=np.int64))
+        restored, failed = journal.restore()
+    finally:
+        journal.close()
+    assert restored == [vector, scalar] and failed == []
+    assert scalar.value.shape == () and scalar.value == np.float32(2.5)
+    np.testing.assert_array_equal(vector.value, np.arange(3))
