@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ file's pages released after each, so a large weight is never resident twice over
 
 BUFFER_ALIGNMENT = 64
 """Large new values start on a boundary of this many bytes (TensorFlow's and XLA's CPU
-alignment), except on TensorFlow (see `shareable_empty`)."""
+alignment), on TensorFlow `COPIED_OFFSET` bytes past one, on JAX on a page (see
+`shareable_empty`)."""
 SHARED_MIN_BYTES = 32 << 20
 """New values at least this large are placed for the backend (see `shareable_empty`); glibc
 serves blocks of this size and up by their own memory map."""
@@ -56,18 +58,19 @@ TensorFlow then copies them into its own allocator's memory (see `shareable_empt
 
 def shareable_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     """An uninitialised array for a new value, placed so that the backend's `assign` costs
-    least: from `SHARED_MIN_BYTES` up, on JAX (and PyTorch) its data starts on a
-    `BUFFER_ALIGNMENT`-byte boundary, on TensorFlow `COPIED_OFFSET` bytes past one.
+    least: from `SHARED_MIN_BYTES` up, on JAX in memory of its own on small pages
+    (`_kept_empty`), on PyTorch on a `BUFFER_ALIGNMENT`-byte boundary, on TensorFlow
+    `COPIED_OFFSET` bytes past one.
 
-    JAX on CPU takes an aligned array as a variable's new buffer without copying it. TensorFlow
-    does too, but then the buffer the variable had goes back to TensorFlow's allocator, which
-    keeps it where oneDNN is on (the default on x86 CPUs with AVX-512, such as the project's
-    machine): a 739M-parameter model migrated with every value shared kept 2.8 GB more
-    resident than before, the size of the model. A value TensorFlow cannot share it copies
-    into its allocator's memory, which reuses the buffers the variables give back: 8 kernels
-    of 256 MB assigned from numpy took 5.2-5.6 s shared and 1.2-2.3 s copied, with 2.3 GB
-    against 0.6 GB extra memory (oneDNN off: 4.2-4.6 s against 2.0-2.5 s, 0.3 GB either way).
-    Smaller values stay plain numpy arrays, which every backend copies into memory its
+    JAX on CPU takes an aligned array as a variable's new buffer without copying it, and keeps
+    it. TensorFlow does too, but then the buffer the variable had goes back to TensorFlow's
+    allocator, which keeps it where oneDNN is on (the default on x86 CPUs with AVX-512, such
+    as the project's machine): a 739M-parameter model migrated with every value shared kept
+    2.8 GB more resident than before, the size of the model. A value TensorFlow cannot share it
+    copies into its allocator's memory, which reuses the buffers the variables give back: 8
+    kernels of 256 MB assigned from numpy took 5.2-5.6 s shared and 1.2-2.3 s copied, with
+    2.3 GB against 0.6 GB extra memory (oneDNN off: 4.2-4.6 s against 2.0-2.5 s, 0.3 GB either
+    way). Smaller values stay plain numpy arrays, which every backend copies into memory its
     allocator already holds.
 
     Example:
@@ -78,17 +81,38 @@ def shareable_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes < SHARED_MIN_BYTES:
         return np.empty(tuple(shape), dtype)
-    offset = COPIED_OFFSET if _copied_by_backend() else 0
+    backend = _backend()
+    if backend == "jax":
+        return _kept_empty(tuple(shape), dtype, nbytes)
+    offset = COPIED_OFFSET if backend == "tensorflow" else 0
     raw = np.empty(nbytes + 2 * BUFFER_ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % BUFFER_ALIGNMENT + offset
     return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
 
 
-def _copied_by_backend() -> bool:
-    """Whether large new values are placed for the backend to copy (TensorFlow)."""
+def _kept_empty(shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> np.ndarray:
+    """A page-aligned array in an anonymous memory map of its own (unmapped when the last
+    array on it goes), on small pages: for a value the backend keeps as its buffer (JAX).
+
+    numpy asks for transparent huge pages for large arrays. When new values stay alive, as
+    JAX's buffers do, each 2 MB page the kernel must find for them cost far more than small
+    pages on the project's machine: 8 arrays of 256 MB, kept, filled with `preadv` from the page
+    cache in 2.6-4.6 s on huge pages and 1.0-1.1 s on small ones; the dense 739M-parameter
+    migration on JAX took 10.3-11.2 s with numpy's huge pages and 4.9-6.3 s without. (On
+    TensorFlow, whose copies free each value before the next, huge pages were the faster:
+    4.6-5.1 against 6.3-7.7 s.)
+    """
+    area = mmap.mmap(-1, nbytes)
+    if hasattr(area, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+        with contextlib.suppress(OSError):
+            area.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(area, dtype, nbytes // dtype.itemsize).reshape(shape)
+
+
+def _backend() -> str:
     import keras
 
-    return keras.backend.backend() == "tensorflow"
+    return keras.backend.backend()
 
 
 def shareable_copy(value: Any) -> np.ndarray:

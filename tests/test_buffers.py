@@ -42,6 +42,9 @@ def test_new_value_arrays_hold_what_was_asked_and_large_ones_are_placed(shape, d
         assert empty.flags.c_contiguous and empty.flags.writeable
         if large:
             assert empty.ctypes.data % BUFFER_ALIGNMENT == placed
+            if keras.backend.backend() == "jax":  # kept by JAX: a map of its own
+                assert empty.ctypes.data % mmap.PAGESIZE == 0
+                assert _huge_pages_allowed(empty) in (False, None)
     full = shareable_full(shape, 3, dtype)
     np.testing.assert_array_equal(full, np.full(shape, 3, dtype))
     source = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
@@ -50,6 +53,25 @@ def test_new_value_arrays_hold_what_was_asked_and_large_ones_are_placed(shape, d
     assert not large or copy.ctypes.data % BUFFER_ALIGNMENT == placed
     copy[...] = 0
     np.testing.assert_array_equal(source, np.arange(source.size, dtype=dtype).reshape(shape))
+
+
+def _huge_pages_allowed(array: np.ndarray) -> bool | None:
+    """Whether the kernel may back `array` with transparent huge pages (its mapping's
+    THPeligible in /proc/self/smaps), or None where that is not known."""
+    address = array.ctypes.data + array.nbytes // 2  # numpy advises whole 2 MB pages only
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                first = line.split(" ", 1)[0]
+                if "-" in first and ":" not in first:
+                    low, high = (int(x, 16) for x in first.split("-"))
+                    inside = low <= address < high
+                elif inside and line.startswith("THPeligible:"):
+                    return line.split()[1] == "1"
+    except OSError:
+        return None
+    return None
 
 
 def test_a_large_value_becomes_the_variables_buffer_without_a_copy_where_shared():
