@@ -75,13 +75,28 @@ def read_into(target: np.ndarray, source: np.ndarray) -> bool:
         return False
     base, raw, name = found
     buffer = memoryview(target.reshape(-1).view(np.uint8))
-    offset, done = address - base, 0
-    while done < len(buffer):
-        got = os.preadv(raw.fileno(), [buffer[done:]], offset + done)
-        if got <= 0:
-            raise SurgeryFileError(
-                f"'{name}' ended at byte {offset + done} while it was read, before the "
-                f"{len(buffer)} bytes of a weight at byte {offset}: it changed while it was read."
-            )
-        done += got
+    offset = address - base
+    done = read_fully(raw, buffer, offset)
+    if done < len(buffer):
+        raise SurgeryFileError(
+            f"'{name}' ended at byte {offset + done} while it was read, before the "
+            f"{len(buffer)} bytes of a weight at byte {offset}: it changed while it was read."
+        )
     return True
+
+
+def read_fully(raw: Any, target: memoryview, offset: int) -> int:
+    """Reads open file `raw` from `offset` into byte view `target` until it is full or the
+    file ends; returns the bytes read. With `preadv` (no file position moves); where there is
+    none, as on Windows, a seek and `readinto` of `raw`."""
+    done = 0
+    while done < len(target):
+        if hasattr(os, "preadv"):
+            got = os.preadv(raw.fileno(), [target[done:]], offset + done)
+        else:
+            raw.seek(offset + done)
+            got = raw.readinto(target[done:]) or 0
+        if got <= 0:
+            break
+        done += got
+    return done

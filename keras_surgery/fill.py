@@ -85,9 +85,16 @@ def shareable_empty(shape: Sequence[int], dtype: Any) -> np.ndarray:
     if backend == "jax":
         return _kept_empty(tuple(shape), dtype, nbytes)
     offset = COPIED_OFFSET if backend == "tensorflow" else 0
-    raw = np.empty(nbytes + 2 * BUFFER_ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % BUFFER_ALIGNMENT + offset
-    return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
+    raw = aligned_bytes(nbytes, BUFFER_ALIGNMENT, offset)
+    return raw.view(dtype).reshape(tuple(shape))
+
+
+def aligned_bytes(nbytes: int, alignment: int, offset: int = 0) -> np.ndarray:
+    """An uninitialised uint8 array of `nbytes` whose data starts `offset` bytes (less than
+    `alignment`) past an `alignment`-byte boundary."""
+    raw = np.empty(nbytes + 2 * alignment, np.uint8)
+    start = -raw.ctypes.data % alignment + offset
+    return raw[start:start + nbytes]
 
 
 def _kept_empty(shape: tuple[int, ...], dtype: np.dtype, nbytes: int) -> np.ndarray:

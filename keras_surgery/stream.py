@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from keras_surgery.errors import SurgeryError
+from keras_surgery.filemap import read_fully
+from keras_surgery.fill import aligned_bytes
 from keras_surgery.graph import finalize_layers, variable_view
 
 logger = logging.getLogger("keras_surgery")
@@ -80,9 +82,7 @@ class SpillFile:
         if self._buffer is None:
             # A numpy array, not a memory map: a view of it kept alive by a traceback (a
             # failed write) cannot make closing the journal fail.
-            raw = np.empty(DIRECT_BUFFER_BYTES + DIRECT_BLOCK, np.uint8)
-            start = -raw.ctypes.data % DIRECT_BLOCK
-            self._buffer = raw[start:start + DIRECT_BUFFER_BYTES]
+            self._buffer = aligned_bytes(DIRECT_BUFFER_BYTES, DIRECT_BLOCK)
         buffer = self._buffer
         source = np.frombuffer(data, np.uint8)
         done = 0
@@ -102,16 +102,8 @@ class SpillFile:
             if self.direct:
                 raise SurgeryError("the undo file could not be switched to buffered reads")
         target = memoryview(value.reshape(-1).view(np.uint8))
-        done = 0
-        while done < len(target):
-            if hasattr(os, "preadv"):
-                got = os.preadv(self.file.fileno(), [target[done:]], offset + done)
-            else:
-                self.file.seek(offset + done)
-                got = self.file.readinto(target[done:])
-            if not got:
-                raise SurgeryError("the undo file ended before the value recorded in it")
-            done += got
+        if read_fully(self.file, target, offset) < len(target):
+            raise SurgeryError("the undo file ended before the value recorded in it")
 
     def close(self) -> None:
         self._buffer = None
