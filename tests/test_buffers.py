@@ -513,3 +513,159 @@ def test_the_journal_restores_a_scalar_as_a_scalar(spill_bytes, tmp_path):
     assert restored == [vector, scalar] and failed == []
     assert scalar.value.shape == () and scalar.value == np.float32(2.5)
     np.testing.assert_array_equal(vector.value, np.arange(3))
+
+
+def test_writes_go_small_ones_smallest_first_then_large_ones_largest_first(monkeypatch):
+    """TensorFlow copies each large value into a buffer an earlier, larger variable gave back
+    only when the large ones go largest first (`stream.write_order`)."""
+    from types import SimpleNamespace
+
+    from keras_surgery import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "SHARED_MIN_BYTES", 400)
+    shapes = [(10, 10), (3,), (20, 10), (5, 5), (10, 30), (2, 2), (20, 10)]  # float32
+    writes = [stream_module.Write(SimpleNamespace(shape=s, dtype="float32"), str(i),
+                                  lambda *a: None) for i, s in enumerate(shapes)]
+    order = [w.what for w in stream_module.write_order(writes)]
+    # under 400 bytes: (3,) 12, (2, 2) 16, (5, 5) 100; from 400: 1200, 800, 800, 400
+    assert order == ["1", "5", "3", "4", "2", "6", "0"]
+
+
+def _staged_spec():
+    names = ["a", "b", "c", "d", "e"]
+    return {"old_features": {"x": names},
+            "new_features": {"x": ["a", "b", "c", "new", "d", "e"]}}
+
+
+def _count_staged(monkeypatch):
+    from keras_surgery import stream as stream_module
+
+    staged = []
+    real = stream_module.Staging.for_value
+
+    def for_value(self, current):
+        out = real(self, current)
+        if out is not None:
+            staged.append(out.ctypes.data)
+        return out
+
+    monkeypatch.setattr(stream_module, "SHARED_MIN_BYTES", 0)
+    monkeypatch.setattr(stream_module.Staging, "for_value", for_value)
+    return staged
+
+
+def test_staged_values_are_exact_and_no_variable_keeps_a_buffer_that_is_reused(monkeypatch):
+    """On TensorFlow every large value is computed in one reused buffer (`stream.Staging`),
+    the first of them aligned so that the variable keeps it: the values must be the
+    np.take/np.delete oracle's, and no two variables may end up on the same memory."""
+    staged = _count_staged(monkeypatch)
+    old, new = _wide(5, 0), _wide(6, 1)
+    report = ks.migrate_weights(old, new, **_staged_spec())
+    assert report.preserves_function
+    got, want = _values(new), _values(old)
+    np.testing.assert_array_equal(np.delete(got[0], 3, axis=0), want[0])
+    np.testing.assert_array_equal(got[0][3], 0)
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(g, w)
+    if keras.backend.backend() != "tensorflow":
+        assert not staged  # JAX keeps each value; PyTorch writes in place
+        return
+    assert len(staged) == len(new.weights)
+    assert len(set(staged)) == 2  # the first buffer kept by its variable, one reused after
+    buffers = [variable_view(v).ctypes.data for v in new.weights]
+    assert len(set(buffers)) == len(buffers)
+    assert staged[0] in buffers and staged[1] not in buffers
+
+
+def test_a_failed_staged_migration_restores_every_variable_exactly(monkeypatch):
+    """A write that fails while its value is computed in the reused buffer leaves every
+    variable, including the one that kept the first buffer, as it was."""
+    staged = _count_staged(monkeypatch)
+    old, new = _wide(5, 0), _wide(6, 1)
+    before = _values(new)
+    from keras_surgery import apply as apply_module
+
+    real_fill, calls = apply_module.fill, []
+
+    def failing(wp, *args, **kwargs):
+        value = real_fill(wp, *args, **kwargs)
+        calls.append(wp.path)
+        if len(calls) == 4:
+            value[...] = 99.0
+            raise RuntimeError("disk on fire")
+        return value
+
+    monkeypatch.setattr(apply_module, "fill", failing)
+    with pytest.raises(ks.SurgeryError, match="disk on fire"):
+        ks.migrate_weights(old, new, **_staged_spec())
+    assert len(calls) == 4
+    if keras.backend.backend() == "tensorflow":
+        assert len(staged) == 4
+    for got, want in zip(_values(new), before):
+        np.testing.assert_array_equal(got, want)
+
+
+def _spilling(monkeypatch, saved_in: list[str]):
+    """Every undo value goes to the file; records the thread each one was written in."""
+    import threading
+
+    from keras_surgery import plan as plan_module
+    from keras_surgery import stream as stream_module
+
+    real_apply, real_save = plan_module.apply_plan, stream_module.Journal.save
+
+    def save(self, *args, **kwargs):
+        saved_in.append(threading.current_thread().name)
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(plan_module, "apply_plan",
+                        lambda *a, **k: real_apply(*a, **{**k, "spill_bytes": 0}))
+    monkeypatch.setattr(stream_module.Journal, "save", save)
+
+
+@pytest.mark.parametrize("fault", ["compute", "undo file"])
+def test_a_failure_while_the_journal_writes_in_its_thread_restores_every_variable(
+        fault, monkeypatch):
+    """On TensorFlow and JAX a value going to the undo file is written in a thread while its
+    replacement is computed (`stream._Saving`). A failure of either, at the fourth write,
+    leaves every variable exactly as it was, and the error says which."""
+    import errno
+
+    from keras_surgery import apply as apply_module
+    from keras_surgery import stream as stream_module
+
+    saved_in: list[str] = []
+    _spilling(monkeypatch, saved_in)
+    old, new = _wide(5, 0), _wide(6, 1)
+    before = _values(new)
+    real_fill, real_write, calls = apply_module.fill, stream_module.SpillFile.write, []
+
+    def failing_fill(wp, *args, **kwargs):
+        calls.append(wp.path)
+        value = real_fill(wp, *args, **kwargs)
+        if fault == "compute" and len(calls) == 4:
+            raise RuntimeError("disk on fire")
+        return value
+
+    def failing_write(self, value):
+        if fault == "undo file" and len(calls) == 3:  # the fourth write's entry
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, value)
+
+    monkeypatch.setattr(apply_module, "fill", failing_fill)
+    monkeypatch.setattr(stream_module.SpillFile, "write", failing_write)
+    with pytest.raises(ks.SurgeryError, match="disk on fire" if fault == "compute"
+                       else "No space left"):
+        ks.migrate_weights(old, new, **_staged_spec())
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        assert any(name.startswith("keras-surgery-journal") for name in saved_in)
+    for got, want in zip(_values(new), before):
+        np.testing.assert_array_equal(got, want)
+    # and the same migration, unfaulted, gives the oracle's values
+    fault = None
+    report = ks.migrate_weights(old, new, **_staged_spec())
+    assert report.preserves_function
+    got, want = _values(new), _values(old)
+    np.testing.assert_array_equal(np.delete(got[0], 3, axis=0), want[0])
+    for g, w in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(g, w)

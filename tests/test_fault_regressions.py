@@ -91,11 +91,11 @@ def test_an_interrupt_while_the_journal_closes_leaves_a_finished_migration(tmp_p
     real_close = stream_module.Journal.close
     calls = []
 
-    def interrupted_close(self):
+    def interrupted_close(self, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise KeyboardInterrupt
-        return real_close(self)
+        return real_close(self, **kwargs)
 
     monkeypatch.setattr(stream_module.Journal, "close", interrupted_close)
     new = _mlp(5, 8, seed=1)
