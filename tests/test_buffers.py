@@ -571,10 +571,12 @@ def test_staged_values_are_exact_and_no_variable_keeps_a_buffer_that_is_reused(m
         assert not staged  # JAX keeps each value; PyTorch writes in place
         return
     assert len(staged) == len(new.weights)
-    assert len(set(staged)) == 2  # the first buffer kept by its variable, one reused after
     buffers = [variable_view(v).ctypes.data for v in new.weights]
     assert len(set(buffers)) == len(buffers)
-    assert staged[0] in buffers and staged[1] not in buffers
+    assert staged[0] in buffers  # the first buffer is kept by its variable
+    assert len(set(staged)) < len(staged)  # and one buffer is used again after it
+    reused = {a for a in staged if staged.count(a) > 1}
+    assert not reused & set(buffers)  # never one a variable kept
 
 
 def test_a_failed_staged_migration_restores_every_variable_exactly(monkeypatch):
