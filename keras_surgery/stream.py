@@ -553,25 +553,32 @@ def stream(
                 failed.append((written[-1], SurgeryError("the last write keeps no undo entry")))
         finally:
             journal.close()
-        if failed:
-            names = ", ".join(getattr(v, "path", None) or getattr(v, "name", "?")
-                              for v, _ in failed)
-            raise SurgeryError(
-                f"Writing the new weights failed at {what} ({exc}), and restoring the previous "
-                f"values failed for {names} ({failed[0][1]}); the model is inconsistent."
-            ) from exc
-        if not isinstance(exc, Exception):
-            _say(exc, f"the migration was interrupted at {what} and undone: every variable "
-                      "written was restored, the model is as it was.")
-            raise
-        if isinstance(exc, SurgeryError):
-            raise  # a precise error, now with the model restored
-        raise SurgeryError(
-            f"Writing the new weights failed at {what} and was undone: {exc}"
-        ) from exc
+        _raise_undone(exc, what, failed)
     finally:
         saving.close()
     _close_finished(journal)
+
+
+def _raise_undone(exc: BaseException, what: str, failed: list[tuple[Any, Exception]]) -> None:
+    """Raises what a write that failed at `what` becomes once the journal was restored:
+    `exc` itself (an interrupt, with a note; a SurgeryError), or a SurgeryError saying the
+    migration was undone or naming the variables in `failed` that could not be restored."""
+    if failed:
+        names = ", ".join(getattr(v, "path", None) or getattr(v, "name", "?")
+                          for v, _ in failed)
+        raise SurgeryError(
+            f"Writing the new weights failed at {what} ({exc}), and restoring the previous "
+            f"values failed for {names} ({failed[0][1]}); the model is inconsistent."
+        ) from exc
+    if not isinstance(exc, Exception):
+        _say(exc, f"the migration was interrupted at {what} and undone: every variable "
+                  "written was restored, the model is as it was.")
+        raise exc
+    if isinstance(exc, SurgeryError):
+        raise exc  # a precise error, now with the model restored
+    raise SurgeryError(
+        f"Writing the new weights failed at {what} and was undone: {exc}"
+    ) from exc
 
 
 class _Saving:
