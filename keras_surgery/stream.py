@@ -356,9 +356,9 @@ class Staging:
             self._raw = aligned_bytes(nbytes, BUFFER_ALIGNMENT, offset)
         return self._raw[:nbytes].view(current.dtype).reshape(current.shape)
 
-    def assigned(self, var: Any) -> None:
+    def assigned(self, var: Any, following: Write | None = None) -> None:
         """After `var` was assigned a value computed in the buffer: give the buffer up if
-        the variable kept it."""
+        the variable kept it, or if the `following` write (None: none) will not use it."""
         if self._raw is None:
             return
         kept = variable_view(var)
@@ -369,6 +369,8 @@ class Staging:
         address = kept.ctypes.data
         if start - kept.nbytes < address < start + self._raw.nbytes:
             self._raw, self._given = None, True
+        elif following is None or not self._raw.nbytes < 2 * _nbytes(following.var):
+            self._raw = None  # not used again: freed before the next write reads its value
 
     def close(self) -> None:
         self._raw = None
@@ -524,7 +526,7 @@ def stream(
                 stage = "assign"
                 var.assign(handed_over(value))
                 if out is not None and value is out:
-                    staging.assigned(var)
+                    staging.assigned(var, writes[count] if count < len(writes) else None)
             del value, view, out
             written.append(var)
             stage = "written"  # an interrupt in what follows comes after this write
